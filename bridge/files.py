@@ -1,0 +1,98 @@
+"""File helpers that every part of trackbridge needs the same way.
+
+Atomic writes (temporary file, fsync, rename) are what make a bundle crash-safe, and
+``safe_relpath`` is the single gate that stops an artifact path from escaping its folder,
+whichever tracker the path came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bridge.errors import BadInputError
+
+CHUNK = 1 << 20
+
+
+def safe_relpath(path: str, where: str) -> str:
+    """Return ``path`` normalised, or fail if it is absolute or climbs out with ``..``."""
+    if not path or "\x00" in path:
+        raise BadInputError(f"{where}: empty or invalid artifact path {path!r}")
+    p = path.replace("\\", "/")
+    norm = posixpath.normpath(p)
+    if p.startswith("/") or norm == ".." or norm.startswith("../") or norm == ".":
+        raise BadInputError(f"{where}: artifact path {path!r} escapes its folder")
+    return norm
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it into place only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with _ignore_missing():
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(final: str | Path, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def copy_hashed(src: str | Path, dest_dir: Path) -> tuple[Path, str, int]:
+    """Copy ``src`` into ``dest_dir`` under a temporary name, hashing as it streams."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    size = 0
+    fd, tmp = tempfile.mkstemp(prefix=".blob.", suffix=".tmp", dir=dest_dir)
+    try:
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            while chunk := fin.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except BaseException:
+        with _ignore_missing():
+            os.unlink(tmp)
+        raise
+    return Path(tmp), h.hexdigest(), size
+
+
+@contextmanager
+def temp_dir(prefix: str = "trackbridge-") -> Iterator[Path]:
+    d = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _ignore_missing() -> contextlib.suppress:
+    return contextlib.suppress(FileNotFoundError)

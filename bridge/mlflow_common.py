@@ -1,0 +1,135 @@
+"""What the MLflow exporter and importer must agree on.
+
+The importer writes bookkeeping (identity tags, a record of every value it had to map
+to fit MLflow's limits) that the exporter reads back to restore the original data. Both
+sides import the names from here so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.errors import MissingExtraError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# trackbridge draws its own progress; MLflow's per-file bars would flood the terminal.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# ...and its "View run at" line per terminated run would bury the summary.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+# Tags the importer owns. Anything under this prefix is bookkeeping, not user data.
+TB_PREFIX = "trackbridge."
+TAG_SOURCE_KEY = "trackbridge.source_key"
+TAG_FINGERPRINT = "trackbridge.fingerprint"
+TAG_MAPPED = "trackbridge.mapped"  # set when mapping.json holds originals to restore
+TAG_SOURCE_STATUS = "trackbridge.source_status"
+TAG_SOURCE_CREATED = "trackbridge.source_created_at"
+TAG_SOURCE_VERSION = "trackbridge.source_version"
+MAPPING_ARTIFACT = "trackbridge/mapping.json"
+MAPPING_DIR = "trackbridge"
+
+# Tags MLflow itself maintains on a logged model; importing them would be wrong, since
+# the destination writes its own (e.g. which registry versions point at the model).
+MANAGED_MODEL_TAGS = frozenset({"mlflow.modelVersions"})
+
+TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"
+TAG_USER = "mlflow.user"
+TAG_RUN_NAME = "mlflow.runName"
+
+TO_MLFLOW_STATUS = {
+    "running": "RUNNING",
+    "scheduled": "SCHEDULED",
+    "finished": "FINISHED",
+    "failed": "FAILED",
+    "killed": "KILLED",
+    "crashed": "FAILED",
+}
+FROM_MLFLOW_STATUS = {v: k for k, v in TO_MLFLOW_STATUS.items() if k != "crashed"}
+
+
+def client(tracking_uri: str):
+    try:
+        from mlflow import MlflowClient
+    except ImportError as e:  # pragma: no cover - depends on the installed extras
+        raise MissingExtraError("mlflow", "mlflow") from e
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ms_to_dt(ms: int | None) -> datetime | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def dt_to_ms(dt: datetime | None) -> int | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return round(dt.timestamp() * 1000)
+
+
+def run_key(run_id: str) -> str:
+    return f"mlflow:run/{run_id}"
+
+
+def project_key(experiment_id: str) -> str:
+    return f"mlflow:experiment/{experiment_id}"
+
+
+def model_key(model_id: str) -> str:
+    return f"mlflow:model/{model_id}"
+
+
+def files_key(run_id: str) -> str:
+    return f"mlflow:run/{run_id}#files"
+
+
+def version_key(name: str, version: str) -> str:
+    return f"mlflow:model-version/{name}/{version}"
+
+
+def is_bookkeeping(tag_key: str) -> bool:
+    return tag_key.startswith(TB_PREFIX)
+
+
+def user_tags(tags: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in tags.items() if not is_bookkeeping(k)}
+
+
+
+_GLOBAL_URI_LOCK = threading.Lock()
+
+
+@contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the duration of a call.
+
+    MLflow's in-process registry store resolves ``models:/<id>`` sources through the
+    global tracking URI rather than the client's (a TODO in MLflow itself), so
+    registering a version of a logged model in a SQLite store fails without this.
+    Both the module global and the environment variable are restored afterwards.
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    with _GLOBAL_URI_LOCK:
+        before_global = utils._tracking_uri
+        before_env = os.environ.get("MLFLOW_TRACKING_URI")
+        utils.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            utils.set_tracking_uri(before_global)
+            if before_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before_env

@@ -1,0 +1,141 @@
+"""The shapes that move between a source and a sink.
+
+A *source* (an exporter, or a bundle being read) and a *sink* (an importer, or a bundle
+being written) share nothing but these types and the neutral schema. That keeps every
+adapter small: it only translates its tracker to and from these payloads, and the engine
+in ``bridge.engine`` does the ordering, parallelism, progress and reporting once.
+
+A run travels as one ``RunPayload``: small tables held in memory, and the metric history
+as a lazily produced stream of record batches, so memory follows the largest run rather
+than the number of runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from bridge import schema
+
+
+@dataclass
+class FileRef:
+    """One file of an artifact. ``fetch`` yields a local path holding its bytes.
+
+    Sources that must download (MLflow over REST) download inside ``fetch`` and delete the
+    copy when the context exits, so only one file at a time sits on local disk.
+    """
+
+    path: str
+    size: int | None
+    sha256: str | None
+    fetch: Callable[[], contextlib.AbstractContextManager[str]]
+    uri: str | None = None
+
+
+@dataclass
+class ArtifactPayload:
+    row: dict[str, Any]  # a row of the `artifacts` table
+    files: list[FileRef] = field(default_factory=list)
+
+
+@dataclass
+class RunPayload:
+    run: dict[str, Any]  # a row of the `runs` table
+    params: pa.Table
+    tags: pa.Table
+    metrics: Callable[[], Iterator[pa.RecordBatch]]
+    summary: pa.Table = field(default_factory=lambda: schema.empty("summary"))
+    series: pa.Table = field(default_factory=lambda: schema.empty("series"))
+    dataset_inputs: pa.Table = field(default_factory=lambda: schema.empty("dataset_inputs"))
+    artifact_usage: pa.Table = field(default_factory=lambda: schema.empty("artifact_usage"))
+    # Artifacts this run produced and owns: its own files, MLflow 3 logged models, ...
+    artifacts: list[ArtifactPayload] = field(default_factory=list)
+    # A digest of the run's content when the source can give one cheaply (bundles can).
+    fingerprint: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.run["run_key"]
+
+
+@dataclass
+class RegistryPayload:
+    registered_models: pa.Table
+    model_versions: pa.Table
+
+
+@dataclass
+class Selection:
+    """Filters every source honours. Empty means everything."""
+
+    projects: tuple[str, ...] = ()  # names or source ids
+    runs: tuple[str, ...] = ()  # source ids or run keys
+    since: datetime | None = None  # start time at or after
+    until: datetime | None = None  # start time before
+    include_deleted: bool = True
+    registry: bool = True
+
+    def wants_run(self, row: dict[str, Any]) -> bool:
+        if self.runs and row["source_id"] not in self.runs and row["run_key"] not in self.runs:
+            return False
+        if not self.include_deleted and row.get("lifecycle") == "deleted":
+            return False
+        start = row.get("start_time")
+        if self.since and (start is None or start < self.since):
+            return False
+        return not (self.until and start is not None and start >= self.until)
+
+    def wants_project(self, row: dict[str, Any]) -> bool:
+        if not self.projects:
+            return True
+        return row["name"] in self.projects or row["source_id"] in self.projects
+
+
+class Source(Protocol):
+    """What every exporter (and the bundle reader) offers."""
+
+    def describe(self) -> str:
+        """The source as a URI with no credentials, for manifests and reports."""
+        ...
+
+    def projects(self, sel: Selection) -> list[dict[str, Any]]: ...
+
+    def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def read_run(self, run: dict[str, Any]) -> RunPayload: ...
+
+    def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
+        """Artifacts no run owns (a run's own ones travel in its RunPayload)."""
+        ...
+
+    def registry(self, sel: Selection) -> RegistryPayload: ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """What every importer (and the bundle writer) offers."""
+
+    def begin(self, source: str) -> None: ...
+
+    def write_project(self, row: dict[str, Any]) -> None: ...
+
+    def write_run(self, payload: RunPayload, report: Any) -> str:
+        """Write one run; return 'new', 'updated' or 'unchanged'."""
+        ...
+
+    def write_artifact(self, payload: ArtifactPayload, report: Any) -> None: ...
+
+    def write_registry(self, payload: RegistryPayload, report: Any) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def rows(tbl: pa.Table) -> list[dict[str, Any]]:
+    return tbl.to_pylist()

@@ -1,0 +1,227 @@
+"""The neutral schema: the one contract that every exporter and importer shares.
+
+Adapters never talk to each other; they only produce or consume these tables. The
+version number travels in every bundle's manifest, so a reader can refuse (with a clear
+message) or upgrade a bundle written by another version. docs/schema.md describes every
+column; keep the two in step.
+
+Conventions that make the tables lossless:
+- Timestamps are UTC with microsecond precision (W&B and Neptune carry sub-millisecond
+  times; MLflow's milliseconds fit without loss).
+- Config and param keys are ``path: list<string>`` so that a dotted key (``a.b``) and a
+  nested one (``a`` → ``b``) never collapse into the same thing.
+- Values whose type matters (config, summary, series) are stored as JSON text plus a type
+  name, so ints, floats, bools, null and lists come back exactly as they went in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+# Bundles this reader understands. A future version adds an upgrade step here.
+READABLE_SCHEMA_VERSIONS = frozenset({1})
+
+TS = pa.timestamp("us", tz="UTC")
+STR = pa.string()
+STR_LIST = pa.list_(pa.string())
+STR_MAP = pa.map_(pa.string(), pa.string())
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "projects": pa.schema(
+        [
+            ("project_key", STR),
+            ("system", STR),
+            ("source_id", STR),
+            ("name", STR),
+            ("description", STR),
+            ("lifecycle", STR),
+            ("created_at", TS),
+            ("tags", STR_MAP),
+        ]
+    ),
+    "runs": pa.schema(
+        [
+            ("run_key", STR),
+            ("project_key", STR),
+            ("source_id", STR),
+            ("name", STR),
+            ("status", STR),
+            ("lifecycle", STR),
+            ("start_time", TS),
+            ("end_time", TS),
+            ("user", STR),
+            ("group", STR),
+            ("job_type", STR),
+            ("notes", STR),
+            ("labels", STR_LIST),
+            ("parent_run_key", STR),
+            ("fork_parent_run_key", STR),
+            ("fork_step", pa.float64()),
+            ("git_commit", STR),
+            ("git_remote", STR),
+            ("command", STR),
+            ("host", STR),
+            ("source_url", STR),
+            ("source_incomplete", pa.bool_()),
+        ]
+    ),
+    "params": pa.schema(
+        [
+            ("run_key", STR),
+            ("path", STR_LIST),
+            ("value_json", STR),
+            ("value_type", STR),
+        ]
+    ),
+    "metrics": pa.schema(
+        [
+            ("run_key", STR),
+            ("key", STR),
+            ("step", pa.int64()),
+            ("timestamp", TS),
+            ("value", pa.float64()),
+            # MLflow 3 links a point to a logged model and a dataset; null elsewhere.
+            ("model_key", STR),
+            ("dataset_name", STR),
+            ("dataset_digest", STR),
+        ]
+    ),
+    "series": pa.schema(
+        [
+            ("run_key", STR),
+            ("key", STR),
+            ("step", pa.int64()),
+            ("timestamp", TS),
+            ("kind", STR),
+            ("value_json", STR),
+            ("file_path", STR),
+            ("file_sha256", STR),
+        ]
+    ),
+    "summary": pa.schema([("run_key", STR), ("path", STR_LIST), ("value_json", STR)]),
+    "tags": pa.schema([("run_key", STR), ("key", STR), ("value", STR)]),
+    "dataset_inputs": pa.schema(
+        [
+            ("run_key", STR),
+            ("name", STR),
+            ("digest", STR),
+            ("source_type", STR),
+            ("source", STR),
+            ("schema", STR),
+            ("profile", STR),
+            ("tags", STR_MAP),
+        ]
+    ),
+    "artifacts": pa.schema(
+        [
+            ("artifact_key", STR),
+            ("project_key", STR),
+            ("name", STR),
+            ("type", STR),
+            ("version", STR),
+            ("digest", STR),
+            ("aliases", STR_LIST),
+            ("description", STR),
+            ("metadata_json", STR),
+            ("producer_run_key", STR),
+            ("created_at", TS),
+        ]
+    ),
+    "artifact_files": pa.schema(
+        [
+            ("artifact_key", STR),
+            ("path", STR),
+            ("size", pa.int64()),
+            ("sha256", STR),
+            ("uri", STR),  # set when the bytes live outside the bundle (a reference)
+        ]
+    ),
+    "artifact_usage": pa.schema([("run_key", STR), ("artifact_key", STR), ("direction", STR)]),
+    "registered_models": pa.schema(
+        [
+            ("name", STR),
+            ("description", STR),
+            ("tags", STR_MAP),
+            ("created_at", TS),
+            ("updated_at", TS),
+        ]
+    ),
+    "model_versions": pa.schema(
+        [
+            ("version_key", STR),
+            ("model_name", STR),
+            ("version", STR),
+            ("run_key", STR),
+            ("artifact_key", STR),
+            ("source", STR),
+            ("source_subpath", STR),  # path of the model inside the run's artifacts
+            ("aliases", STR_LIST),
+            ("stage", STR),
+            ("status", STR),
+            ("description", STR),
+            ("tags", STR_MAP),
+            ("user", STR),
+            ("created_at", TS),
+            ("updated_at", TS),
+        ]
+    ),
+}
+
+TABLES = tuple(SCHEMAS)
+
+# Run states in the neutral schema. Adapters map their own vocabulary onto these.
+RUN_STATUSES = ("running", "scheduled", "finished", "failed", "killed", "crashed")
+
+
+def table(name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Build a table of the named schema; missing columns become null, extra ones are an error.
+
+    Failing on an unknown column catches an adapter that drifted from the schema, which
+    would otherwise drop a field without anyone noticing.
+    """
+    schema = SCHEMAS[name]
+    rows = list(rows)
+    names = set(schema.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise ValueError(f"{name}: unknown column(s) {sorted(extra)}")
+    columns = {f: [row.get(f) for row in rows] for f in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def empty(name: str) -> pa.Table:
+    return SCHEMAS[name].empty_table()
+
+
+def dumps_value(value: Any) -> str:
+    """JSON text for a config/summary value, keeping NaN and ±inf (plain JSON cannot)."""
+    return json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def loads_value(text: str) -> Any:
+    return json.loads(text)
+
+
+def value_type(value: Any) -> str:
+    """The type name stored next to a value, so importers can restore it exactly."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, dict):
+        return "dict"
+    return "str"

@@ -1,0 +1,102 @@
+"""Turn a source or destination URI into an adapter.
+
+This is the only place that knows which scheme maps to which exporter or importer, so
+adding a tracker means adding a line here. Credentials never come from a URI we keep:
+``redact`` strips any user:password before a URI reaches a manifest, log or report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from bridge.errors import SourceNotFoundError, UsageError
+
+MLFLOW_SCHEMES = ("mlflow+http", "mlflow+https", "mlflow+sqlite", "mlflow+postgresql",
+                  "mlflow+mysql", "mlflow+file")
+KNOWN = (*MLFLOW_SCHEMES, "bundle", "wandb", "wandb+offline", "neptune+offline",
+         "neptune-exporter")
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str  # "mlflow", "bundle", ...
+    inner: str  # the URI the tracker's own SDK understands
+    raw: str
+
+    @property
+    def safe(self) -> str:
+        return redact(self.raw)
+
+
+def redact(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        parts = parts._replace(netloc=host)
+    return urlunsplit(parts._replace(query="", fragment=""))
+
+
+def parse(uri: str) -> Target:
+    if "://" not in uri:
+        # A plain path is a bundle.
+        return Target("bundle", str(Path(uri).expanduser()), uri)
+    scheme = uri.split("://", 1)[0].lower()
+    rest = uri.split("://", 1)[1]
+    if scheme in MLFLOW_SCHEMES:
+        return Target("mlflow", uri.split("+", 1)[1], uri)
+    if scheme == "bundle":
+        return Target("bundle", rest, uri)
+    if scheme in KNOWN:
+        raise UsageError(
+            f"{redact(uri)}: the {scheme!r} adapter is not available in this version yet"
+        )
+    raise UsageError(
+        f"{redact(uri)}: unknown URI scheme {scheme!r}; use one of "
+        + ", ".join(f"{s}://" for s in KNOWN)
+        + " or a bundle path"
+    )
+
+
+def open_source(uri: str, **options: object):
+    t = parse(uri)
+    if t.scheme == "bundle":
+        from bridge.bundle import BundleSource
+
+        return BundleSource(t.inner)
+    if t.scheme == "mlflow":
+        from exporters.mlflow import MlflowSource
+
+        _check_local_store_exists(t)
+        return MlflowSource(t.inner, safe=t.safe, **options)  # type: ignore[arg-type]
+    raise AssertionError(t.scheme)
+
+
+def open_sink(uri: str, **options: object):
+    t = parse(uri)
+    if t.scheme == "bundle":
+        from bridge.bundle import BundleWriter
+
+        return BundleWriter(t.inner)
+    if t.scheme == "mlflow":
+        from importers.mlflow import MlflowSink
+
+        return MlflowSink(t.inner, safe=t.safe, **options)  # type: ignore[arg-type]
+    raise AssertionError(t.scheme)
+
+
+def _check_local_store_exists(t: Target) -> None:
+    """A missing SQLite file would be silently created as an empty store: refuse instead."""
+    if t.inner.startswith("sqlite:///"):
+        path = Path(t.inner[len("sqlite:///"):])
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if not path.exists():
+            raise SourceNotFoundError(f"{t.safe}: no such SQLite file {path}")
+    elif t.inner.startswith("file://"):
+        path = Path(urlsplit(t.inner).path)
+        if not path.exists():
+            raise SourceNotFoundError(f"{t.safe}: no such folder {path}")

@@ -1,0 +1,285 @@
+"""Compare a source with a destination, field by field, and list every difference.
+
+Both sides are read through the same Source interface, so verify works for any pair of
+trackers and for bundles. Objects are matched by identity: a destination object that
+trackbridge wrote carries its source key (``Source.origin_of``); one read from a bundle
+keeps its key. Memory stays at one run per side, as in the copy itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from bridge import mlflow_common as mc
+from bridge.files import sha256_file
+from bridge.model import ArtifactPayload, RunPayload, Selection, Source
+from bridge.progress import Bar
+
+# Run fields every destination so far can hold; times compare at millisecond precision.
+RUN_FIELDS = ("name", "status", "lifecycle", "start_time", "end_time", "user", "notes",
+              "git_commit", "git_remote", "command")
+# Tags a tracker manages itself, or that trackbridge compares through another field.
+IGNORED_TAGS = (mc.TAG_PARENT, mc.TAG_USER, mc.TAG_RUN_NAME)
+
+
+def origin(src: Source, kind: str, key: str) -> str:
+    f = getattr(src, "origin_of", None)
+    return f(kind, key) if f else key
+
+
+def verify(a: Source, b: Source, sel: Selection, bar: Bar | None = None,
+           limit: int = 200) -> tuple[list[str], dict[str, int]]:
+    bar = bar or Bar(None)
+    diffs: list[str] = []
+    stats = Counter()
+
+    def diff(msg: str) -> None:
+        stats["differences"] += 1
+        if len(diffs) < limit:
+            diffs.append(msg)
+
+    a_projects = a.projects(sel)
+    b_projects = b.projects(Selection())
+    b_by_name = {p["name"]: p for p in b_projects}
+    for p in a_projects:
+        q = b_by_name.get(p["name"])
+        stats["projects"] += 1
+        if q is None:
+            diff(f"project {p['name']!r}: missing in destination")
+            continue
+        for f in ("description", "lifecycle"):
+            if p.get(f) != q.get(f):
+                diff(f"project {p['name']!r}: {f} {p.get(f)!r} != {q.get(f)!r}")
+        ta, tb = _tags(p.get("tags")), _tags(q.get("tags"))
+        if ta != tb:
+            diff(f"project {p['name']!r}: tags differ: {_dict_diff(ta, tb)}")
+
+    a_runs = a.runs(sel, a_projects)
+    matched = [q for q in b_projects if q["name"] in {p["name"] for p in a_projects}]
+    b_runs = b.runs(Selection(), matched)
+    b_origin = {r["run_key"]: origin(b, "run", r["run_key"]) for r in b_runs}
+    b_by_origin = {b_origin[r["run_key"]]: r for r in b_runs}
+    task = bar.add("verify", len(a_runs))
+    for r in a_runs:
+        stats["runs"] += 1
+        q = b_by_origin.get(r["run_key"])
+        label = f"run {r.get('name')!r} ({r['run_key']})"
+        if q is None:
+            diff(f"{label}: missing in destination")
+            bar.advance(task)
+            continue
+        for f in RUN_FIELDS:
+            va, vb = _norm(r.get(f)), _norm(q.get(f))
+            if va != vb:
+                diff(f"{label}: {f} {va!r} != {vb!r}")
+        pb = b_origin.get(q.get("parent_run_key") or "", q.get("parent_run_key"))
+        if r.get("parent_run_key") != pb:
+            diff(f"{label}: parent {r.get('parent_run_key')!r} != {pb!r}")
+        pa_, pb_ = a.read_run(r), b.read_run(q)
+        points = _compare_run(label, pa_, pb_, a, b, diff)
+        stats["points"] += points
+        bar.advance(task, 1, points)
+
+    _compare_standalone(a, b, sel, a_projects, matched, diff)
+    if sel.registry:
+        _compare_registry(a, b, sel, diff, stats)
+    return diffs, dict(stats)
+
+
+def _compare_run(label: str, ra: RunPayload, rb: RunPayload, a: Source, b: Source, diff: Any) -> int:
+    params_a = {tuple(p["path"]): (p["value_json"], p["value_type"]) for p in ra.params.to_pylist()}
+    params_b = {tuple(p["path"]): (p["value_json"], p["value_type"]) for p in rb.params.to_pylist()}
+    if params_a != params_b:
+        diff(f"{label}: params differ: {_dict_diff(params_a, params_b)}")
+    tags_a, tags_b = _run_tags(ra), _run_tags(rb)
+    if tags_a != tags_b:
+        diff(f"{label}: tags differ: {_dict_diff(tags_a, tags_b)}")
+    ma, n = _metric_counter(ra)
+    mb, _ = _metric_counter(rb)
+    if ma != mb:
+        only_a = ma - mb
+        only_b = mb - ma
+        diff(f"{label}: metrics differ: {sum(only_a.values())} point(s) only in source "
+             f"(e.g. {_sample(only_a)}), {sum(only_b.values())} only in destination "
+             f"(e.g. {_sample(only_b)})")
+    da = sorted(json.dumps(d, default=str, sort_keys=True) for d in _datasets(ra))
+    db = sorted(json.dumps(d, default=str, sort_keys=True) for d in _datasets(rb))
+    if da != db:
+        diff(f"{label}: dataset inputs differ")
+    arts_a = {_art_identity(x): x for x in ra.artifacts}
+    arts_b = {_art_identity(x): x for x in rb.artifacts}
+    for ident, x in arts_a.items():
+        y = arts_b.get(ident)
+        if y is None:
+            if x.files or x.row["type"] != "run-files":
+                diff(f"{label}: artifact {ident} missing in destination")
+            continue
+        _compare_artifact(f"{label}: artifact {ident}", x, y, diff)
+    for ident, y in arts_b.items():
+        if ident not in arts_a and y.files:
+            diff(f"{label}: artifact {ident} only in destination")
+    return n
+
+
+def _compare_artifact(label: str, x: ArtifactPayload, y: ArtifactPayload, diff: Any) -> None:
+    if x.row["type"] == "mlflow.logged_model":
+        ma = _model_meta(x.row.get("metadata_json"))
+        mb = _model_meta(y.row.get("metadata_json"))
+        if ma != mb:
+            diff(f"{label}: metadata differs: {_dict_diff(ma, mb)}")
+    fa = {f.path: f for f in x.files}
+    fb = {f.path: f for f in y.files}
+    if set(fa) != set(fb):
+        diff(f"{label}: files differ: only in source {sorted(set(fa) - set(fb))[:5]}, "
+             f"only in destination {sorted(set(fb) - set(fa))[:5]}")
+    for path in sorted(set(fa) & set(fb)):
+        if fa[path].size is not None and fb[path].size is not None and fa[path].size != fb[path].size:
+            diff(f"{label}: file {path}: size {fa[path].size} != {fb[path].size}")
+        elif _digest(fa[path]) != _digest(fb[path]):
+            diff(f"{label}: file {path}: content differs")
+
+
+def _compare_standalone(a: Source, b: Source, sel: Selection, ap: list, bp: list, diff: Any) -> None:
+    xa = {_art_identity(x): x for x in a.artifacts(sel, ap)}
+    xb = {_art_identity(x): x for x in b.artifacts(Selection(), bp)}
+    for ident, x in xa.items():
+        if ident not in xb:
+            diff(f"artifact {ident}: missing in destination")
+        else:
+            _compare_artifact(f"artifact {ident}", x, xb[ident], diff)
+
+
+def _compare_registry(a: Source, b: Source, sel: Selection, diff: Any, stats: Counter) -> None:
+    ra, rb = a.registry(sel), b.registry(Selection())
+    models_b = {m["name"]: m for m in rb.registered_models.to_pylist()}
+    for m in ra.registered_models.to_pylist():
+        stats["registered_models"] += 1
+        q = models_b.get(m["name"])
+        if q is None:
+            diff(f"registered model {m['name']!r}: missing in destination")
+            continue
+        if (m["description"] or None) != (q["description"] or None):
+            diff(f"registered model {m['name']!r}: description differs")
+        ta, tb = _tags(m["tags"]), _tags(q["tags"])
+        if ta != tb:
+            diff(f"registered model {m['name']!r}: tags differ: {_dict_diff(ta, tb)}")
+    vb = {origin(b, "model_version", v["version_key"]): v for v in rb.model_versions.to_pylist()}
+    b_runs = getattr(b, "origin_of", None)
+    for v in ra.model_versions.to_pylist():
+        stats["model_versions"] += 1
+        label = f"model version {v['model_name']!r} v{v['version']}"
+        w = vb.get(v["version_key"])
+        if w is None:
+            diff(f"{label}: missing in destination")
+            continue
+        for f in ("model_name", "stage", "status", "description", "source_subpath"):
+            if (v[f] or None) != (w[f] or None):
+                diff(f"{label}: {f} {v[f]!r} != {w[f]!r}")
+        if sorted(v["aliases"] or []) != sorted(w["aliases"] or []):
+            diff(f"{label}: aliases {v['aliases']} != {w['aliases']}")
+        if _tags(v["tags"]) != _tags(w["tags"]):
+            diff(f"{label}: tags differ: {_dict_diff(_tags(v['tags']), _tags(w['tags']))}")
+        wr = b_runs("run", w["run_key"]) if b_runs and w["run_key"] else w["run_key"]
+        if v["run_key"] != wr:
+            diff(f"{label}: run {v['run_key']!r} != {wr!r}")
+        wa = b_runs("artifact", w["artifact_key"]) if b_runs and w["artifact_key"] else w["artifact_key"]
+        if v["artifact_key"] != wa:
+            diff(f"{label}: logged model {v['artifact_key']!r} != {wa!r}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.replace(microsecond=(v.microsecond // 1000) * 1000).isoformat()
+    return v
+
+
+def _tags(v: Any) -> dict[str, str]:
+    d = dict(v or [])
+    return {k: x for k, x in d.items() if not k.startswith("trackbridge.")}
+
+
+def _run_tags(r: RunPayload) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in r.tags.to_pylist()
+            if t["key"] not in IGNORED_TAGS and not t["key"].startswith("trackbridge.")}
+
+
+def _metric_counter(r: RunPayload) -> tuple[Counter, int]:
+    c: Counter = Counter()
+    n = 0
+    for b in r.metrics():
+        keys = b.column("key").to_pylist()
+        steps = b.column("step").to_pylist()
+        ts = b.column("timestamp").cast("int64").to_pylist()
+        vals = b.column("value").to_pylist()
+        for i in range(len(keys)):
+            v = vals[i]
+            c[(keys[i], steps[i], ts[i] // 1000, "nan" if v != v else repr(v))] += 1
+        n += len(keys)
+    return c, n
+
+
+def _sample(c: Counter) -> str:
+    return ", ".join(map(str, list(c)[:3])) or "-"
+
+
+def _datasets(r: RunPayload) -> Iterator[dict[str, Any]]:
+    for d in r.dataset_inputs.to_pylist():
+        d = dict(d)
+        d.pop("run_key")
+        d["tags"] = sorted(d["tags"] or [])
+        yield d
+
+
+def _art_identity(x: ArtifactPayload) -> str:
+    return f"{x.row['type']}:{x.row.get('name')}"
+
+
+def _model_meta(text: str | None) -> dict[str, Any]:
+    m = json.loads(text or "{}")
+    metrics = sorted(
+        (x["key"], x["step"], x["timestamp"], "nan" if _isnan(x["value"]) else repr(x["value"]),
+         x.get("dataset_name"), x.get("dataset_digest"))
+        for x in m.get("metrics", [])
+    )
+    return {
+        "model_type": m.get("model_type"),
+        "status": m.get("status"),
+        "params": m.get("params", {}),
+        "tags": {k: v for k, v in _tags(m.get("tags", {})).items() if k not in mc.MANAGED_MODEL_TAGS},
+        "metrics": metrics,
+    }
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _digest(f: Any) -> str:
+    if f.sha256:
+        return f.sha256
+    with f.fetch() as local:
+        return sha256_file(local)
+
+
+def _dict_diff(a: dict, b: dict) -> str:
+    parts = []
+    for k in sorted(set(a) | set(b), key=str):
+        if k not in b:
+            parts.append(f"{k!r} only in source")
+        elif k not in a:
+            parts.append(f"{k!r} only in destination")
+        elif a[k] != b[k]:
+            va, vb = str(a[k]), str(b[k])
+            parts.append(f"{k!r}: {va[:80]!r} != {vb[:80]!r}")
+        if len(parts) >= 5:
+            parts.append("…")
+            break
+    return "; ".join(parts)

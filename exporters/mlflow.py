@@ -1,0 +1,535 @@
+"""Read an MLflow tracking server or store into the neutral schema.
+
+Works the same on a REST server (``http://…``) and an in-process store (``sqlite:///…``,
+``postgresql://…``), through ``MlflowClient``. Metric histories are read in full with the
+paged ``get-history`` call: the bulk endpoint truncates silently at 25,000 points and
+the ``-interval`` one samples, so neither may be used for data.
+
+Values that the MLflow importer had to map to fit MLflow's limits are restored from the
+run's ``trackbridge/mapping.json``, so MLflow → MLflow → anything is lossless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from bridge import mlflow_common as mc
+from bridge import schema
+from bridge.errors import SourceNotFoundError
+from bridge.files import temp_dir
+from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection
+
+PAGE = 1000
+HISTORY_PAGE = 25000
+
+
+class MlflowSource:
+    def __init__(self, tracking_uri: str, safe: str | None = None) -> None:
+        self.uri = tracking_uri
+        self.safe = safe or tracking_uri
+        self.client = mc.client(tracking_uri)
+        self._runs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._models_by_run: dict[str, list[Any]] | None = None
+        self._rest = tracking_uri.startswith(("http://", "https://"))
+        # destination key -> source key, for objects trackbridge itself imported
+        self._origin: dict[str, str] = {}
+        self._check_reachable()
+
+    def describe(self) -> str:
+        return f"mlflow+{self.safe}"
+
+    def close(self) -> None:
+        pass
+
+    def origin_of(self, kind: str, key: str) -> str:
+        """The source key of an object that trackbridge imported; its own key otherwise."""
+        return self._origin.get(key, key)
+
+    def _remember(self, key: str, tags: Any) -> None:
+        src = dict(tags).get(mc.TAG_SOURCE_KEY)
+        if src:
+            with self._lock:
+                self._origin[key] = src
+
+    def _check_reachable(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.search_experiments(max_results=1)
+        except MlflowException as e:
+            raise SourceNotFoundError(f"{self.describe()}: cannot read ({_short(e)})") from e
+        except OSError as e:
+            raise SourceNotFoundError(f"{self.describe()}: cannot connect ({_short(e)})") from e
+
+    # -- projects
+
+    def projects(self, sel: Selection) -> list[dict[str, Any]]:
+        from mlflow.entities import ViewType
+
+        out, token = [], None
+        while True:
+            page = self.client.search_experiments(
+                view_type=ViewType.ALL, max_results=PAGE, page_token=token
+            )
+            for e in page:
+                tags = dict(e.tags)
+                row = {
+                    "project_key": mc.project_key(e.experiment_id),
+                    "system": "mlflow",
+                    "source_id": e.experiment_id,
+                    "name": e.name,
+                    "description": tags.get(mc.TAG_NOTE),
+                    "lifecycle": e.lifecycle_stage,
+                    "created_at": mc.ms_to_dt(e.creation_time),
+                    "tags": sorted(mc.user_tags(tags).items()),
+                }
+                if sel.wants_project(row) and (sel.include_deleted or e.lifecycle_stage != "deleted"):
+                    out.append(row)
+            token = page.token
+            if not token:
+                return out
+
+    # -- runs
+
+    def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from mlflow.entities import ViewType
+
+        filters = []
+        if sel.since:
+            filters.append(f"attributes.start_time >= {mc.dt_to_ms(sel.since)}")
+        if sel.until:
+            filters.append(f"attributes.start_time < {mc.dt_to_ms(sel.until)}")
+        view = ViewType.ALL if sel.include_deleted else ViewType.ACTIVE_ONLY
+        out = []
+        ids = [p["source_id"] for p in projects]
+        for i in range(0, len(ids), 100):
+            token = None
+            while True:
+                page = self.client.search_runs(
+                    experiment_ids=ids[i : i + 100],
+                    filter_string=" and ".join(filters),
+                    run_view_type=view,
+                    max_results=PAGE,
+                    order_by=["attributes.start_time ASC"],
+                    page_token=token,
+                )
+                for r in page:
+                    row = self._run_row(r)
+                    self._remember(row["run_key"], r.data.tags)
+                    if sel.wants_run(row):
+                        with self._lock:
+                            self._runs[r.info.run_id] = r
+                        out.append(row)
+                token = page.token
+                if not token:
+                    break
+        return out
+
+    def _run_row(self, r: Any) -> dict[str, Any]:
+        tags = dict(r.data.tags)
+        info = r.info
+        status = tags.get(mc.TAG_SOURCE_STATUS) or mc.FROM_MLFLOW_STATUS.get(info.status, info.status.lower())
+        parent = tags.get(mc.TAG_PARENT)
+        url = None
+        if self._rest:
+            url = f"{self.safe.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+        return {
+            "run_key": mc.run_key(info.run_id),
+            "project_key": mc.project_key(info.experiment_id),
+            "source_id": info.run_id,
+            "name": info.run_name,
+            "status": status,
+            "lifecycle": info.lifecycle_stage,
+            "start_time": mc.ms_to_dt(info.start_time),
+            "end_time": mc.ms_to_dt(info.end_time),
+            "user": info.user_id or tags.get(mc.TAG_USER),
+            "notes": tags.get(mc.TAG_NOTE),
+            "labels": [],
+            "parent_run_key": mc.run_key(parent) if parent else None,
+            "git_commit": tags.get("mlflow.source.git.commit"),
+            "git_remote": tags.get("mlflow.source.git.repoURL"),
+            "command": tags.get("mlflow.source.name"),
+            "host": None,
+            "source_url": url,
+            "source_incomplete": False,
+        }
+
+    def read_run(self, run: dict[str, Any]) -> RunPayload:
+        run_id = run["source_id"]
+        with self._lock:
+            r = self._runs.get(run_id)
+        if r is None:
+            r = self.client.get_run(run_id)
+        key = run["run_key"]
+        tags = dict(r.data.tags)
+        mapping = self._mapping(run_id) if mc.TAG_MAPPED in tags else {}
+        params = dict(r.data.params)
+        param_rows = []
+        restored_params = mapping.get("params", {})
+        for k, v in sorted(params.items()):
+            orig = restored_params.get(k)
+            if orig:
+                param_rows.append(
+                    {"run_key": key, "path": orig["path"], "value_json": orig["value_json"],
+                     "value_type": orig["value_type"]}
+                )
+            else:
+                param_rows.append(
+                    {"run_key": key, "path": [k], "value_json": schema.dumps_value(v), "value_type": "str"}
+                )
+        restored_tags = mapping.get("tags", {})
+        tag_rows = []
+        for k, v in sorted(mc.user_tags(tags).items()):
+            orig = restored_tags.get(k)
+            tag_rows.append(
+                {"run_key": key, "key": orig["key"], "value": orig["value"]} if orig
+                else {"run_key": key, "key": k, "value": v}
+            )
+        renamed_metrics = mapping.get("metrics", {})
+        metric_keys = sorted(r.data.metrics)
+        models = self._logged_models_of(run_id)
+        model_points = _model_points(models)
+        datasets = [
+            {
+                "run_key": key,
+                "name": d.dataset.name,
+                "digest": d.dataset.digest,
+                "source_type": d.dataset.source_type,
+                "source": d.dataset.source,
+                "schema": d.dataset.schema,
+                "profile": d.dataset.profile,
+                "tags": sorted((t.key, t.value) for t in d.tags),
+            }
+            for d in (r.inputs.dataset_inputs if r.inputs else [])
+        ]
+        artifacts = [self._run_files(r, skip_mapping=mc.TAG_MAPPED in tags)]
+        artifacts += [self._logged_model_artifact(m, run["project_key"]) for m in models]
+        usage = [{"run_key": key, "artifact_key": mc.model_key(m.model_id), "direction": "output"}
+                 for m in models]
+
+        def metrics() -> Iterator[pa.RecordBatch]:
+            for mk in metric_keys:
+                yield self._history_batch(key, run_id, mk, renamed_metrics.get(mk, mk), model_points)
+
+        return RunPayload(
+            run=run,
+            params=schema.table("params", param_rows),
+            tags=schema.table("tags", tag_rows),
+            metrics=metrics,
+            dataset_inputs=schema.table("dataset_inputs", datasets),
+            artifact_usage=schema.table("artifact_usage", usage),
+            artifacts=artifacts,
+        )
+
+    # -- metrics
+
+    def _history(self, run_id: str, key: str) -> tuple[list[int], list[int], list[float]]:
+        steps: list[int] = []
+        stamps: list[int] = []
+        values: list[float] = []
+        if self._rest:
+            from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+            creds = self.client._tracking_client.store.get_host_creds()
+            token = None
+            while True:
+                params = {"run_id": run_id, "metric_key": key, "max_results": HISTORY_PAGE}
+                if token:
+                    params["page_token"] = token
+                resp = http_request(creds, "/api/2.0/mlflow/metrics/get-history", "GET", params=params)
+                verify_rest_response(resp, "/api/2.0/mlflow/metrics/get-history")
+                body = resp.json()
+                for m in body.get("metrics", []):
+                    steps.append(int(m.get("step", 0)))
+                    stamps.append(int(m.get("timestamp", 0)))
+                    values.append(float(m.get("value", 0.0)))
+                token = body.get("next_page_token")
+                if not token:
+                    break
+        else:
+            for m in self.client.get_metric_history(run_id, key):
+                steps.append(m.step)
+                stamps.append(m.timestamp)
+                values.append(m.value)
+        return steps, stamps, values
+
+    def _history_batch(
+        self, key: str, run_id: str, mlflow_key: str, neutral_key: str,
+        model_points: dict[tuple[str, int, int, float], tuple[str, str | None, str | None]],
+    ) -> pa.RecordBatch:
+        steps, stamps, values = self._history(run_id, mlflow_key)
+        n = len(steps)
+        model_col: list[str | None] = [None] * n
+        ds_name: list[str | None] = [None] * n
+        ds_digest: list[str | None] = [None] * n
+        if model_points:
+            for i in range(n):
+                hit = model_points.get((mlflow_key, steps[i], stamps[i], values[i]))
+                if hit:
+                    model_col[i], ds_name[i], ds_digest[i] = hit
+        return pa.RecordBatch.from_arrays(
+            [
+                pa.array([key] * n, pa.string()),
+                pa.array([neutral_key] * n, pa.string()),
+                pa.array(steps, pa.int64()),
+                pa.array([s * 1000 for s in stamps], pa.int64()).cast(schema.TS),
+                pa.array(values, pa.float64()),
+                pa.array(model_col, pa.string()),
+                pa.array(ds_name, pa.string()),
+                pa.array(ds_digest, pa.string()),
+            ],
+            schema=schema.SCHEMAS["metrics"],
+        )
+
+    # -- artifacts
+
+    def _mapping(self, run_id: str) -> dict[str, Any]:
+        with temp_dir() as d:
+            try:
+                local = self.client.download_artifacts(run_id, mc.MAPPING_ARTIFACT, str(d))
+            except Exception:
+                return {}
+            with open(local) as f:
+                return json.load(f)
+
+    def _list_files(self, lister: Any, path: str | None = None) -> Iterator[Any]:
+        for fi in lister(path):
+            if fi.is_dir:
+                yield from self._list_files(lister, fi.path)
+            else:
+                yield fi
+
+    def _run_files(self, r: Any, skip_mapping: bool) -> ArtifactPayload:
+        run_id = r.info.run_id
+        files = []
+        for fi in self._list_files(lambda p: self.client.list_artifacts(run_id, p)):
+            if skip_mapping and fi.path == mc.MAPPING_ARTIFACT:
+                continue
+            files.append(FileRef(path=fi.path, size=fi.file_size, sha256=None,
+                                 fetch=self._run_fetcher(run_id, fi.path)))
+        row = {
+            "artifact_key": mc.files_key(run_id),
+            "project_key": mc.project_key(r.info.experiment_id),
+            "name": "run-files",
+            "type": "run-files",
+            "aliases": [],
+            "producer_run_key": mc.run_key(run_id),
+        }
+        return ArtifactPayload(row=row, files=files)
+
+    def _run_fetcher(self, run_id: str, path: str):
+        @contextlib.contextmanager
+        def fetch() -> Iterator[str]:
+            with temp_dir() as d:
+                yield self.client.download_artifacts(run_id, path, str(d))
+
+        return fetch
+
+    def _uri_fetcher(self, uri: str):
+        @contextlib.contextmanager
+        def fetch() -> Iterator[str]:
+            import mlflow.artifacts
+
+            with temp_dir() as d:
+                yield mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=str(d), tracking_uri=self.uri
+                )
+
+        return fetch
+
+    # -- MLflow 3 logged models
+
+    def _all_logged_models(self) -> dict[str, list[Any]]:
+        if self._models_by_run is not None:
+            return self._models_by_run
+        from mlflow.entities import ViewType
+
+        by_run: dict[str, list[Any]] = {}
+        exp_ids = []
+        token = None
+        while True:
+            page = self.client.search_experiments(view_type=ViewType.ALL, max_results=PAGE, page_token=token)
+            exp_ids += [e.experiment_id for e in page]
+            token = page.token
+            if not token:
+                break
+        for i in range(0, len(exp_ids), 100):
+            token = None
+            while True:
+                try:
+                    page = self.client.search_logged_models(
+                        experiment_ids=exp_ids[i : i + 100], max_results=100, page_token=token
+                    )
+                except Exception:
+                    break
+                for m in page:
+                    by_run.setdefault(m.source_run_id or "", []).append(m)
+                token = page.token
+                if not token:
+                    break
+        with self._lock:
+            self._models_by_run = by_run
+        return by_run
+
+    def _logged_models_of(self, run_id: str) -> list[Any]:
+        return list(self._all_logged_models().get(run_id, []))
+
+    def _logged_model_artifact(self, m: Any, project_key: str | None) -> ArtifactPayload:
+        self._remember(mc.model_key(m.model_id), m.tags)
+        meta = {
+            "model_id": m.model_id,
+            "experiment_id": m.experiment_id,
+            "model_type": m.model_type,
+            "status": str(m.status),
+            "status_message": m.status_message,
+            "tags": mc.user_tags(dict(m.tags)),
+            "params": dict(m.params),
+            "metrics": [
+                {"key": x.key, "value": x.value, "timestamp": x.timestamp, "step": x.step,
+                 "run_id": x.run_id, "dataset_name": x.dataset_name,
+                 "dataset_digest": x.dataset_digest}
+                for x in (m.metrics or [])
+            ],
+            "creation_timestamp": m.creation_timestamp,
+            "last_updated_timestamp": m.last_updated_timestamp,
+            "source_run_id": m.source_run_id,
+        }
+        files = [
+            FileRef(path=fi.path, size=fi.file_size, sha256=None,
+                    fetch=self._uri_fetcher(f"{m.artifact_location.rstrip('/')}/{fi.path}"))
+            for fi in self._list_files(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))
+        ]
+        row = {
+            "artifact_key": mc.model_key(m.model_id),
+            "project_key": project_key or mc.project_key(m.experiment_id),
+            "name": m.name,
+            "type": "mlflow.logged_model",
+            "aliases": [],
+            "metadata_json": json.dumps(meta, sort_keys=True),
+            "producer_run_key": mc.run_key(m.source_run_id) if m.source_run_id else None,
+            "created_at": mc.ms_to_dt(m.creation_timestamp),
+        }
+        return ArtifactPayload(row=row, files=files)
+
+    def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
+        """Logged models that no run produced (a run's own ones travel with the run)."""
+        keys = {p["source_id"] for p in projects}
+        for m in self._all_logged_models().get("", []):
+            if m.experiment_id in keys:
+                yield self._logged_model_artifact(m, mc.project_key(m.experiment_id))
+
+    # -- registry
+
+    def registry(self, sel: Selection) -> RegistryPayload:
+        if not sel.registry:
+            return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
+        with self._lock:
+            selected = set(self._runs)
+        filtered = bool(sel.projects or sel.runs or sel.since or sel.until)
+        models, token = [], None
+        while True:
+            page = self.client.search_registered_models(max_results=PAGE, page_token=token)
+            models += list(page)
+            token = page.token
+            if not token:
+                break
+        versions, token = [], None
+        while True:
+            page = self.client.search_model_versions(max_results=10000, page_token=token)
+            versions += list(page)
+            token = page.token
+            if not token:
+                break
+        # search_model_versions leaves ModelVersion.aliases empty; the models carry them.
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for m in models:
+            for alias, version in (m.aliases or {}).items():
+                aliases.setdefault((m.name, str(version)), []).append(alias)
+        mv_rows = []
+        for v in sorted(versions, key=lambda v: (v.name, int(v.version))):
+            if filtered and v.run_id and v.run_id not in selected:
+                continue
+            row = self._version_row(v)
+            row["aliases"] = sorted(aliases.get((v.name, str(v.version)), []))
+            mv_rows.append(row)
+        names_with_versions = {r["model_name"] for r in mv_rows}
+        all_names_with_versions = {v.name for v in versions}
+        rm_rows = [
+            {
+                "name": m.name,
+                "description": m.description or None,
+                "tags": sorted(mc.user_tags(dict(m.tags)).items()),
+                "created_at": mc.ms_to_dt(m.creation_timestamp),
+                "updated_at": mc.ms_to_dt(m.last_updated_timestamp),
+            }
+            for m in models
+            if not filtered or m.name in names_with_versions or m.name not in all_names_with_versions
+        ]
+        return RegistryPayload(schema.table("registered_models", rm_rows),
+                               schema.table("model_versions", mv_rows))
+
+    def _version_row(self, v: Any) -> dict[str, Any]:
+        subpath = None
+        src = v.source or ""
+        if v.run_id:
+            prefix = f"runs:/{v.run_id}/"
+            if src.startswith(prefix):
+                subpath = src[len(prefix):]
+            else:
+                try:
+                    art_uri = self._run_artifact_uri(v.run_id)
+                except Exception:
+                    art_uri = None
+                if art_uri and src.startswith(art_uri.rstrip("/") + "/"):
+                    subpath = src[len(art_uri.rstrip("/")) + 1 :]
+        model_id = getattr(v, "model_id", None)
+        if not model_id and src.startswith("models:/m-"):
+            # search_model_versions leaves model_id empty; the source still names it
+            model_id = src[len("models:/"):].split("/", 1)[0]
+        self._remember(mc.version_key(v.name, v.version), v.tags)
+        return {
+            "version_key": mc.version_key(v.name, v.version),
+            "model_name": v.name,
+            "version": str(v.version),
+            "run_key": mc.run_key(v.run_id) if v.run_id else None,
+            "artifact_key": mc.model_key(model_id) if model_id else None,
+            "source": v.source,
+            "source_subpath": subpath,
+            "aliases": sorted(v.aliases or []),
+            "stage": v.current_stage,
+            "status": v.status,
+            "description": v.description or None,
+            "tags": sorted(mc.user_tags(dict(v.tags)).items()),
+            "user": v.user_id,
+            "created_at": mc.ms_to_dt(v.creation_timestamp),
+            "updated_at": mc.ms_to_dt(v.last_updated_timestamp),
+        }
+
+    def _run_artifact_uri(self, run_id: str) -> str:
+        with self._lock:
+            r = self._runs.get(run_id)
+        if r is None:
+            r = self.client.get_run(run_id)
+        return r.info.artifact_uri
+
+
+def _model_points(models: list[Any]) -> dict[tuple[str, int, int, float], tuple[str, str | None, str | None]]:
+    out = {}
+    for m in models:
+        for x in m.metrics or []:
+            out[(x.key, x.step, x.timestamp, x.value)] = (
+                mc.model_key(m.model_id), x.dataset_name, x.dataset_digest
+            )
+    return out
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

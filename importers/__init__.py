@@ -1,0 +1,1 @@
+"""Importers: one module per destination tracker; each writes neutral data idempotently."""

@@ -1,0 +1,696 @@
+"""Write neutral data into an MLflow tracking server or store, idempotently.
+
+Identity lives in the destination: every run, logged model and model version carries
+the source key in the tag ``trackbridge.source_key``. Importing again finds it and fills
+in only what is missing, so a second import adds no run, no point and no version.
+
+A run's ``trackbridge.fingerprint`` tag is written last. It is the run's completion
+marker: a run that has it, with the source's current fingerprint, is skipped without a
+single write; a run without it (an import killed half-way) is reconciled point by point.
+
+MLflow's limits (key charset and length, 6,000-char params, 8,000-char tags, batch
+sizes) are met by documented mappings, each reported, with the originals kept in the
+run's ``trackbridge/mapping.json`` so the MLflow exporter can restore them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import posixpath
+import re
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from bridge import mlflow_common as mc
+from bridge import schema
+from bridge.errors import DestinationError
+from bridge.files import temp_dir
+from bridge.model import ArtifactPayload, RegistryPayload, RunPayload
+from bridge.report import RunReport
+
+MAX_KEY = 250
+MAX_PARAM = 6000
+MAX_TAG = 8000
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_BATCH_BYTES = 800_000  # MLflow refuses requests over 1 MB; keep room for JSON overhead
+TRUNCATED = "…[truncated by trackbridge]"
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+MAPPING_VERSION = 1
+
+
+def fit_key(key: str) -> str:
+    """The closest key MLflow accepts: allowed charset, no path tricks, ≤ 250 chars."""
+    k = _BAD_KEY_CHARS.sub("_", key)
+    parts = [("__" if p == ".." else p) for p in k.split("/") if p not in ("", ".")]
+    k = "/".join(parts) or "_"
+    if len(k) > MAX_KEY:
+        k = k[: MAX_KEY - 9] + "~" + hashlib.sha1(key.encode()).hexdigest()[:8]
+    return k
+
+
+class _KeySpace:
+    """Fits keys into MLflow's rules and keeps two different keys from colliding."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, str] = {}
+
+    def fit(self, original: str) -> str:
+        k = fit_key(original)
+        if self.used.get(k, original) != original:
+            k = k[: MAX_KEY - 9] + "~" + hashlib.sha1(original.encode()).hexdigest()[:8]
+        self.used[k] = original
+        return k
+
+
+def _param_text(value_json: str, value_type: str) -> str:
+    if value_type == "str":
+        v = schema.loads_value(value_json)
+        return v if isinstance(v, str) else value_json
+    return value_json
+
+
+class MlflowSink:
+    def __init__(self, tracking_uri: str, safe: str | None = None, dry_run: bool = False) -> None:
+        self.uri = tracking_uri
+        self.safe = safe or tracking_uri
+        self.dry_run = dry_run
+        self.client = mc.client(tracking_uri)
+        self._lock = threading.Lock()
+        self._exp_ids: dict[str, str | None] = {}
+        self._deleted_projects: list[str] = []
+        self._index: dict[str, dict[str, Any]] = {}
+        self._model_index: dict[str, dict[str, Any]] = {}
+        self._run_ids: dict[str, str] = {}
+        self._model_ids: dict[str, str] = {}
+        self._exp_locks: dict[str, threading.Lock] = {}
+        self._artifact_root = _local_artifact_root(tracking_uri)
+
+    def describe(self) -> str:
+        return f"mlflow+{self.safe}"
+
+    # -- lifecycle
+
+    def begin(self, source: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.search_experiments(max_results=1)
+        except (MlflowException, OSError) as e:
+            raise DestinationError(f"{self.describe()}: cannot write ({_short(e)})") from e
+
+    def finish(self) -> None:
+        if self.dry_run:
+            return
+        for exp_id in self._deleted_projects:
+            self.client.delete_experiment(exp_id)
+
+    # -- projects
+
+    def write_project(self, row: dict[str, Any]) -> None:
+        name = row["name"]
+        exp = self.client.get_experiment_by_name(name)
+        tags = dict(row.get("tags") or [])
+        if row.get("description"):
+            tags[mc.TAG_NOTE] = row["description"]
+        if self.dry_run:
+            self._exp_ids[row["project_key"]] = exp.experiment_id if exp else None
+            return
+        if exp is None:
+            location = None
+            if self._artifact_root is not None:
+                location = (self._artifact_root / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
+            exp_id = self.client.create_experiment(
+                name, artifact_location=location, tags={**tags, mc.TAG_SOURCE_KEY: row["project_key"]}
+            )
+        else:
+            exp_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp_id)
+            have = dict(exp.tags)
+            for k, v in tags.items():
+                if have.get(k) != v:
+                    self.client.set_experiment_tag(exp_id, k, v)
+        self._exp_ids[row["project_key"]] = exp_id
+        if row.get("lifecycle") == "deleted":
+            self._deleted_projects.append(exp_id)
+
+    # -- identity look-ups
+
+    def _runs_index(self, exp_id: str) -> dict[str, Any]:
+        with self._lock:
+            lock = self._exp_locks.setdefault(exp_id, threading.Lock())
+        with lock:
+            if exp_id in self._index:
+                return self._index[exp_id]
+            from mlflow.entities import ViewType
+
+            found: dict[str, Any] = {}
+            token = None
+            while True:
+                page = self.client.search_runs(
+                    [exp_id], filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` LIKE '%'",
+                    run_view_type=ViewType.ALL, max_results=1000, page_token=token,
+                )
+                for r in page:
+                    found[r.data.tags[mc.TAG_SOURCE_KEY]] = r
+                token = page.token
+                if not token:
+                    break
+            self._index[exp_id] = found
+            return found
+
+    def _find_run_id(self, run_key: str) -> str | None:
+        with self._lock:
+            if run_key in self._run_ids:
+                return self._run_ids[run_key]
+        from mlflow.entities import ViewType
+
+        page = self.client.search_runs(
+            [e for e in self._exp_ids.values() if e] or ["0"],
+            filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` = '{_quote(run_key)}'",
+            run_view_type=ViewType.ALL, max_results=1,
+        )
+        return page[0].info.run_id if page else None
+
+    def _models_index(self, exp_id: str) -> dict[str, Any]:
+        with self._lock:
+            lock = self._exp_locks.setdefault("m" + exp_id, threading.Lock())
+        with lock:
+            if exp_id not in self._model_index:
+                found: dict[str, Any] = {}
+                token = None
+                while True:
+                    try:
+                        page = self.client.search_logged_models([exp_id], max_results=100, page_token=token)
+                    except Exception:
+                        break
+                    for m in page:
+                        if mc.TAG_SOURCE_KEY in m.tags:
+                            found[m.tags[mc.TAG_SOURCE_KEY]] = m
+                    token = page.token
+                    if not token:
+                        break
+                self._model_index[exp_id] = found
+            return self._model_index[exp_id]
+
+    # -- runs
+
+    def write_run(self, payload: RunPayload, report: RunReport) -> str:
+        run = payload.run
+        key = payload.key
+        exp_id = self._exp_ids.get(run["project_key"])
+        if exp_id is None and not self.dry_run:
+            raise DestinationError(f"run {key}: its project {run['project_key']} was not imported")
+        existing = self._runs_index(exp_id).get(key) if exp_id else None
+        fp = _fingerprint(payload)
+        if (
+            existing is not None
+            and existing.data.tags.get(mc.TAG_FINGERPRINT) == fp
+            and existing.info.lifecycle_stage == (run.get("lifecycle") or "active")
+        ):
+            with self._lock:
+                self._run_ids[key] = existing.info.run_id
+            report.destination_id = existing.info.run_id
+            for a in payload.artifacts:
+                if a.row["type"] == "mlflow.logged_model":
+                    m = self._models_index(exp_id).get(a.row["artifact_key"])
+                    if m is not None:
+                        with self._lock:
+                            self._model_ids[a.row["artifact_key"]] = m.model_id
+            return "unchanged"
+        outcome = "updated" if existing is not None else "new"
+        plan = _Plan(report)
+        params = plan.params(payload.params)
+        tags = plan.tags(payload.tags, run)
+        if self.dry_run:
+            report.points = sum(b.num_rows for b in payload.metrics())
+            return outcome
+
+        if existing is None:
+            created = self.client.create_run(
+                exp_id,
+                start_time=mc.dt_to_ms(run.get("start_time")),
+                tags={mc.TAG_USER: run.get("user") or "unknown", mc.TAG_SOURCE_KEY: key},
+                run_name=run.get("name"),
+            )
+            run_id = created.info.run_id
+            have_params: dict[str, str] = {}
+            have_tags: dict[str, str] = dict(created.data.tags)
+            have_metric_keys: set[str] = set()
+        else:
+            run_id = existing.info.run_id
+            if existing.info.lifecycle_stage == "deleted":
+                self.client.restore_run(run_id)
+            have_params = dict(existing.data.params)
+            have_tags = dict(existing.data.tags)
+            have_metric_keys = set(existing.data.metrics)
+        with self._lock:
+            self._run_ids[key] = run_id
+        report.destination_id = run_id
+
+        parent = run.get("parent_run_key")
+        if parent:
+            pid = self._find_run_id(parent)
+            if pid:
+                tags[mc.TAG_PARENT] = pid
+            else:
+                report.mapped("parent-missing", "runs.parent_run_key",
+                              f"parent {parent} is not in the destination; nesting not set")
+        new_params = {}
+        for k, v in params.items():
+            if k not in have_params:
+                new_params[k] = v
+            elif have_params[k] != v:
+                report.mapped("param-conflict", f"params.{k}",
+                              f"destination keeps {have_params[k]!r}; MLflow params are immutable "
+                              f"and the source now has {v!r}")
+        new_tags = {k: v for k, v in tags.items() if have_tags.get(k) != v}
+        self._log_params_tags(run_id, new_params, new_tags)
+
+        for art in payload.artifacts:
+            if art.row["type"] == "mlflow.logged_model":
+                self._write_logged_model(art, exp_id, run_id, report)
+        self._write_metrics(run_id, payload, plan, have_metric_keys if existing else None, report)
+        for art in payload.artifacts:
+            if art.row["type"] != "mlflow.logged_model":
+                self._upload_run_files(run_id, art, existing is not None, report)
+        self._write_datasets(run_id, payload.dataset_inputs, existing)
+
+        if plan.mapping_needed():
+            with temp_dir() as d:
+                p = d / "mapping.json"
+                p.write_text(json.dumps(plan.mapping, indent=1, ensure_ascii=False))
+                self.client.log_artifact(run_id, str(p), mc.MAPPING_DIR)
+            self.client.set_tag(run_id, mc.TAG_MAPPED, str(len(report.mappings)))
+
+        status = mc.TO_MLFLOW_STATUS.get(run.get("status") or "finished", "FINISHED")
+        if status in ("FINISHED", "FAILED", "KILLED"):
+            self.client.set_terminated(run_id, status, end_time=mc.dt_to_ms(run.get("end_time")))
+        else:
+            self.client.update_run(run_id, status=status)
+        self.client.set_tag(run_id, mc.TAG_FINGERPRINT, fp)
+        if run.get("lifecycle") == "deleted":
+            # After the marker: MLflow refuses writes to a deleted run. A kill in between
+            # is caught by the lifecycle check in the unchanged test above.
+            self.client.delete_run(run_id)
+        return outcome
+
+    def _log_params_tags(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        items = [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()]
+        for chunk in _chunks_by_size(items, MAX_PARAMS_TAGS_PER_BATCH, MAX_BATCH_BYTES):
+            self.client.log_batch(
+                run_id,
+                params=[x for x in chunk if isinstance(x, Param)],
+                tags=[x for x in chunk if isinstance(x, RunTag)],
+                synchronous=True,
+            )
+
+    def _write_metrics(
+        self, run_id: str, payload: RunPayload, plan: _Plan, have_keys: set[str] | None,
+        report: RunReport,
+    ) -> None:
+        from mlflow.entities import Metric
+
+        pending: list[Metric] = []
+        for key, steps, stamps, values, models, ds_names, ds_digests in _by_key(payload.metrics()):
+            mkey = plan.metric_key(key)
+            skip: Counter[tuple[int, int, str]] = Counter()
+            if have_keys is not None and mkey in have_keys:
+                skip = Counter(
+                    (m.step, m.timestamp, _vkey(m.value))
+                    for m in self.client.get_metric_history(run_id, mkey)
+                )
+            for i in range(len(steps)):
+                if skip:
+                    sig = (steps[i], stamps[i], _vkey(values[i]))
+                    if skip[sig] > 0:
+                        skip[sig] -= 1
+                        continue
+                model_id = self._model_ids.get(models[i]) if models[i] else None
+                pending.append(
+                    Metric(mkey, values[i], stamps[i], steps[i], model_id=model_id,
+                           dataset_name=ds_names[i] if model_id else None,
+                           dataset_digest=ds_digests[i] if model_id else None)
+                )
+                if len(pending) >= MAX_METRICS_PER_BATCH:
+                    self.client.log_batch(run_id, metrics=pending, synchronous=True)
+                    report.points += len(pending)
+                    pending = []
+        if pending:
+            self.client.log_batch(run_id, metrics=pending, synchronous=True)
+            report.points += len(pending)
+
+    def _upload_run_files(self, run_id: str, art: ArtifactPayload, existed: bool, report: RunReport) -> None:
+        have: dict[str, int | None] = {}
+        if existed:
+            have = {fi.path: fi.file_size for fi in _walk(lambda p: self.client.list_artifacts(run_id, p))}
+        for f in art.files:
+            if f.path in have and (f.size is None or have[f.path] == f.size):
+                continue
+            with f.fetch() as local:
+                _upload_one(local, f.path, lambda lp, ap: self.client.log_artifact(run_id, lp, ap))
+            report.files += 1
+            report.bytes += int(f.size or 0)
+
+    def _write_datasets(self, run_id: str, tbl: pa.Table, existing: Any) -> None:
+        if tbl.num_rows == 0:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        have = set()
+        if existing is not None and existing.inputs:
+            have = {(d.dataset.name, d.dataset.digest, tuple(sorted((t.key, t.value) for t in d.tags)))
+                    for d in existing.inputs.dataset_inputs}
+        todo = []
+        for d in tbl.to_pylist():
+            tags = tuple(sorted(d["tags"] or []))
+            if (d["name"], d["digest"], tags) in have:
+                continue
+            todo.append(DatasetInput(
+                Dataset(d["name"], d["digest"], d["source_type"], d["source"], d["schema"], d["profile"]),
+                [InputTag(k, v) for k, v in tags],
+            ))
+        if todo:
+            self.client.log_inputs(run_id, datasets=todo)
+
+    # -- MLflow 3 logged models
+
+    def _write_logged_model(self, art: ArtifactPayload, exp_id: str, run_id: str | None,
+                            report: RunReport | None) -> str:
+        from mlflow.entities import LoggedModelStatus
+
+        key = art.row["artifact_key"]
+        meta = json.loads(art.row.get("metadata_json") or "{}")
+        index = self._models_index(exp_id)
+        m = index.get(key)
+        if m is None:
+            tags = {k: v for k, v in meta.get("tags", {}).items() if k not in mc.MANAGED_MODEL_TAGS}
+            tags[mc.TAG_SOURCE_KEY] = key
+            if meta.get("creation_timestamp") is not None:
+                tags[mc.TAG_SOURCE_CREATED] = str(meta["creation_timestamp"])
+            m = self.client.create_logged_model(
+                exp_id, name=art.row["name"], source_run_id=run_id, tags=tags,
+                params=meta.get("params") or None, model_type=meta.get("model_type"),
+            )
+            with self._lock:
+                index[key] = m
+        with self._lock:
+            self._model_ids[key] = m.model_id
+        have = {fi.path: fi.file_size
+                for fi in _walk(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))}
+        for f in art.files:
+            if f.path in have and (f.size is None or have[f.path] == f.size):
+                continue
+            with f.fetch() as local:
+                _upload_one(local, f.path,
+                            lambda lp, ap: self.client.log_model_artifact(m.model_id, lp, ap))
+        status = meta.get("status", "READY")
+        if "READY" in status and str(m.status) != str(LoggedModelStatus.READY):
+            self.client.finalize_logged_model(m.model_id, LoggedModelStatus.READY)
+        elif "FAILED" in status and "FAILED" not in str(m.status):
+            self.client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED)
+        return m.model_id
+
+    def write_artifact(self, payload: ArtifactPayload, report: Any) -> None:
+        if payload.row["type"] != "mlflow.logged_model":
+            report.mapped("artifact-skipped", payload.row["artifact_key"],
+                          f"standalone artifacts of type {payload.row['type']!r} have no MLflow home")
+            return
+        exp_id = self._exp_ids.get(payload.row["project_key"])
+        if exp_id is None or self.dry_run:
+            return
+        self._write_logged_model(payload, exp_id, None, None)
+
+    # -- registry
+
+    def write_registry(self, payload: RegistryPayload, report: Any) -> None:
+        from mlflow.exceptions import MlflowException
+
+        versions = payload.model_versions.to_pylist()
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for v in versions:
+            by_model.setdefault(v["model_name"], []).append(v)
+        for rm in payload.registered_models.to_pylist():
+            name = rm["name"]
+            if self.dry_run:
+                continue
+            try:
+                have = self.client.get_registered_model(name)
+            except MlflowException:
+                have = None
+            tags = dict(rm["tags"] or [])
+            if have is None:
+                self.client.create_registered_model(name, tags=tags, description=rm["description"])
+            else:
+                if (have.description or None) != rm["description"]:
+                    self.client.update_registered_model(name, description=rm["description"] or "")
+                for k, v in tags.items():
+                    if have.tags.get(k) != v:
+                        self.client.set_registered_model_tag(name, k, v)
+            self._write_versions(name, by_model.get(name, []), report)
+
+    def _write_versions(self, name: str, versions: list[dict[str, Any]], report: Any) -> None:
+        existing = {}
+        for v in self.client.search_model_versions(f"name='{_quote(name)}'", max_results=10000):
+            if mc.TAG_SOURCE_KEY in v.tags:
+                existing[v.tags[mc.TAG_SOURCE_KEY]] = v
+        wanted_aliases: dict[str, str] = {}
+        ours = set()
+        for sv in sorted(versions, key=lambda v: int(v["version"]) if v["version"].isdigit() else 0):
+            dv = existing.get(sv["version_key"])
+            if dv is None:
+                dv = self._create_version(name, sv, report)
+                report.models["new"] = report.models.get("new", 0) + 1
+            else:
+                report.models["unchanged"] = report.models.get("unchanged", 0) + 1
+                if (dv.description or None) != sv["description"]:
+                    self.client.update_model_version(name, dv.version, description=sv["description"] or "")
+                for k, v in dict(sv["tags"] or []).items():
+                    if dv.tags.get(k) != v:
+                        self.client.set_model_version_tag(name, dv.version, k, v)
+            ours.add(str(dv.version))
+            stage = sv.get("stage")
+            if stage and stage != "None" and dv.current_stage != stage:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still used
+                    self.client.transition_model_version_stage(name, dv.version, stage)
+            for a in sv["aliases"] or []:
+                wanted_aliases[a] = str(dv.version)
+        if not ours:
+            return
+        current = self.client.get_registered_model(name).aliases or {}
+        for alias, version in wanted_aliases.items():
+            if str(current.get(alias)) != version:
+                self.client.set_registered_model_alias(name, alias, version)
+        for alias, version in current.items():
+            if alias not in wanted_aliases and str(version) in ours:
+                self.client.delete_registered_model_alias(name, alias)
+
+    def _create_version(self, name: str, sv: dict[str, Any], report: Any) -> Any:
+        run_id = self._find_run_id(sv["run_key"]) if sv["run_key"] else None
+        model_id = self._model_ids.get(sv["artifact_key"]) if sv["artifact_key"] else None
+        source = sv["source"]
+        if model_id and (source or "").startswith("models:/"):
+            source = f"models:/{model_id}"
+        elif run_id and sv["source_subpath"]:
+            source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{sv['source_subpath']}"
+        else:
+            report.mapped("model-source-kept", f"{name} v{sv['version']}",
+                          f"source {source!r} points outside the migrated runs and was kept as is")
+        tags = {**dict(sv["tags"] or []), mc.TAG_SOURCE_KEY: sv["version_key"],
+                mc.TAG_SOURCE_VERSION: sv["version"]}
+        if sv.get("created_at") is not None:
+            tags[mc.TAG_SOURCE_CREATED] = sv["created_at"].isoformat()
+        with mc.global_tracking_uri(self.uri):
+            return self.client.create_model_version(
+                name, source, run_id=run_id, tags=tags, description=sv["description"],
+                model_id=model_id,
+            )
+
+
+class _Plan:
+    """How one run's keys and values are fitted into MLflow, and the record to undo it."""
+
+    def __init__(self, report: RunReport) -> None:
+        self.report = report
+        self.mapping: dict[str, Any] = {"version": MAPPING_VERSION, "params": {}, "tags": {}, "metrics": {}}
+        self._param_keys = _KeySpace()
+        self._tag_keys = _KeySpace()
+        self._metric_keys = _KeySpace()
+        self._metric_cache: dict[str, str] = {}
+
+    def mapping_needed(self) -> bool:
+        return any(self.mapping[k] for k in ("params", "tags", "metrics"))
+
+    def params(self, tbl: pa.Table) -> dict[str, str]:
+        out = {}
+        for p in tbl.to_pylist():
+            original = ".".join(p["path"])
+            key = self._param_keys.fit(original)
+            text = _param_text(p["value_json"], p["value_type"])
+            exact = key == original and len(p["path"]) == 1 and p["value_type"] == "str"
+            if key != original:
+                self.report.mapped("key-renamed", f"params.{original}", f"written as {key!r}")
+            if len(text) > MAX_PARAM:
+                text = text[: MAX_PARAM - len(TRUNCATED)] + TRUNCATED
+                exact = False
+                self.report.mapped("value-truncated", f"params.{original}",
+                                   f"full value in {mc.MAPPING_ARTIFACT}")
+            if not exact:
+                self.mapping["params"][key] = {k: p[k] for k in ("path", "value_json", "value_type")}
+            out[key] = text
+        return out
+
+    def tags(self, tbl: pa.Table, run: dict[str, Any]) -> dict[str, str]:
+        out = {}
+        for t in tbl.to_pylist():
+            original, value = t["key"], t["value"] or ""
+            if original in (mc.TAG_PARENT, mc.TAG_USER, mc.TAG_RUN_NAME) or mc.is_bookkeeping(original):
+                continue  # set from the run's own fields, or ours to manage
+            key = self._tag_keys.fit(original)
+            exact = key == original
+            if not exact:
+                self.report.mapped("key-renamed", f"tags.{original}", f"written as {key!r}")
+            if len(value) > MAX_TAG:
+                value = value[: MAX_TAG - len(TRUNCATED)] + TRUNCATED
+                exact = False
+                self.report.mapped("value-truncated", f"tags.{original}",
+                                   f"full value in {mc.MAPPING_ARTIFACT}")
+            if not exact:
+                self.mapping["tags"][key] = {"key": original, "value": t["value"]}
+            out[key] = value
+        if run.get("notes") and mc.TAG_NOTE not in out:
+            out[mc.TAG_NOTE] = run["notes"]
+        if run.get("status") == "crashed":
+            out[mc.TAG_SOURCE_STATUS] = "crashed"
+            self.report.mapped("status-mapped", "runs.status",
+                               f"crashed written as FAILED; original in tag {mc.TAG_SOURCE_STATUS}")
+        return out
+
+    def metric_key(self, original: str) -> str:
+        k = self._metric_cache.get(original)
+        if k is None:
+            k = self._metric_keys.fit(original)
+            self._metric_cache[original] = k
+            if k != original:
+                self.mapping["metrics"][k] = original
+                self.report.mapped("key-renamed", f"metrics.{original}", f"written as {k!r}")
+        return k
+
+
+def _fingerprint(payload: RunPayload) -> str:
+    """The source content digest plus our mapping version: a change to either re-imports."""
+    fp = payload.fingerprint
+    if fp is None:
+        h = hashlib.sha256()
+        for tbl in (payload.params, payload.tags, payload.dataset_inputs):
+            h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
+        h.update(json.dumps(payload.run, default=str, sort_keys=True).encode())
+        for b in payload.metrics():
+            for col in b.columns:
+                h.update(col.to_string().encode())
+        for a in payload.artifacts:
+            h.update(json.dumps([a.row, [(f.path, f.size) for f in a.files]], default=str).encode())
+        fp = h.hexdigest()
+    return f"{fp[:40]}.m{MAPPING_VERSION}"
+
+
+def _by_key(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, list, list, list, list, list, list]]:
+    """Group sorted metric batches into per-key columns, ready for MLflow's Metric objects."""
+    cur = None
+    cols: list[list[Any]] = [[] for _ in range(6)]
+    for b in batches:
+        keys = b.column("key").to_pylist()
+        steps = b.column("step").to_pylist()
+        stamps = b.column("timestamp").cast(pa.int64()).to_pylist()
+        values = b.column("value").to_pylist()
+        models = b.column("model_key").to_pylist()
+        dsn = b.column("dataset_name").to_pylist()
+        dsd = b.column("dataset_digest").to_pylist()
+        for i, k in enumerate(keys):
+            if k != cur:
+                if cur is not None:
+                    yield (cur, *cols)
+                cur = k
+                cols = [[] for _ in range(6)]
+            cols[0].append(steps[i])
+            cols[1].append(stamps[i] // 1000)
+            cols[2].append(values[i])
+            cols[3].append(models[i])
+            cols[4].append(dsn[i])
+            cols[5].append(dsd[i])
+    if cur is not None:
+        yield (cur, *cols)
+
+
+def _vkey(v: float) -> str:
+    return "nan" if isinstance(v, float) and math.isnan(v) else repr(float(v))
+
+
+def _chunks_by_size(items: list[Any], max_count: int, max_bytes: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    size = 0
+    for it in items:
+        n = len(it.key) + len(str(it.value)) + 64
+        if chunk and (len(chunk) >= max_count or size + n > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(it)
+        size += n
+    if chunk:
+        yield chunk
+
+
+def _walk(lister: Any, path: str | None = None) -> Iterator[Any]:
+    for fi in lister(path):
+        if fi.is_dir:
+            yield from _walk(lister, fi.path)
+        else:
+            yield fi
+
+
+def _upload_one(local: str, rel: str, log: Any) -> None:
+    """Upload ``local`` so that it lands at ``rel``; MLflow names files by their basename."""
+    folder, name = posixpath.split(rel)
+    if os.path.basename(local) == name:
+        log(local, folder or None)
+        return
+    with temp_dir() as d:
+        link = d / name
+        try:
+            os.symlink(os.path.abspath(local), link)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(local, link)
+        log(str(link), folder or None)
+
+
+def _local_artifact_root(uri: str) -> Path | None:
+    """Artifacts of an in-process SQLite store go beside the database, never in the CWD."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        return db.parent / f"{db.stem}-artifacts"
+    return None
+
+
+def _quote(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+

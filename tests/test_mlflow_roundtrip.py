@@ -1,0 +1,279 @@
+"""MLflow → bundle → MLflow, checked field by field with MLflow's own client.
+
+These checks read the destination directly rather than through ``verify``, so a bug in
+verify cannot hide a loss; a separate test shows that verify does catch differences.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bridge import engine
+from bridge import mlflow_common as mc
+from bridge.bundle import BundleSource, BundleWriter
+from bridge.cli import run_migrate, run_verify
+from bridge.model import Selection
+from bridge.uri import open_sink, open_source
+from tests.conftest import run_cli
+
+
+def _client(uri: str):
+    return mc.client(uri.split("+", 1)[1] if uri.startswith("mlflow+") else uri)
+
+
+def _runs_by_name(client, exp_name: str) -> dict:
+    from mlflow.entities import ViewType
+
+    exp = client.get_experiment_by_name(exp_name)
+    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
+    return {r.info.run_name: r for r in runs}
+
+
+def _history(client, run_id: str, key: str) -> list[tuple]:
+    return sorted(
+        (m.step, m.timestamp, "nan" if math.isnan(m.value) else m.value)
+        for m in client.get_metric_history(run_id, key)
+    )
+
+
+def _files(client, run_id: str, path: str | None = None) -> dict[str, bytes]:
+    out = {}
+    for fi in client.list_artifacts(run_id, path):
+        if fi.is_dir:
+            out.update(_files(client, run_id, fi.path))
+        else:
+            local = client.download_artifacts(run_id, fi.path, str(Path(_tmp()) / run_id))
+            out[fi.path] = Path(local).read_bytes()
+    return out
+
+
+def _tmp() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="tb-dl-")
+
+
+def _counts(db: Path) -> tuple[int, ...]:
+    c = sqlite3.connect(db)
+    try:
+        return tuple(c.execute(f"select count(*) from {t}").fetchone()[0]
+                     for t in ("experiments", "runs", "metrics", "params", "tags", "model_versions",
+                               "logged_models", "inputs"))
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def migrated(demo_store, tmp_path_factory):
+    """The demo store exported to a bundle and imported into a new SQLite store."""
+    d = tmp_path_factory.mktemp("rt")
+    bundle = d / "bundle"
+    dest = f"mlflow+sqlite:///{d / 'dest.db'}"
+    exp = engine.copy(open_source(demo_store["tb"]), BundleWriter(bundle), Selection())
+    assert not exp.failed, exp.summary_lines()
+    imp = engine.copy(BundleSource(bundle), open_sink(dest), Selection())
+    assert not imp.failed, imp.summary_lines()
+    return {"bundle": bundle, "dest": dest, "db": d / "dest.db", "export": exp, "import": imp}
+
+
+def test_runs_keep_times_status_user_names_and_lifecycle(demo_store, migrated):
+    src, dst = _client(demo_store["tb"]), _client(migrated["dest"])
+    a, b = _runs_by_name(src, "demo-classifier"), _runs_by_name(dst, "demo-classifier")
+    assert set(a) == set(b) == {"sweep", "trial-0", "trial-1", "killed-run", "deleted-run"}
+    for name, ra in a.items():
+        rb = b[name]
+        assert rb.info.run_id != ra.info.run_id
+        assert (rb.info.start_time, rb.info.end_time) == (ra.info.start_time, ra.info.end_time), name
+        assert rb.info.start_time < 1_800_000_000_000  # not reset to import time
+        assert rb.info.status == ra.info.status, name
+        assert rb.info.user_id == ra.info.user_id, name
+        assert rb.info.lifecycle_stage == ra.info.lifecycle_stage, name
+        assert rb.data.tags[mc.TAG_SOURCE_KEY] == mc.run_key(ra.info.run_id)
+    assert b["deleted-run"].info.lifecycle_stage == "deleted"
+    assert b["trial-1"].info.status == "FAILED" and b["killed-run"].info.status == "KILLED"
+
+
+def test_nesting_is_remapped_to_the_new_parent(migrated):
+    b = _runs_by_name(_client(migrated["dest"]), "demo-classifier")
+    assert b["trial-0"].data.tags[mc.TAG_PARENT] == b["sweep"].info.run_id
+    assert b["trial-1"].data.tags[mc.TAG_PARENT] == b["sweep"].info.run_id
+
+
+def test_params_tags_and_experiment(demo_store, migrated):
+    src, dst = _client(demo_store["tb"]), _client(migrated["dest"])
+    a, b = _runs_by_name(src, "demo-classifier"), _runs_by_name(dst, "demo-classifier")
+    for name in a:
+        assert b[name].data.params == a[name].data.params
+        ta = {k: v for k, v in a[name].data.tags.items() if k != mc.TAG_PARENT}
+        tb = {k: v for k, v in b[name].data.tags.items()
+              if k != mc.TAG_PARENT and not k.startswith("trackbridge.")}
+        assert tb == ta, name
+    assert len(b["trial-0"].data.params["long_description"]) == 5000
+    ea, eb = src.get_experiment_by_name("demo-classifier"), dst.get_experiment_by_name("demo-classifier")
+    assert eb.tags["team"] == "research"
+    assert eb.tags[mc.TAG_NOTE] == ea.tags[mc.TAG_NOTE]
+
+
+def test_every_metric_point_with_nan_repeats_and_negative_steps(demo_store, migrated):
+    src, dst = _client(demo_store["tb"]), _client(migrated["dest"])
+    a, b = _runs_by_name(src, "demo-classifier"), _runs_by_name(dst, "demo-classifier")
+    for name in a:
+        keys = set(a[name].data.metrics)
+        assert set(b[name].data.metrics) == keys
+        for k in keys:
+            assert _history(dst, b[name].info.run_id, k) == _history(src, a[name].info.run_id, k)
+    hist = _history(dst, b["trial-0"].info.run_id, "val/acc")
+    assert [p for p in hist if p[0] == 3] and len([p for p in hist if p[0] == 3]) == 3
+    assert any(p[2] == "nan" for p in _history(dst, b["trial-0"].info.run_id, "train/loss"))
+    assert _history(dst, b["trial-0"].info.run_id, "epoch")[0][0] == -1
+
+
+def test_artifacts_byte_for_byte_and_dataset_inputs(demo_store, migrated):
+    src, dst = _client(demo_store["tb"]), _client(migrated["dest"])
+    a, b = _runs_by_name(src, "demo-classifier"), _runs_by_name(dst, "demo-classifier")
+    fa, fb = _files(src, a["trial-0"].info.run_id), _files(dst, b["trial-0"].info.run_id)
+    assert set(fa) == {"notes.txt", "model/weights.bin", "model/sub/config.json"}
+    assert fa == fb
+    # artifacts of an in-process SQLite store sit beside the database, not in the CWD
+    assert b["trial-0"].info.artifact_uri.startswith(Path(migrated["db"]).parent.as_uri())
+    da = [(d.dataset.name, d.dataset.digest, d.dataset.source, d.dataset.profile, d.dataset.schema,
+           [(t.key, t.value) for t in d.tags]) for d in a["trial-0"].inputs.dataset_inputs]
+    db = [(d.dataset.name, d.dataset.digest, d.dataset.source, d.dataset.profile, d.dataset.schema,
+           [(t.key, t.value) for t in d.tags]) for d in b["trial-0"].inputs.dataset_inputs]
+    assert da == db and len(da) == 1
+
+
+def test_logged_model_with_files_params_and_linked_metric(demo_store, migrated):
+    src, dst = _client(demo_store["tb"]), _client(migrated["dest"])
+    b = _runs_by_name(dst, "demo-classifier")
+    exp = dst.get_experiment_by_name("demo-classifier")
+    models = dst.search_logged_models([exp.experiment_id])
+    assert len(models) == 1
+    m = models[0]
+    orig = src.get_logged_model(demo_store["ids"]["logged_model"])
+    assert (m.name, m.model_type, m.params, m.source_run_id) == (
+        orig.name, orig.model_type, orig.params, b["trial-0"].info.run_id)
+    assert m.tags["framework"] == "torch"
+    assert [fi.path for fi in dst.list_logged_model_artifacts(m.model_id)] == ["MLmodel"]
+    assert [(x.key, x.value, x.step, x.dataset_name) for x in m.metrics] == [
+        (x.key, x.value, x.step, x.dataset_name) for x in orig.metrics]
+
+
+def test_registry_versions_aliases_stages_and_rewritten_sources(migrated):
+    dst = _client(migrated["dest"])
+    rm = dst.get_registered_model("demo-classifier")
+    assert rm.description == "The demo's image classifier" and rm.tags["owner"] == "alice"
+    versions = {str(v.version): v for v in dst.search_model_versions("name='demo-classifier'")}
+    assert set(versions) == {"1", "2"}
+    run = _runs_by_name(dst, "demo-classifier")["trial-0"]
+    v1, v2 = versions["1"], versions["2"]
+    assert v1.run_id == run.info.run_id and v2.run_id == run.info.run_id
+    assert v1.source == f"{run.info.artifact_uri}/model"
+    assert v1.current_stage == "Staging" and v1.tags["validated"] == "yes"
+    model = dst.search_logged_models([run.info.experiment_id])[0]
+    assert v2.source == f"models:/{model.model_id}"
+    assert {k: str(v) for k, v in rm.aliases.items()} == {"champion": "2", "baseline": "1"}
+
+
+def test_second_import_adds_nothing_and_skips_writes(migrated):
+    before = _counts(migrated["db"])
+    report = engine.copy(BundleSource(migrated["bundle"]), open_sink(migrated["dest"]), Selection())
+    assert _counts(migrated["db"]) == before
+    assert report.count("unchanged") == len(report.runs) == 6
+    assert report.points == 0 and report.models == {"new": 0, "unchanged": 2}
+
+
+def test_verify_passes_and_catches_a_tampered_point(demo_store, migrated, tmp_path, capsys):
+    assert run_verify(demo_store["tb"], migrated["dest"], Selection()) == 0
+    assert "identical" in capsys.readouterr().out
+    dest = f"mlflow+sqlite:///{tmp_path / 'tampered.db'}"
+    engine.copy(BundleSource(migrated["bundle"]), open_sink(dest), Selection())
+    assert run_verify(demo_store["tb"], dest, Selection()) == 0
+    dst = _client(dest)
+    run = _runs_by_name(dst, "demo-classifier")["killed-run"]
+    from mlflow.entities import Metric
+
+    dst.log_batch(run.info.run_id, metrics=[Metric("loss", 9.0, 1, 99)])
+    dst.set_tag(run.info.run_id, "extra", "x")
+    dst.set_registered_model_alias("demo-classifier", "champion", "1")
+    assert run_verify(demo_store["tb"], dest, Selection()) == 4
+    out = capsys.readouterr().out
+    assert "aliases" in out
+    assert "killed-run" in out and "metrics differ" in out and "'extra' only in destination" in out
+
+
+def test_filters_select_experiment_and_time(demo_store, tmp_path):
+    bundle = tmp_path / "b"
+    sel = Selection(projects=("demo-regression",))
+    engine.copy(open_source(demo_store["tb"]), BundleWriter(bundle), sel)
+    runs = BundleSource(bundle).runs(Selection(), BundleSource(bundle).projects(Selection()))
+    assert [r["name"] for r in runs] == ["linear"]
+    from datetime import UTC, datetime
+
+    bundle2 = tmp_path / "b2"
+    sel = Selection(since=datetime.fromtimestamp(1_736_900_200, UTC), registry=False)
+    engine.copy(open_source(demo_store["tb"]), BundleWriter(bundle2), sel)
+    src2 = BundleSource(bundle2)
+    names = sorted(r["name"] for r in src2.runs(Selection(), src2.projects(Selection())))
+    assert names == ["deleted-run", "killed-run", "linear"]
+
+
+def test_interrupted_import_is_completed_without_duplicates(demo_store, migrated, tmp_path, monkeypatch):
+    """A run whose import died half-way has no fingerprint; the next import fills the gap."""
+    dest = f"mlflow+sqlite:///{tmp_path / 'half.db'}"
+    sink = open_sink(dest)
+    calls = {"n": 0}
+    real = sink.client.log_batch
+
+    def failing(run_id, metrics=(), params=(), tags=(), synchronous=None):
+        if metrics:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise ConnectionError("simulated crash after the first metric batch")
+        return real(run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
+
+    monkeypatch.setattr(sink.client, "log_batch", failing)
+    first = engine.copy(BundleSource(migrated["bundle"]), sink, Selection())
+    assert first.count("failed") == 1
+    monkeypatch.undo()
+    second = engine.copy(BundleSource(migrated["bundle"]), open_sink(dest), Selection())
+    assert not second.failed
+    assert second.count("updated") == 1
+    assert _counts(tmp_path / "half.db") == _counts(migrated["db"])
+    assert run_verify(demo_store["tb"], dest, Selection()) == 0
+
+
+def test_server_round_trip_and_server_to_sqlite(demo_store, mlflow_server, tmp_path, capsys):
+    server = f"mlflow+{mlflow_server}"
+    assert run_migrate(demo_store["tb"], server, Selection(), workers=3) == 0
+    assert "identical" in capsys.readouterr().out
+    # and back out of the server, into a fresh SQLite store
+    dest = f"mlflow+sqlite:///{tmp_path / 'from-server.db'}"
+    assert run_migrate(server, dest, Selection(), workers=2) == 0
+    out = capsys.readouterr().out
+    assert "identical" in out
+    b = _runs_by_name(_client(dest), "demo-classifier")
+    assert b["trial-0"].info.start_time == _runs_by_name(_client(demo_store["tb"]), "demo-classifier")[
+        "trial-0"].info.start_time
+    # a second migration into the server adds nothing
+    assert run_migrate(demo_store["tb"], server, Selection(), do_verify=False) == 0
+    assert "0 new, 0 updated, 6 unchanged" in capsys.readouterr().out
+
+
+def test_cli_migrate_and_inspect(demo_store, tmp_path):
+    dest = f"mlflow+sqlite:///{tmp_path / 'cli.db'}"
+    p = run_cli("migrate", demo_store["tb"], dest, "--bundle", str(tmp_path / "bundle"),
+                "--report", str(tmp_path / "report.json"))
+    assert "verify: identical" in p.stdout
+    import json
+
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["summary"]["new"] == 6 and rep["summary"]["points"] == 310
+    p = run_cli("inspect", str(tmp_path / "bundle"), "--check")
+    assert "schema version: 1" in p.stdout and "check: every file and blob" in p.stdout
+    p = run_cli("import", str(tmp_path / "bundle"), dest, "--dry-run")
+    assert "0 new, 0 updated, 6 unchanged" in p.stdout and "dry run" in p.stdout
