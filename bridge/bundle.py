@@ -68,9 +68,7 @@ class BundleWriter:
         if self.root.exists() and not self.root.is_dir():
             raise UsageError(f"{self.root}: exists and is not a folder")
         if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / MANIFEST).exists():
-            raise UsageError(
-                f"{self.root}: folder is not empty and is not a bundle; choose a new path"
-            )
+            raise UsageError(f"{self.root}: folder is not empty and is not a bundle; choose a new path")
         self.root.mkdir(parents=True, exist_ok=True)
         self.source = source
         old = self._old_manifest()
@@ -107,8 +105,12 @@ class BundleWriter:
         metrics = pa.Table.from_batches(batches, schema=schema.SCHEMAS["metrics"])
         if metrics.num_rows:
             metrics = metrics.sort_by(
-                [("key", "ascending"), ("step", "ascending"), ("timestamp", "ascending"),
-                 ("value", "ascending")]
+                [
+                    ("key", "ascending"),
+                    ("step", "ascending"),
+                    ("timestamp", "ascending"),
+                    ("value", "ascending"),
+                ]
             )
         tables["metrics"] = metrics
         report.points += metrics.num_rows
@@ -157,8 +159,13 @@ class BundleWriter:
                 if f.uri is not None and f.sha256 is None:
                     # a reference: the bytes live elsewhere and are not copied
                     file_rows.append(
-                        {"artifact_key": art.row["artifact_key"], "path": rel, "size": f.size,
-                         "sha256": None, "uri": f.uri}
+                        {
+                            "artifact_key": art.row["artifact_key"],
+                            "path": rel,
+                            "size": f.size,
+                            "sha256": None,
+                            "uri": f.uri,
+                        }
                     )
                     continue
                 digest, size = self._store_blob(f)
@@ -166,8 +173,13 @@ class BundleWriter:
                 report.files += 1
                 report.bytes += size
                 file_rows.append(
-                    {"artifact_key": art.row["artifact_key"], "path": rel, "size": size,
-                     "sha256": digest, "uri": f.uri}
+                    {
+                        "artifact_key": art.row["artifact_key"],
+                        "path": rel,
+                        "size": size,
+                        "sha256": digest,
+                        "uri": f.uri,
+                    }
                 )
         return art_rows, file_rows, blobs
 
@@ -279,9 +291,7 @@ def _load_markers(root: Path) -> Iterator[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise BadInputError(f"{p}: line {e.lineno} column {e.colno}: {e.msg}") from e
         if m.get("schema_version") not in schema.READABLE_SCHEMA_VERSIONS:
-            raise BadInputError(
-                f"{p}: unit schema version {m.get('schema_version')!r} is not supported"
-            )
+            raise BadInputError(f"{p}: unit schema version {m.get('schema_version')!r} is not supported")
         m["_marker"] = str(p)
         yield m
 
@@ -325,8 +335,7 @@ class BundleSource:
             raise BadInputError(f"{path}: missing from the bundle")
         if self.verify_checksums and sha256_file(path) != entry["sha256"]:
             raise BadInputError(
-                f"{path}: checksum mismatch (the file was changed or is corrupt); "
-                "re-export this run"
+                f"{path}: checksum mismatch (the file was changed or is corrupt); re-export this run"
             )
         return path
 
@@ -405,9 +414,7 @@ class BundleSource:
         if not regs or not sel.registry:
             return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
         m = regs[0]
-        return RegistryPayload(
-            self.read_table(m, "registered_models"), self.read_table(m, "model_versions")
-        )
+        return RegistryPayload(self.read_table(m, "registered_models"), self.read_table(m, "model_versions"))
 
     def close(self) -> None:
         pass
@@ -423,8 +430,13 @@ class BundleSource:
             if f["artifact_key"] not in arts:
                 raise BadInputError(f"{where} row {i}: file of unknown artifact {f['artifact_key']!r}")
             arts[f["artifact_key"]].files.append(
-                FileRef(path=rel, size=f["size"], sha256=f["sha256"],
-                        fetch=self._blob_fetcher(f["sha256"], where, i), uri=f["uri"])
+                FileRef(
+                    path=rel,
+                    size=f["size"],
+                    sha256=f["sha256"],
+                    fetch=self._blob_fetcher(f["sha256"], where, i),
+                    uri=f["uri"],
+                )
             )
         return list(arts.values())
 
@@ -439,6 +451,24 @@ class BundleSource:
             yield str(p)
 
         return fetch
+
+    def check(self) -> list[str]:
+        """Read every table and artifact path, re-hash every file and blob.
+
+        Structural problems (a file that is not Parquet, a path escaping its folder) raise
+        BadInputError like any read would; missing or altered blobs are returned as a list.
+        """
+        for units in self.units.values():
+            for marker in units:
+                for name in marker["tables"]:
+                    if name == "metrics":
+                        for _ in self._iter_metrics(marker):
+                            pass
+                    else:
+                        self.read_table(marker, name)
+                if marker["kind"] in ("run", "artifact"):
+                    self._artifacts_of(marker)
+        return self.verify_blobs()
 
     def verify_blobs(self) -> list[str]:
         """Re-hash every blob; return the problems found (empty when intact)."""

@@ -51,10 +51,21 @@ def _when(value: str | None) -> datetime | None:
 
 def selection_options(f: Any) -> Any:
     opts = [
-        click.option("--experiment", "--project", "projects", multiple=True, metavar="NAME|ID",
-                     help="Only this experiment/project (repeatable)."),
-        click.option("--run", "runs", multiple=True, metavar="ID",
-                     help="Only this run, by source id or run key (repeatable)."),
+        click.option(
+            "--experiment",
+            "--project",
+            "projects",
+            multiple=True,
+            metavar="NAME|ID",
+            help="Only this experiment/project (repeatable).",
+        ),
+        click.option(
+            "--run",
+            "runs",
+            multiple=True,
+            metavar="ID",
+            help="Only this run, by source id or run key (repeatable).",
+        ),
         click.option("--since", metavar="DATE", help="Only runs started at or after DATE (ISO 8601, UTC)."),
         click.option("--until", metavar="DATE", help="Only runs started before DATE."),
         click.option("--skip-deleted", is_flag=True, help="Leave out deleted runs and experiments."),
@@ -78,7 +89,9 @@ def _selection(kw: dict[str, Any]) -> Selection:
 
 def workers_option(f: Any) -> Any:
     return click.option(
-        "--workers", type=click.IntRange(1, 64), default=None,
+        "--workers",
+        type=click.IntRange(1, 64),
+        default=None,
         help="Runs copied in parallel. Default: 4 for servers, 1 for in-process stores.",
     )(f)
 
@@ -105,8 +118,7 @@ def _finish(report: Report, report_path: str | None, quiet: bool = False) -> int
 
 @click.group(epilog=EPILOG_URIS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trackbridge")
-@click.option("--debug", is_flag=True, envvar="TRACKBRIDGE_DEBUG",
-              help="Show tracebacks on errors.")
+@click.option("--debug", is_flag=True, envvar="TRACKBRIDGE_DEBUG", help="Show tracebacks on errors.")
 def cli(debug: bool) -> None:
     """Move experiment-tracking data between MLflow, W&B and Neptune, losing nothing.
 
@@ -150,8 +162,9 @@ def export_cmd(src: str, bundle: str, workers: int | None, report_path: str | No
 @workers_option
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report here.")
-def import_cmd(bundle: str, dest: str, workers: int | None, dry_run: bool, report_path: str | None,
-               **kw: Any) -> None:
+def import_cmd(
+    bundle: str, dest: str, workers: int | None, dry_run: bool, report_path: str | None, **kw: Any
+) -> None:
     """Write a bundle into DEST. Safe to repeat: nothing is ever duplicated."""
     from bridge.uri import open_sink, open_source
 
@@ -170,28 +183,61 @@ def import_cmd(bundle: str, dest: str, workers: int | None, dry_run: bool, repor
 @click.argument("dest")
 @selection_options
 @workers_option
-@click.option("--bundle", "bundle_path", type=click.Path(file_okay=False),
-              help="Keep the intermediate bundle here (default: a temporary folder, removed after).")
+@click.option(
+    "--bundle",
+    "bundle_path",
+    type=click.Path(file_okay=False),
+    help="Keep the intermediate bundle here (default: a temporary folder, removed after).",
+)
 @click.option("--dry-run", is_flag=True, help="Export, then show what the import would change.")
-@click.option("--verify/--no-verify", "do_verify", default=True, show_default=True,
-              help="Compare source and destination afterwards.")
+@click.option(
+    "--verify/--no-verify",
+    "do_verify",
+    default=True,
+    show_default=True,
+    help="Compare source and destination afterwards.",
+)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report here.")
-def migrate_cmd(src: str, dest: str, workers: int | None, bundle_path: str | None, dry_run: bool,
-                do_verify: bool, report_path: str | None, **kw: Any) -> None:
+def migrate_cmd(
+    src: str,
+    dest: str,
+    workers: int | None,
+    bundle_path: str | None,
+    dry_run: bool,
+    do_verify: bool,
+    report_path: str | None,
+    **kw: Any,
+) -> None:
     """Copy SRC into DEST through a bundle, then verify.
 
     Safe to repeat: runs already copied and unchanged cost no writes, and runs that a
     killed migration left half-done are completed, never duplicated.
     """
     sel = _selection(kw)
-    code = run_migrate(src, dest, sel, workers=workers, bundle_path=bundle_path, dry_run=dry_run,
-                       do_verify=do_verify and not dry_run, report_path=report_path)
+    code = run_migrate(
+        src,
+        dest,
+        sel,
+        workers=workers,
+        bundle_path=bundle_path,
+        dry_run=dry_run,
+        do_verify=do_verify and not dry_run,
+        report_path=report_path,
+    )
     sys.exit(code)
 
 
-def run_migrate(src: str, dest: str, sel: Selection, *, workers: int | None = None,
-                bundle_path: str | None = None, dry_run: bool = False, do_verify: bool = True,
-                report_path: str | None = None) -> int:
+def run_migrate(
+    src: str,
+    dest: str,
+    sel: Selection,
+    *,
+    workers: int | None = None,
+    bundle_path: str | None = None,
+    dry_run: bool = False,
+    do_verify: bool = True,
+    report_path: str | None = None,
+) -> int:
     from bridge.bundle import BundleWriter
     from bridge.uri import open_sink, open_source, parse
 
@@ -203,14 +249,26 @@ def run_migrate(src: str, dest: str, sel: Selection, *, workers: int | None = No
         bundle_path = tmp
     try:
         with progress() as bar:
-            exp = engine.copy(source, BundleWriter(bundle_path), sel,
-                              workers=_workers(workers, src), bar=bar, label="export")
+            exp = engine.copy(
+                source,
+                BundleWriter(bundle_path),
+                sel,
+                workers=_workers(workers, src),
+                bar=bar,
+                label="export",
+            )
         failed_exports = [r for r in exp.runs if r.outcome == "failed"]
         sink = open_sink(dest, **({"dry_run": True} if dry_run else {}))
         bundle_sel = Selection(registry=sel.registry)
         with progress() as bar:
-            report = engine.copy(open_source(bundle_path), sink, bundle_sel,
-                                 workers=_workers(workers, dest), bar=bar, label="import")
+            report = engine.copy(
+                open_source(bundle_path),
+                sink,
+                bundle_sel,
+                workers=_workers(workers, dest),
+                bar=bar,
+                label="import",
+            )
         report.source = source.describe()
         report.runs += failed_exports
         code = _finish(report, report_path)
@@ -247,8 +305,10 @@ def run_verify(src: str, dest: str, sel: Selection, limit: int = 200) -> int:
     a, b = open_source(src), open_source(dest)
     with progress() as bar:
         diffs, stats = verify(a, b, sel, bar=bar, limit=limit)
-    checked = (f"{stats.get('projects', 0)} projects, {stats.get('runs', 0)} runs, "
-               f"{stats.get('points', 0):,} points, {stats.get('model_versions', 0)} model versions")
+    checked = (
+        f"{stats.get('projects', 0)} projects, {stats.get('runs', 0)} runs, "
+        f"{stats.get('points', 0):,} points, {stats.get('model_versions', 0)} model versions"
+    )
     if diffs:
         for d in diffs:
             click.echo(f"DIFF {d}")
@@ -291,11 +351,7 @@ def inspect_cmd(bundle: str, check: bool, show_runs: int) -> None:
     if not src.complete:
         click.echo("warning: this bundle's export did not finish; only complete runs are shown", err=True)
     if check:
-        for kind_units in src.units.values():
-            for marker in kind_units:
-                for name in marker["tables"]:
-                    src.read_table(marker, name) if name != "metrics" else list(src._iter_metrics(marker))
-        problems = src.verify_blobs()
+        problems = src.check()
         for p in problems:
             click.echo(f"BAD {p}", err=True)
         if problems:
@@ -304,8 +360,14 @@ def inspect_cmd(bundle: str, check: bool, show_runs: int) -> None:
 
 
 @cli.command("quickstart")
-@click.option("--dir", "folder", type=click.Path(file_okay=False), default="trackbridge-quickstart",
-              show_default=True, help="Where the demo stores go.")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False),
+    default="trackbridge-quickstart",
+    show_default=True,
+    help="Where the demo stores go.",
+)
 def quickstart_cmd(folder: str) -> None:
     """Make a demo MLflow store with the real SDK, migrate it to SQLite, verify it.
 
@@ -322,8 +384,13 @@ def quickstart_cmd(folder: str) -> None:
     else:
         click.echo(f"1/3 reusing the demo MLflow store {src_db}")
     click.echo(f"2/3 migrating it into {dest_db} (through {root / 'bundle'})")
-    code = run_migrate(f"mlflow+sqlite:///{src_db}", f"mlflow+sqlite:///{dest_db}", Selection(),
-                       bundle_path=str(root / "bundle"), do_verify=False)
+    code = run_migrate(
+        f"mlflow+sqlite:///{src_db}",
+        f"mlflow+sqlite:///{dest_db}",
+        Selection(),
+        bundle_path=str(root / "bundle"),
+        do_verify=False,
+    )
     click.echo("3/3 verifying every field")
     vcode = run_verify(f"mlflow+sqlite:///{src_db}", f"mlflow+sqlite:///{dest_db}", Selection())
     code = code or vcode
@@ -357,8 +424,9 @@ def main(argv: list[str] | None = None) -> None:
         if _State.debug:
             traceback.print_exc()
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        click.echo(f"trackbridge: error: {type(e).__name__}: {first} (run with --debug for details)",
-                   err=True)
+        click.echo(
+            f"trackbridge: error: {type(e).__name__}: {first} (run with --debug for details)", err=True
+        )
         sys.exit(ExitCode.INTERNAL)
 
 

@@ -22,7 +22,7 @@ T0 = 1_736_900_000_000  # 2025-01-15, in ms: clearly not "now"
 
 def _artifact_location(tracking_uri: str, name: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        db = Path(tracking_uri[len("sqlite:///") :]).resolve()
         return (db.parent / f"{db.stem}-artifacts" / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
     return None
 
@@ -41,13 +41,15 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
         tags={"team": "research", mc.TAG_NOTE: "Image classifier sweep (trackbridge demo)"},
     )
     exp2 = client.create_experiment(
-        "demo-regression", artifact_location=_artifact_location(tracking_uri, "demo-regression"),
+        "demo-regression",
+        artifact_location=_artifact_location(tracking_uri, "demo-regression"),
     )
     out["experiments"] = [exp_id, exp2]
 
     def run(name: str, exp: str, offset_min: int, user: str, tags: dict[str, str] | None = None) -> str:
-        r = client.create_run(exp, start_time=T0 + offset_min * 60_000,
-                              tags={mc.TAG_USER: user, **(tags or {})}, run_name=name)
+        r = client.create_run(
+            exp, start_time=T0 + offset_min * 60_000, tags={mc.TAG_USER: user, **(tags or {})}, run_name=name
+        )
         out["runs"][name] = r.info.run_id
         return r.info.run_id
 
@@ -56,12 +58,24 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
     client.set_terminated(parent, "FINISHED", end_time=T0 + 90 * 60_000)
 
     for i, lr in enumerate((0.1, 0.01)):
-        rid = run(f"trial-{i}", exp_id, 1 + i, "alice", {mc.TAG_PARENT: parent, "trial": str(i),
-                                                           "mlflow.note.content": f"trial {i} notes"})
-        client.log_batch(rid, params=[
-            Param("lr", str(lr)), Param("batch_size", "64"), Param("optimizer", "adam"),
-            Param("model/arch", "resnet18"), Param("long_description", "x" * 5000),
-        ], tags=[RunTag("dataset", "cifar10")])
+        rid = run(
+            f"trial-{i}",
+            exp_id,
+            1 + i,
+            "alice",
+            {mc.TAG_PARENT: parent, "trial": str(i), "mlflow.note.content": f"trial {i} notes"},
+        )
+        client.log_batch(
+            rid,
+            params=[
+                Param("lr", str(lr)),
+                Param("batch_size", "64"),
+                Param("optimizer", "adam"),
+                Param("model/arch", "resnet18"),
+                Param("long_description", "x" * 5000),
+            ],
+            tags=[RunTag("dataset", "cifar10")],
+        )
         metrics = []
         for s in range(steps):
             ts = T0 + (1 + i) * 60_000 + s * 1000
@@ -73,11 +87,22 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
         metrics.append(Metric("epoch", 1.0, T0 + 10_000_003, -1))  # negative step
         for k in range(0, len(metrics), 1000):
             client.log_batch(rid, metrics=metrics[k : k + 1000])
-        client.log_inputs(rid, datasets=[DatasetInput(
-            Dataset("cifar10-train", "d41d8cd9", "local", '{"uri": "/data/cifar10"}',
-                    '{"mlflow_colspec": []}', '{"num_rows": 50000}'),
-            [InputTag("mlflow.data.context", "training")],
-        )])
+        client.log_inputs(
+            rid,
+            datasets=[
+                DatasetInput(
+                    Dataset(
+                        "cifar10-train",
+                        "d41d8cd9",
+                        "local",
+                        '{"uri": "/data/cifar10"}',
+                        '{"mlflow_colspec": []}',
+                        '{"num_rows": 50000}',
+                    ),
+                    [InputTag("mlflow.data.context", "training")],
+                )
+            ],
+        )
         with tempfile.TemporaryDirectory() as d:
             p = Path(d)
             (p / "notes.txt").write_text(f"trial {i}: lr={lr}\n")
@@ -92,15 +117,32 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
 
     # MLflow 3: a logged model with params, tags, files, and metrics linked to it.
     rid0 = out["runs"]["trial-0"]
-    lm = client.create_logged_model(exp_id, name="resnet", source_run_id=rid0,
-                                    tags={"framework": "torch"}, params={"depth": "18"},
-                                    model_type="classifier")
+    lm = client.create_logged_model(
+        exp_id,
+        name="resnet",
+        source_run_id=rid0,
+        tags={"framework": "torch"},
+        params={"depth": "18"},
+        model_type="classifier",
+    )
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
         client.log_model_artifact(lm.model_id, str(Path(d) / "MLmodel"))
     client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
-    client.log_batch(rid0, metrics=[Metric("eval/f1", 0.87, T0 + 20_000_000, 0, model_id=lm.model_id,
-                                           dataset_name="cifar10-test", dataset_digest="abc123")])
+    client.log_batch(
+        rid0,
+        metrics=[
+            Metric(
+                "eval/f1",
+                0.87,
+                T0 + 20_000_000,
+                0,
+                model_id=lm.model_id,
+                dataset_name="cifar10-test",
+                dataset_digest="abc123",
+            )
+        ],
+    )
     out["logged_model"] = lm.model_id
 
     killed = run("killed-run", exp_id, 5, "bob")
@@ -112,19 +154,33 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
     client.delete_run(deleted)
 
     reg = run("linear", exp2, 10, "carol")
-    client.log_batch(reg, params=[Param("alpha", "0.5")],
-                     metrics=[Metric("rmse", 1.0 / (s + 1), T0 + s, s) for s in range(steps)])
+    client.log_batch(
+        reg,
+        params=[Param("alpha", "0.5")],
+        metrics=[Metric("rmse", 1.0 / (s + 1), T0 + s, s) for s in range(steps)],
+    )
     client.set_terminated(reg, "FINISHED", end_time=T0 + 11 * 60_000)
 
     # Model Registry: one version from run files, one from the logged model.
-    client.create_registered_model("demo-classifier", tags={"owner": "alice"},
-                                   description="The demo's image classifier")
+    client.create_registered_model(
+        "demo-classifier", tags={"owner": "alice"}, description="The demo's image classifier"
+    )
     art_uri = client.get_run(rid0).info.artifact_uri
-    v1 = client.create_model_version("demo-classifier", f"{art_uri}/model", run_id=rid0,
-                                     tags={"validated": "yes"}, description="from run files")
+    v1 = client.create_model_version(
+        "demo-classifier",
+        f"{art_uri}/model",
+        run_id=rid0,
+        tags={"validated": "yes"},
+        description="from run files",
+    )
     with mc.global_tracking_uri(tracking_uri):
-        v2 = client.create_model_version("demo-classifier", f"models:/{lm.model_id}", run_id=rid0,
-                                         description="from the logged model", model_id=lm.model_id)
+        v2 = client.create_model_version(
+            "demo-classifier",
+            f"models:/{lm.model_id}",
+            run_id=rid0,
+            description="from the logged model",
+            model_id=lm.model_id,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still used
         client.transition_model_version_stage("demo-classifier", v1.version, "Staging")

@@ -56,6 +56,5 @@ class MissingExtraError(UsageError):
 
     def __init__(self, package: str, extra: str) -> None:
         super().__init__(
-            f"the {package!r} package is not installed; install it with "
-            f"pip install 'trackbridge[{extra}]'"
+            f"the {package!r} package is not installed; install it with pip install 'trackbridge[{extra}]'"
         )

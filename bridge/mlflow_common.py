@@ -106,7 +106,6 @@ def user_tags(tags: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in tags.items() if not is_bookkeeping(k)}
 
 
-
 _GLOBAL_URI_LOCK = threading.Lock()
 
 

@@ -82,8 +82,7 @@ class Report:
             f"{self.count('unchanged')} unchanged, {self.count('failed')} failed",
             f"metric points written: {self.points:,}; artifact files written: "
             f"{sum(r.files for r in self.runs):,} ({sum(r.bytes for r in self.runs):,} bytes)",
-            f"model versions: {self.models.get('new', 0)} new, "
-            f"{self.models.get('unchanged', 0)} unchanged",
+            f"model versions: {self.models.get('new', 0)} new, {self.models.get('unchanged', 0)} unchanged",
         ]
         maps = self.all_mappings()
         if maps:

@@ -13,10 +13,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from bridge.errors import SourceNotFoundError, UsageError
 
-MLFLOW_SCHEMES = ("mlflow+http", "mlflow+https", "mlflow+sqlite", "mlflow+postgresql",
-                  "mlflow+mysql", "mlflow+file")
-KNOWN = (*MLFLOW_SCHEMES, "bundle", "wandb", "wandb+offline", "neptune+offline",
-         "neptune-exporter")
+MLFLOW_SCHEMES = (
+    "mlflow+http",
+    "mlflow+https",
+    "mlflow+sqlite",
+    "mlflow+postgresql",
+    "mlflow+mysql",
+    "mlflow+file",
+)
+KNOWN = (*MLFLOW_SCHEMES, "bundle", "wandb", "wandb+offline", "neptune+offline", "neptune-exporter")
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,7 @@ def parse(uri: str) -> Target:
     if scheme == "bundle":
         return Target("bundle", rest, uri)
     if scheme in KNOWN:
-        raise UsageError(
-            f"{redact(uri)}: the {scheme!r} adapter is not available in this version yet"
-        )
+        raise UsageError(f"{redact(uri)}: the {scheme!r} adapter is not available in this version yet")
     raise UsageError(
         f"{redact(uri)}: unknown URI scheme {scheme!r}; use one of "
         + ", ".join(f"{s}://" for s in KNOWN)
@@ -91,7 +94,7 @@ def open_sink(uri: str, **options: object):
 def _check_local_store_exists(t: Target) -> None:
     """A missing SQLite file would be silently created as an empty store: refuse instead."""
     if t.inner.startswith("sqlite:///"):
-        path = Path(t.inner[len("sqlite:///"):])
+        path = Path(t.inner[len("sqlite:///") :])
         if not path.is_absolute():
             path = Path.cwd() / path
         if not path.exists():

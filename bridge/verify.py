@@ -21,8 +21,18 @@ from bridge.model import ArtifactPayload, RunPayload, Selection, Source
 from bridge.progress import Bar
 
 # Run fields every destination so far can hold; times compare at millisecond precision.
-RUN_FIELDS = ("name", "status", "lifecycle", "start_time", "end_time", "user", "notes",
-              "git_commit", "git_remote", "command")
+RUN_FIELDS = (
+    "name",
+    "status",
+    "lifecycle",
+    "start_time",
+    "end_time",
+    "user",
+    "notes",
+    "git_commit",
+    "git_remote",
+    "command",
+)
 # Tags a tracker manages itself, or that trackbridge compares through another field.
 IGNORED_TAGS = (mc.TAG_PARENT, mc.TAG_USER, mc.TAG_RUN_NAME)
 
@@ -32,8 +42,9 @@ def origin(src: Source, kind: str, key: str) -> str:
     return f(kind, key) if f else key
 
 
-def verify(a: Source, b: Source, sel: Selection, bar: Bar | None = None,
-           limit: int = 200) -> tuple[list[str], dict[str, int]]:
+def verify(
+    a: Source, b: Source, sel: Selection, bar: Bar | None = None, limit: int = 200
+) -> tuple[list[str], dict[str, int]]:
     bar = bar or Bar(None)
     diffs: list[str] = []
     stats = Counter()
@@ -104,9 +115,11 @@ def _compare_run(label: str, ra: RunPayload, rb: RunPayload, a: Source, b: Sourc
     if ma != mb:
         only_a = ma - mb
         only_b = mb - ma
-        diff(f"{label}: metrics differ: {sum(only_a.values())} point(s) only in source "
-             f"(e.g. {_sample(only_a)}), {sum(only_b.values())} only in destination "
-             f"(e.g. {_sample(only_b)})")
+        diff(
+            f"{label}: metrics differ: {sum(only_a.values())} point(s) only in source "
+            f"(e.g. {_sample(only_a)}), {sum(only_b.values())} only in destination "
+            f"(e.g. {_sample(only_b)})"
+        )
     da = sorted(json.dumps(d, default=str, sort_keys=True) for d in _datasets(ra))
     db = sorted(json.dumps(d, default=str, sort_keys=True) for d in _datasets(rb))
     if da != db:
@@ -135,8 +148,10 @@ def _compare_artifact(label: str, x: ArtifactPayload, y: ArtifactPayload, diff: 
     fa = {f.path: f for f in x.files}
     fb = {f.path: f for f in y.files}
     if set(fa) != set(fb):
-        diff(f"{label}: files differ: only in source {sorted(set(fa) - set(fb))[:5]}, "
-             f"only in destination {sorted(set(fb) - set(fa))[:5]}")
+        diff(
+            f"{label}: files differ: only in source {sorted(set(fa) - set(fb))[:5]}, "
+            f"only in destination {sorted(set(fb) - set(fa))[:5]}"
+        )
     for path in sorted(set(fa) & set(fb)):
         if fa[path].size is not None and fb[path].size is not None and fa[path].size != fb[path].size:
             diff(f"{label}: file {path}: size {fa[path].size} != {fb[path].size}")
@@ -207,8 +222,11 @@ def _tags(v: Any) -> dict[str, str]:
 
 
 def _run_tags(r: RunPayload) -> dict[str, str]:
-    return {t["key"]: t["value"] for t in r.tags.to_pylist()
-            if t["key"] not in IGNORED_TAGS and not t["key"].startswith("trackbridge.")}
+    return {
+        t["key"]: t["value"]
+        for t in r.tags.to_pylist()
+        if t["key"] not in IGNORED_TAGS and not t["key"].startswith("trackbridge.")
+    }
 
 
 def _metric_counter(r: RunPayload) -> tuple[Counter, int]:
@@ -245,8 +263,14 @@ def _art_identity(x: ArtifactPayload) -> str:
 def _model_meta(text: str | None) -> dict[str, Any]:
     m = json.loads(text or "{}")
     metrics = sorted(
-        (x["key"], x["step"], x["timestamp"], "nan" if _isnan(x["value"]) else repr(x["value"]),
-         x.get("dataset_name"), x.get("dataset_digest"))
+        (
+            x["key"],
+            x["step"],
+            x["timestamp"],
+            "nan" if _isnan(x["value"]) else repr(x["value"]),
+            x.get("dataset_name"),
+            x.get("dataset_digest"),
+        )
         for x in m.get("metrics", [])
     )
     return {

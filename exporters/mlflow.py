@@ -75,9 +75,7 @@ class MlflowSource:
 
         out, token = [], None
         while True:
-            page = self.client.search_experiments(
-                view_type=ViewType.ALL, max_results=PAGE, page_token=token
-            )
+            page = self.client.search_experiments(view_type=ViewType.ALL, max_results=PAGE, page_token=token)
             for e in page:
                 tags = dict(e.tags)
                 row = {
@@ -88,7 +86,8 @@ class MlflowSource:
                     "description": tags.get(mc.TAG_NOTE),
                     "lifecycle": e.lifecycle_stage,
                     "created_at": mc.ms_to_dt(e.creation_time),
-                    "tags": sorted(mc.user_tags(tags).items()),
+                    # the note is the description; keep it in one place only
+                    "tags": sorted((k, v) for k, v in mc.user_tags(tags).items() if k != mc.TAG_NOTE),
                 }
                 if sel.wants_project(row) and (sel.include_deleted or e.lifecycle_stage != "deleted"):
                     out.append(row)
@@ -177,19 +176,28 @@ class MlflowSource:
             orig = restored_params.get(k)
             if orig:
                 param_rows.append(
-                    {"run_key": key, "path": orig["path"], "value_json": orig["value_json"],
-                     "value_type": orig["value_type"]}
+                    {
+                        "run_key": key,
+                        "path": orig["path"],
+                        "value_json": orig["value_json"],
+                        "value_type": orig["value_type"],
+                    }
                 )
             else:
                 param_rows.append(
                     {"run_key": key, "path": [k], "value_json": schema.dumps_value(v), "value_type": "str"}
                 )
         restored_tags = mapping.get("tags", {})
+        if mc.TAG_NOTE in restored_tags:
+            run = {**run, "notes": restored_tags[mc.TAG_NOTE]["value"]}
         tag_rows = []
         for k, v in sorted(mc.user_tags(tags).items()):
+            if k == mc.TAG_NOTE:
+                continue  # carried as the run's notes
             orig = restored_tags.get(k)
             tag_rows.append(
-                {"run_key": key, "key": orig["key"], "value": orig["value"]} if orig
+                {"run_key": key, "key": orig["key"], "value": orig["value"]}
+                if orig
                 else {"run_key": key, "key": k, "value": v}
             )
         renamed_metrics = mapping.get("metrics", {})
@@ -211,8 +219,9 @@ class MlflowSource:
         ]
         artifacts = [self._run_files(r, skip_mapping=mc.TAG_MAPPED in tags)]
         artifacts += [self._logged_model_artifact(m, run["project_key"]) for m in models]
-        usage = [{"run_key": key, "artifact_key": mc.model_key(m.model_id), "direction": "output"}
-                 for m in models]
+        usage = [
+            {"run_key": key, "artifact_key": mc.model_key(m.model_id), "direction": "output"} for m in models
+        ]
 
         def metrics() -> Iterator[pa.RecordBatch]:
             for mk in metric_keys:
@@ -261,7 +270,11 @@ class MlflowSource:
         return steps, stamps, values
 
     def _history_batch(
-        self, key: str, run_id: str, mlflow_key: str, neutral_key: str,
+        self,
+        key: str,
+        run_id: str,
+        mlflow_key: str,
+        neutral_key: str,
         model_points: dict[tuple[str, int, int, float], tuple[str, str | None, str | None]],
     ) -> pa.RecordBatch:
         steps, stamps, values = self._history(run_id, mlflow_key)
@@ -312,8 +325,11 @@ class MlflowSource:
         for fi in self._list_files(lambda p: self.client.list_artifacts(run_id, p)):
             if skip_mapping and fi.path == mc.MAPPING_ARTIFACT:
                 continue
-            files.append(FileRef(path=fi.path, size=fi.file_size, sha256=None,
-                                 fetch=self._run_fetcher(run_id, fi.path)))
+            files.append(
+                FileRef(
+                    path=fi.path, size=fi.file_size, sha256=None, fetch=self._run_fetcher(run_id, fi.path)
+                )
+            )
         row = {
             "artifact_key": mc.files_key(run_id),
             "project_key": mc.project_key(r.info.experiment_id),
@@ -392,9 +408,15 @@ class MlflowSource:
             "tags": mc.user_tags(dict(m.tags)),
             "params": dict(m.params),
             "metrics": [
-                {"key": x.key, "value": x.value, "timestamp": x.timestamp, "step": x.step,
-                 "run_id": x.run_id, "dataset_name": x.dataset_name,
-                 "dataset_digest": x.dataset_digest}
+                {
+                    "key": x.key,
+                    "value": x.value,
+                    "timestamp": x.timestamp,
+                    "step": x.step,
+                    "run_id": x.run_id,
+                    "dataset_name": x.dataset_name,
+                    "dataset_digest": x.dataset_digest,
+                }
                 for x in (m.metrics or [])
             ],
             "creation_timestamp": m.creation_timestamp,
@@ -402,8 +424,12 @@ class MlflowSource:
             "source_run_id": m.source_run_id,
         }
         files = [
-            FileRef(path=fi.path, size=fi.file_size, sha256=None,
-                    fetch=self._uri_fetcher(f"{m.artifact_location.rstrip('/')}/{fi.path}"))
+            FileRef(
+                path=fi.path,
+                size=fi.file_size,
+                sha256=None,
+                fetch=self._uri_fetcher(f"{m.artifact_location.rstrip('/')}/{fi.path}"),
+            )
             for fi in self._list_files(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))
         ]
         row = {
@@ -472,8 +498,9 @@ class MlflowSource:
             for m in models
             if not filtered or m.name in names_with_versions or m.name not in all_names_with_versions
         ]
-        return RegistryPayload(schema.table("registered_models", rm_rows),
-                               schema.table("model_versions", mv_rows))
+        return RegistryPayload(
+            schema.table("registered_models", rm_rows), schema.table("model_versions", mv_rows)
+        )
 
     def _version_row(self, v: Any) -> dict[str, Any]:
         subpath = None
@@ -481,7 +508,7 @@ class MlflowSource:
         if v.run_id:
             prefix = f"runs:/{v.run_id}/"
             if src.startswith(prefix):
-                subpath = src[len(prefix):]
+                subpath = src[len(prefix) :]
             else:
                 try:
                     art_uri = self._run_artifact_uri(v.run_id)
@@ -492,7 +519,7 @@ class MlflowSource:
         model_id = getattr(v, "model_id", None)
         if not model_id and src.startswith("models:/m-"):
             # search_model_versions leaves model_id empty; the source still names it
-            model_id = src[len("models:/"):].split("/", 1)[0]
+            model_id = src[len("models:/") :].split("/", 1)[0]
         self._remember(mc.version_key(v.name, v.version), v.tags)
         return {
             "version_key": mc.version_key(v.name, v.version),
@@ -525,7 +552,9 @@ def _model_points(models: list[Any]) -> dict[tuple[str, int, int, float], tuple[
     for m in models:
         for x in m.metrics or []:
             out[(x.key, x.step, x.timestamp, x.value)] = (
-                mc.model_key(m.model_id), x.dataset_name, x.dataset_digest
+                mc.model_key(m.model_id),
+                x.dataset_name,
+                x.dataset_digest,
             )
     return out
 

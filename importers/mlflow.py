@@ -54,7 +54,7 @@ def fit_key(key: str) -> str:
     parts = [("__" if p == ".." else p) for p in k.split("/") if p not in ("", ".")]
     k = "/".join(parts) or "_"
     if len(k) > MAX_KEY:
-        k = k[: MAX_KEY - 9] + "~" + hashlib.sha1(key.encode()).hexdigest()[:8]
+        k = k[: MAX_KEY - 9] + "-" + hashlib.sha1(key.encode()).hexdigest()[:8]
     return k
 
 
@@ -62,13 +62,15 @@ class _KeySpace:
     """Fits keys into MLflow's rules and keeps two different keys from colliding."""
 
     def __init__(self) -> None:
-        self.used: dict[str, str] = {}
+        self.used: dict[str, object] = {}
 
-    def fit(self, original: str) -> str:
+    def fit(self, original: str, identity: object = None) -> str:
+        """``identity`` tells keys apart that print the same (["a", "b"] vs ["a.b"])."""
+        ident = original if identity is None else identity
         k = fit_key(original)
-        if self.used.get(k, original) != original:
-            k = k[: MAX_KEY - 9] + "~" + hashlib.sha1(original.encode()).hexdigest()[:8]
-        self.used[k] = original
+        if self.used.get(k, ident) != ident:
+            k = k[: MAX_KEY - 9] + "-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:8]
+        self.used[k] = ident
         return k
 
 
@@ -158,8 +160,11 @@ class MlflowSink:
             token = None
             while True:
                 page = self.client.search_runs(
-                    [exp_id], filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` LIKE '%'",
-                    run_view_type=ViewType.ALL, max_results=1000, page_token=token,
+                    [exp_id],
+                    filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` LIKE '%'",
+                    run_view_type=ViewType.ALL,
+                    max_results=1000,
+                    page_token=token,
                 )
                 for r in page:
                     found[r.data.tags[mc.TAG_SOURCE_KEY]] = r
@@ -178,7 +183,8 @@ class MlflowSink:
         page = self.client.search_runs(
             [e for e in self._exp_ids.values() if e] or ["0"],
             filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` = '{_quote(run_key)}'",
-            run_view_type=ViewType.ALL, max_results=1,
+            run_view_type=ViewType.ALL,
+            max_results=1,
         )
         return page[0].info.run_id if page else None
 
@@ -264,16 +270,22 @@ class MlflowSink:
             if pid:
                 tags[mc.TAG_PARENT] = pid
             else:
-                report.mapped("parent-missing", "runs.parent_run_key",
-                              f"parent {parent} is not in the destination; nesting not set")
+                report.mapped(
+                    "parent-missing",
+                    "runs.parent_run_key",
+                    f"parent {parent} is not in the destination; nesting not set",
+                )
         new_params = {}
         for k, v in params.items():
             if k not in have_params:
                 new_params[k] = v
             elif have_params[k] != v:
-                report.mapped("param-conflict", f"params.{k}",
-                              f"destination keeps {have_params[k]!r}; MLflow params are immutable "
-                              f"and the source now has {v!r}")
+                report.mapped(
+                    "param-conflict",
+                    f"params.{k}",
+                    f"destination keeps {have_params[k]!r}; MLflow params are immutable "
+                    f"and the source now has {v!r}",
+                )
         new_tags = {k: v for k, v in tags.items() if have_tags.get(k) != v}
         self._log_params_tags(run_id, new_params, new_tags)
 
@@ -318,7 +330,11 @@ class MlflowSink:
             )
 
     def _write_metrics(
-        self, run_id: str, payload: RunPayload, plan: _Plan, have_keys: set[str] | None,
+        self,
+        run_id: str,
+        payload: RunPayload,
+        plan: _Plan,
+        have_keys: set[str] | None,
         report: RunReport,
     ) -> None:
         from mlflow.entities import Metric
@@ -340,9 +356,15 @@ class MlflowSink:
                         continue
                 model_id = self._model_ids.get(models[i]) if models[i] else None
                 pending.append(
-                    Metric(mkey, values[i], stamps[i], steps[i], model_id=model_id,
-                           dataset_name=ds_names[i] if model_id else None,
-                           dataset_digest=ds_digests[i] if model_id else None)
+                    Metric(
+                        mkey,
+                        values[i],
+                        stamps[i],
+                        steps[i],
+                        model_id=model_id,
+                        dataset_name=ds_names[i] if model_id else None,
+                        dataset_digest=ds_digests[i] if model_id else None,
+                    )
                 )
                 if len(pending) >= MAX_METRICS_PER_BATCH:
                     self.client.log_batch(run_id, metrics=pending, synchronous=True)
@@ -371,24 +393,29 @@ class MlflowSink:
 
         have = set()
         if existing is not None and existing.inputs:
-            have = {(d.dataset.name, d.dataset.digest, tuple(sorted((t.key, t.value) for t in d.tags)))
-                    for d in existing.inputs.dataset_inputs}
+            have = {
+                (d.dataset.name, d.dataset.digest, tuple(sorted((t.key, t.value) for t in d.tags)))
+                for d in existing.inputs.dataset_inputs
+            }
         todo = []
         for d in tbl.to_pylist():
             tags = tuple(sorted(d["tags"] or []))
             if (d["name"], d["digest"], tags) in have:
                 continue
-            todo.append(DatasetInput(
-                Dataset(d["name"], d["digest"], d["source_type"], d["source"], d["schema"], d["profile"]),
-                [InputTag(k, v) for k, v in tags],
-            ))
+            todo.append(
+                DatasetInput(
+                    Dataset(d["name"], d["digest"], d["source_type"], d["source"], d["schema"], d["profile"]),
+                    [InputTag(k, v) for k, v in tags],
+                )
+            )
         if todo:
             self.client.log_inputs(run_id, datasets=todo)
 
     # -- MLflow 3 logged models
 
-    def _write_logged_model(self, art: ArtifactPayload, exp_id: str, run_id: str | None,
-                            report: RunReport | None) -> str:
+    def _write_logged_model(
+        self, art: ArtifactPayload, exp_id: str, run_id: str | None, report: RunReport | None
+    ) -> str:
         from mlflow.entities import LoggedModelStatus
 
         key = art.row["artifact_key"]
@@ -401,21 +428,26 @@ class MlflowSink:
             if meta.get("creation_timestamp") is not None:
                 tags[mc.TAG_SOURCE_CREATED] = str(meta["creation_timestamp"])
             m = self.client.create_logged_model(
-                exp_id, name=art.row["name"], source_run_id=run_id, tags=tags,
-                params=meta.get("params") or None, model_type=meta.get("model_type"),
+                exp_id,
+                name=art.row["name"],
+                source_run_id=run_id,
+                tags=tags,
+                params=meta.get("params") or None,
+                model_type=meta.get("model_type"),
             )
             with self._lock:
                 index[key] = m
         with self._lock:
             self._model_ids[key] = m.model_id
-        have = {fi.path: fi.file_size
-                for fi in _walk(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))}
+        have = {
+            fi.path: fi.file_size
+            for fi in _walk(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))
+        }
         for f in art.files:
             if f.path in have and (f.size is None or have[f.path] == f.size):
                 continue
             with f.fetch() as local:
-                _upload_one(local, f.path,
-                            lambda lp, ap: self.client.log_model_artifact(m.model_id, lp, ap))
+                _upload_one(local, f.path, lambda lp, ap: self.client.log_model_artifact(m.model_id, lp, ap))
         status = meta.get("status", "READY")
         if "READY" in status and str(m.status) != str(LoggedModelStatus.READY):
             self.client.finalize_logged_model(m.model_id, LoggedModelStatus.READY)
@@ -425,8 +457,11 @@ class MlflowSink:
 
     def write_artifact(self, payload: ArtifactPayload, report: Any) -> None:
         if payload.row["type"] != "mlflow.logged_model":
-            report.mapped("artifact-skipped", payload.row["artifact_key"],
-                          f"standalone artifacts of type {payload.row['type']!r} have no MLflow home")
+            report.mapped(
+                "artifact-skipped",
+                payload.row["artifact_key"],
+                f"standalone artifacts of type {payload.row['type']!r} have no MLflow home",
+            )
             return
         exp_id = self._exp_ids.get(payload.row["project_key"])
         if exp_id is None or self.dry_run:
@@ -507,15 +542,25 @@ class MlflowSink:
         elif run_id and sv["source_subpath"]:
             source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{sv['source_subpath']}"
         else:
-            report.mapped("model-source-kept", f"{name} v{sv['version']}",
-                          f"source {source!r} points outside the migrated runs and was kept as is")
-        tags = {**dict(sv["tags"] or []), mc.TAG_SOURCE_KEY: sv["version_key"],
-                mc.TAG_SOURCE_VERSION: sv["version"]}
+            report.mapped(
+                "model-source-kept",
+                f"{name} v{sv['version']}",
+                f"source {source!r} points outside the migrated runs and was kept as is",
+            )
+        tags = {
+            **dict(sv["tags"] or []),
+            mc.TAG_SOURCE_KEY: sv["version_key"],
+            mc.TAG_SOURCE_VERSION: sv["version"],
+        }
         if sv.get("created_at") is not None:
             tags[mc.TAG_SOURCE_CREATED] = sv["created_at"].isoformat()
         with mc.global_tracking_uri(self.uri):
             return self.client.create_model_version(
-                name, source, run_id=run_id, tags=tags, description=sv["description"],
+                name,
+                source,
+                run_id=run_id,
+                tags=tags,
+                description=sv["description"],
                 model_id=model_id,
             )
 
@@ -538,7 +583,7 @@ class _Plan:
         out = {}
         for p in tbl.to_pylist():
             original = ".".join(p["path"])
-            key = self._param_keys.fit(original)
+            key = self._param_keys.fit(original, tuple(p["path"]))
             text = _param_text(p["value_json"], p["value_type"])
             exact = key == original and len(p["path"]) == 1 and p["value_type"] == "str"
             if key != original:
@@ -546,8 +591,9 @@ class _Plan:
             if len(text) > MAX_PARAM:
                 text = text[: MAX_PARAM - len(TRUNCATED)] + TRUNCATED
                 exact = False
-                self.report.mapped("value-truncated", f"params.{original}",
-                                   f"full value in {mc.MAPPING_ARTIFACT}")
+                self.report.mapped(
+                    "value-truncated", f"params.{original}", f"full value in {mc.MAPPING_ARTIFACT}"
+                )
             if not exact:
                 self.mapping["params"][key] = {k: p[k] for k in ("path", "value_json", "value_type")}
             out[key] = text
@@ -566,17 +612,26 @@ class _Plan:
             if len(value) > MAX_TAG:
                 value = value[: MAX_TAG - len(TRUNCATED)] + TRUNCATED
                 exact = False
-                self.report.mapped("value-truncated", f"tags.{original}",
-                                   f"full value in {mc.MAPPING_ARTIFACT}")
+                self.report.mapped(
+                    "value-truncated", f"tags.{original}", f"full value in {mc.MAPPING_ARTIFACT}"
+                )
             if not exact:
                 self.mapping["tags"][key] = {"key": original, "value": t["value"]}
             out[key] = value
-        if run.get("notes") and mc.TAG_NOTE not in out:
-            out[mc.TAG_NOTE] = run["notes"]
+        notes = run.get("notes")
+        if notes:
+            if len(notes) > MAX_TAG:
+                self.mapping["tags"][mc.TAG_NOTE] = {"key": mc.TAG_NOTE, "value": notes}
+                self.report.mapped("value-truncated", "runs.notes", f"full text in {mc.MAPPING_ARTIFACT}")
+                notes = notes[: MAX_TAG - len(TRUNCATED)] + TRUNCATED
+            out[mc.TAG_NOTE] = notes
         if run.get("status") == "crashed":
             out[mc.TAG_SOURCE_STATUS] = "crashed"
-            self.report.mapped("status-mapped", "runs.status",
-                               f"crashed written as FAILED; original in tag {mc.TAG_SOURCE_STATUS}")
+            self.report.mapped(
+                "status-mapped",
+                "runs.status",
+                f"crashed written as FAILED; original in tag {mc.TAG_SOURCE_STATUS}",
+            )
         return out
 
     def metric_key(self, original: str) -> str:
@@ -681,7 +736,7 @@ def _upload_one(local: str, rel: str, log: Any) -> None:
 def _local_artifact_root(uri: str) -> Path | None:
     """Artifacts of an in-process SQLite store go beside the database, never in the CWD."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).resolve()
+        db = Path(uri[len("sqlite:///") :]).resolve()
         return db.parent / f"{db.stem}-artifacts"
     return None
 
@@ -693,4 +748,3 @@ def _quote(s: str) -> str:
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
-

@@ -60,9 +60,19 @@ def _tmp() -> str:
 def _counts(db: Path) -> tuple[int, ...]:
     c = sqlite3.connect(db)
     try:
-        return tuple(c.execute(f"select count(*) from {t}").fetchone()[0]
-                     for t in ("experiments", "runs", "metrics", "params", "tags", "model_versions",
-                               "logged_models", "inputs"))
+        return tuple(
+            c.execute(f"select count(*) from {t}").fetchone()[0]
+            for t in (
+                "experiments",
+                "runs",
+                "metrics",
+                "params",
+                "tags",
+                "model_versions",
+                "logged_models",
+                "inputs",
+            )
+        )
     finally:
         c.close()
 
@@ -109,8 +119,11 @@ def test_params_tags_and_experiment(demo_store, migrated):
     for name in a:
         assert b[name].data.params == a[name].data.params
         ta = {k: v for k, v in a[name].data.tags.items() if k != mc.TAG_PARENT}
-        tb = {k: v for k, v in b[name].data.tags.items()
-              if k != mc.TAG_PARENT and not k.startswith("trackbridge.")}
+        tb = {
+            k: v
+            for k, v in b[name].data.tags.items()
+            if k != mc.TAG_PARENT and not k.startswith("trackbridge.")
+        }
         assert tb == ta, name
     assert len(b["trial-0"].data.params["long_description"]) == 5000
     ea, eb = src.get_experiment_by_name("demo-classifier"), dst.get_experiment_by_name("demo-classifier")
@@ -140,10 +153,28 @@ def test_artifacts_byte_for_byte_and_dataset_inputs(demo_store, migrated):
     assert fa == fb
     # artifacts of an in-process SQLite store sit beside the database, not in the CWD
     assert b["trial-0"].info.artifact_uri.startswith(Path(migrated["db"]).parent.as_uri())
-    da = [(d.dataset.name, d.dataset.digest, d.dataset.source, d.dataset.profile, d.dataset.schema,
-           [(t.key, t.value) for t in d.tags]) for d in a["trial-0"].inputs.dataset_inputs]
-    db = [(d.dataset.name, d.dataset.digest, d.dataset.source, d.dataset.profile, d.dataset.schema,
-           [(t.key, t.value) for t in d.tags]) for d in b["trial-0"].inputs.dataset_inputs]
+    da = [
+        (
+            d.dataset.name,
+            d.dataset.digest,
+            d.dataset.source,
+            d.dataset.profile,
+            d.dataset.schema,
+            [(t.key, t.value) for t in d.tags],
+        )
+        for d in a["trial-0"].inputs.dataset_inputs
+    ]
+    db = [
+        (
+            d.dataset.name,
+            d.dataset.digest,
+            d.dataset.source,
+            d.dataset.profile,
+            d.dataset.schema,
+            [(t.key, t.value) for t in d.tags],
+        )
+        for d in b["trial-0"].inputs.dataset_inputs
+    ]
     assert da == db and len(da) == 1
 
 
@@ -156,11 +187,16 @@ def test_logged_model_with_files_params_and_linked_metric(demo_store, migrated):
     m = models[0]
     orig = src.get_logged_model(demo_store["ids"]["logged_model"])
     assert (m.name, m.model_type, m.params, m.source_run_id) == (
-        orig.name, orig.model_type, orig.params, b["trial-0"].info.run_id)
+        orig.name,
+        orig.model_type,
+        orig.params,
+        b["trial-0"].info.run_id,
+    )
     assert m.tags["framework"] == "torch"
     assert [fi.path for fi in dst.list_logged_model_artifacts(m.model_id)] == ["MLmodel"]
     assert [(x.key, x.value, x.step, x.dataset_name) for x in m.metrics] == [
-        (x.key, x.value, x.step, x.dataset_name) for x in orig.metrics]
+        (x.key, x.value, x.step, x.dataset_name) for x in orig.metrics
+    ]
 
 
 def test_registry_versions_aliases_stages_and_rewritten_sources(migrated):
@@ -257,8 +293,10 @@ def test_server_round_trip_and_server_to_sqlite(demo_store, mlflow_server, tmp_p
     out = capsys.readouterr().out
     assert "identical" in out
     b = _runs_by_name(_client(dest), "demo-classifier")
-    assert b["trial-0"].info.start_time == _runs_by_name(_client(demo_store["tb"]), "demo-classifier")[
-        "trial-0"].info.start_time
+    assert (
+        b["trial-0"].info.start_time
+        == _runs_by_name(_client(demo_store["tb"]), "demo-classifier")["trial-0"].info.start_time
+    )
     # a second migration into the server adds nothing
     assert run_migrate(demo_store["tb"], server, Selection(), do_verify=False) == 0
     assert "0 new, 0 updated, 6 unchanged" in capsys.readouterr().out
@@ -266,8 +304,15 @@ def test_server_round_trip_and_server_to_sqlite(demo_store, mlflow_server, tmp_p
 
 def test_cli_migrate_and_inspect(demo_store, tmp_path):
     dest = f"mlflow+sqlite:///{tmp_path / 'cli.db'}"
-    p = run_cli("migrate", demo_store["tb"], dest, "--bundle", str(tmp_path / "bundle"),
-                "--report", str(tmp_path / "report.json"))
+    p = run_cli(
+        "migrate",
+        demo_store["tb"],
+        dest,
+        "--bundle",
+        str(tmp_path / "bundle"),
+        "--report",
+        str(tmp_path / "report.json"),
+    )
     assert "verify: identical" in p.stdout
     import json
 

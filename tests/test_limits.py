@@ -1,0 +1,114 @@
+"""MLflow's limits never drop data silently: each mapping is reported and reversible."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bridge import engine
+from bridge import mlflow_common as mc
+from bridge.bundle import BundleSource, BundleWriter
+from bridge.model import Selection
+from bridge.uri import open_sink, open_source
+from bridge.verify import verify
+from importers.mlflow import MAX_KEY, MAX_PARAM, MAX_TAG, fit_key
+from tests import factories as f
+
+LONG_KEY = "k" * 300
+NASTY_PARAMS = [
+    (["optimizer", "lr"], 0.001),  # nested config with a float
+    (["optimizer.lr"], "dotted, a different key"),  # collides with the nested one once joined
+    (["layers"], [64, 32]),
+    (["flag"], True),
+    (["nothing"], None),
+    ([LONG_KEY], "long key"),
+    (["bad key!@#"], "charset"),
+    (["../escape"], "path trick"),
+    (["big"], "v" * (MAX_PARAM + 1000)),
+]
+
+
+def _bundle(tmp_path):
+    row = f.run("test:run/limits", status="crashed")
+    pl = f.payload(
+        row,
+        params=NASTY_PARAMS,
+        tags={"note/../x": "y", "huge": "t" * (MAX_TAG + 10), "ok": "fine"},
+        points=[
+            ("loss@val", 0, 1.5),
+            ("loss@val", 1, float("nan")),
+            ("loss@val", 1, 0.5),
+            ("acc", 0, 0.1),
+            ("a" * 260, 0, 2.0),
+        ],
+    )
+    return f.write_bundle(tmp_path / "bundle", [f.project()], [pl])
+
+
+def test_fit_key_meets_mlflow_rules():
+    import re
+
+    for k in ["a b:c/d.e-f_g", "x@y", "a//b", "/lead", "trail/", "../up", "a/./b", "k" * 400, "ü-ok"]:
+        fk = fit_key(k)
+        assert re.match(r"^[/\w.\- :]*$", fk) and len(fk) <= MAX_KEY
+        assert not fk.startswith("/") and ".." not in fk.split("/") and "//" not in fk
+
+
+def test_every_mapping_is_reported_and_reversed(tmp_path):
+    bundle = _bundle(tmp_path)
+    dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
+    report = engine.copy(BundleSource(bundle), open_sink(dest), Selection())
+    assert not report.failed, report.summary_lines()
+    kinds = sorted({(m.kind, m.field) for _, m in report.all_mappings()})
+    assert ("value-truncated", "params.big") in kinds
+    assert ("value-truncated", "tags.huge") in kinds
+    assert ("key-renamed", "params.bad key!@#") in kinds
+    assert ("key-renamed", f"params.{LONG_KEY}") in kinds
+    assert ("key-renamed", "metrics.loss@val") in kinds
+    assert ("key-renamed", "tags.note/../x") in kinds
+    assert ("status-mapped", "runs.status") in kinds
+
+    client = mc.client(dest.split("+", 1)[1])
+    run = client.search_runs([client.get_experiment_by_name("limits").experiment_id])[0]
+    assert run.info.status == "FAILED" and run.data.tags[mc.TAG_SOURCE_STATUS] == "crashed"
+    assert len(run.data.params["big"]) == MAX_PARAM and run.data.params["big"].endswith(
+        "[truncated by trackbridge]"
+    )
+    assert run.data.params["bad key___"] == "charset"
+    assert (
+        "optimizer.lr" in run.data.params
+        and len([k for k in run.data.params if k.startswith("optimizer.lr")]) == 2
+    )
+    hist = client.get_metric_history(run.info.run_id, "loss_val")
+    assert len(hist) == 3 and sum(math.isnan(m.value) for m in hist) == 1
+    local = client.download_artifacts(run.info.run_id, mc.MAPPING_ARTIFACT, str(tmp_path))
+    mapping = json.loads(Path(local).read_text())
+    assert mapping["params"]["big"]["value_json"] == json.dumps("v" * (MAX_PARAM + 1000))
+    assert mapping["metrics"]["loss_val"] == "loss@val"
+
+    # reading the destination back restores every original key, value and type
+    diffs, stats = verify(BundleSource(bundle), open_source(dest), Selection())
+    assert diffs == [] and stats["points"] == 5
+    back = tmp_path / "back"
+    engine.copy(open_source(dest), BundleWriter(back), Selection())
+    src = BundleSource(back)
+    r = src.read_run(src.runs(Selection(), src.projects(Selection()))[0])
+    params = {tuple(p["path"]): (p["value_json"], p["value_type"]) for p in r.params.to_pylist()}
+    assert params[("optimizer", "lr")] == ("0.001", "float")
+    assert params[("optimizer.lr",)] == ('"dotted, a different key"', "str")
+    assert params[("layers",)] == ("[64,32]", "list") and params[("flag",)] == ("true", "bool")
+    assert params[("nothing",)] == ("null", "null")
+    assert mc.MAPPING_ARTIFACT not in [fr.path for a in r.artifacts for fr in a.files]
+
+
+def test_verify_reports_a_lost_mapping(tmp_path):
+    """If the mapping record is lost, verify must say so rather than pass."""
+    bundle = _bundle(tmp_path)
+    dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
+    engine.copy(BundleSource(bundle), open_sink(dest), Selection())
+    client = mc.client(dest.split("+", 1)[1])
+    run = client.search_runs([client.get_experiment_by_name("limits").experiment_id])[0]
+    client.delete_tag(run.info.run_id, mc.TAG_MAPPED)
+    diffs, _ = verify(BundleSource(bundle), open_source(dest), Selection())
+    assert any("params differ" in d for d in diffs) and any("metrics differ" in d for d in diffs)

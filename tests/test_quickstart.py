@@ -1,0 +1,32 @@
+"""`trackbridge quickstart`: the README's first command works, and is safe to repeat."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+
+from tests.conftest import run_cli
+
+
+def test_quickstart_twice(tmp_path):
+    folder = tmp_path / "qs"
+    p = run_cli("quickstart", "--dir", str(folder))
+    assert "runs: 6 new, 0 updated, 0 unchanged, 0 failed" in p.stdout
+    assert "verify: identical (3 projects, 6 runs, 310 points, 2 model versions)" in p.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{folder / 'dest.db'}" in p.stdout
+    assert "Traceback" not in p.stderr and "View run" not in p.stdout
+    with sqlite3.connect(folder / "dest.db") as c:
+        assert c.execute("select count(*) from runs").fetchone()[0] == 6
+    p = run_cli("quickstart", "--dir", str(folder))
+    assert "runs: 0 new, 0 updated, 6 unchanged, 0 failed" in p.stdout
+    assert "metric points written: 0" in p.stdout and "verify: identical" in p.stdout
+    with sqlite3.connect(folder / "dest.db") as c:
+        assert c.execute("select count(*) from runs").fetchone()[0] == 6
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("trackbridge")
+    assert exe, "pip install -e . should put `trackbridge` on PATH"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("trackbridge, version")
