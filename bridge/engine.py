@@ -84,17 +84,21 @@ def copy(
                     f.result()
 
     for art in source.artifacts(sel, projects):
-        try:
-            sink.write_artifact(art, report)
-        except TrackbridgeError as e:
-            report.errors.append(f"artifact {art.row['artifact_key']}: {e}")
+        _guard(report, f"artifact {art.row['artifact_key']}", sink.write_artifact, art, report)
     if sel.registry:
-        try:
-            sink.write_registry(source.registry(sel), report)
-        except TrackbridgeError as e:
-            report.errors.append(f"registry: {e}")
+        _guard(report, "registry", lambda: sink.write_registry(source.registry(sel), report))
     sink.finish()
     return report
+
+
+def _guard(report: Report, what: str, fn: Any, *args: Any) -> None:
+    """Record a failure as one line in the report instead of stopping the whole copy."""
+    try:
+        fn(*args)
+    except TrackbridgeError as e:
+        report.errors.append(f"{what}: {e}")
+    except Exception as e:  # reported; the exit code says partial
+        report.errors.append(f"{what}: {type(e).__name__}: {_first_line(e)}")
 
 
 def _first_line(e: BaseException) -> str:
