@@ -24,11 +24,12 @@ import re
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bridge import mlflow_common as mc
 from bridge import schema
@@ -96,6 +97,8 @@ class MlflowSink:
         self._model_ids: dict[str, str] = {}
         self._exp_locks: dict[str, threading.Lock] = {}
         self._artifact_root = _local_artifact_root(tracking_uri)
+        self._creds = (self.client._tracking_client.store.get_host_creds()
+                       if tracking_uri.startswith(("http://", "https://")) else None)
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"
@@ -330,49 +333,57 @@ class MlflowSink:
             )
 
     def _write_metrics(
-        self,
-        run_id: str,
-        payload: RunPayload,
-        plan: _Plan,
-        have_keys: set[str] | None,
+        self, run_id: str, payload: RunPayload, plan: _Plan, have_keys: set[str] | None,
         report: RunReport,
     ) -> None:
+        """Send every point in batches of 1,000; for a run that exists, only the missing ones."""
+        have: dict[str, Counter[tuple[int, int, str]]] = {}
+        pending: list[dict[str, Any]] = []
+        for batch in payload.metrics():
+            recs = _records(batch, plan, self._model_ids)
+            if have_keys:
+                recs = self._missing(run_id, recs, have_keys, have)
+            pending += recs
+            while len(pending) >= MAX_METRICS_PER_BATCH:
+                self._send_metrics(run_id, pending[:MAX_METRICS_PER_BATCH])
+                report.points += MAX_METRICS_PER_BATCH
+                pending = pending[MAX_METRICS_PER_BATCH:]
+        if pending:
+            self._send_metrics(run_id, pending)
+            report.points += len(pending)
+
+    def _missing(self, run_id: str, recs: list[dict[str, Any]], have_keys: set[str],
+                 have: dict[str, Counter[tuple[int, int, str]]]) -> list[dict[str, Any]]:
+        """Drop the points the destination already holds (an import that died half-way)."""
+        out = []
+        for r in recs:
+            key = r["key"]
+            if key not in have_keys:
+                out.append(r)
+                continue
+            if key not in have:
+                have[key] = Counter((m.step, m.timestamp, _vkey(m.value))
+                                    for m in self.client.get_metric_history(run_id, key))
+            sig = (r["step"], r["timestamp"], _vkey(r["value"]))
+            if have[key][sig] > 0:
+                have[key][sig] -= 1
+            else:
+                out.append(r)
+        return out
+
+    def _send_metrics(self, run_id: str, recs: list[dict[str, Any]]) -> None:
+        if self._creds is not None:
+            # REST: post the JSON ourselves. MLflow's client would build an entity and a
+            # protobuf per point first, CPU the server (often on the same box) needs more.
+            from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+            body = {"run_id": run_id, "metrics": [_json_point(r) for r in recs]}
+            resp = http_request(self._creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=body)
+            verify_rest_response(resp, "/api/2.0/mlflow/runs/log-batch")
+            return
         from mlflow.entities import Metric
 
-        pending: list[Metric] = []
-        for key, steps, stamps, values, models, ds_names, ds_digests in _by_key(payload.metrics()):
-            mkey = plan.metric_key(key)
-            skip: Counter[tuple[int, int, str]] = Counter()
-            if have_keys is not None and mkey in have_keys:
-                skip = Counter(
-                    (m.step, m.timestamp, _vkey(m.value))
-                    for m in self.client.get_metric_history(run_id, mkey)
-                )
-            for i in range(len(steps)):
-                if skip:
-                    sig = (steps[i], stamps[i], _vkey(values[i]))
-                    if skip[sig] > 0:
-                        skip[sig] -= 1
-                        continue
-                model_id = self._model_ids.get(models[i]) if models[i] else None
-                pending.append(
-                    Metric(
-                        mkey,
-                        values[i],
-                        stamps[i],
-                        steps[i],
-                        model_id=model_id,
-                        dataset_name=ds_names[i] if model_id else None,
-                        dataset_digest=ds_digests[i] if model_id else None,
-                    )
-                )
-                if len(pending) >= MAX_METRICS_PER_BATCH:
-                    self.client.log_batch(run_id, metrics=pending, synchronous=True)
-                    report.points += len(pending)
-                    pending = []
-        if pending:
-            self.client.log_batch(run_id, metrics=pending, synchronous=True)
-            report.points += len(pending)
+        self.client.log_batch(run_id, metrics=[Metric(**r) for r in recs], synchronous=True)
 
     def _upload_run_files(self, run_id: str, art: ArtifactPayload, existed: bool, report: RunReport) -> None:
         have: dict[str, int | None] = {}
@@ -662,32 +673,34 @@ def _fingerprint(payload: RunPayload) -> str:
     return f"{fp[:40]}.m{MAPPING_VERSION}"
 
 
-def _by_key(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, list, list, list, list, list, list]]:
-    """Group sorted metric batches into per-key columns, ready for MLflow's Metric objects."""
-    cur = None
-    cols: list[list[Any]] = [[] for _ in range(6)]
-    for b in batches:
-        keys = b.column("key").to_pylist()
-        steps = b.column("step").to_pylist()
-        stamps = b.column("timestamp").cast(pa.int64()).to_pylist()
-        values = b.column("value").to_pylist()
-        models = b.column("model_key").to_pylist()
-        dsn = b.column("dataset_name").to_pylist()
-        dsd = b.column("dataset_digest").to_pylist()
-        for i, k in enumerate(keys):
-            if k != cur:
-                if cur is not None:
-                    yield (cur, *cols)
-                cur = k
-                cols = [[] for _ in range(6)]
-            cols[0].append(steps[i])
-            cols[1].append(stamps[i] // 1000)
-            cols[2].append(values[i])
-            cols[3].append(models[i])
-            cols[4].append(dsn[i])
-            cols[5].append(dsd[i])
-    if cur is not None:
-        yield (cur, *cols)
+def _records(batch: pa.RecordBatch, plan: _Plan, model_ids: dict[str, str]) -> list[dict[str, Any]]:
+    """A batch of neutral points as MLflow metric dicts, column-wise rather than per point."""
+    enc = batch.column("key").dictionary_encode()
+    keys = pa.array([plan.metric_key(k) for k in enc.dictionary.to_pylist()], pa.string())
+    cols = {
+        "key": keys.take(enc.indices),
+        "value": batch.column("value"),
+        "timestamp": pc.divide(batch.column("timestamp").cast(pa.int64()), 1000),
+        "step": batch.column("step"),
+    }
+    recs = pa.table(cols).to_pylist()
+    models = batch.column("model_key")
+    if models.null_count < len(models):
+        names = batch.column("dataset_name").to_pylist()
+        digests = batch.column("dataset_digest").to_pylist()
+        for i, m in enumerate(models.to_pylist()):
+            model_id = model_ids.get(m) if m else None
+            if model_id:
+                recs[i].update(model_id=model_id, dataset_name=names[i], dataset_digest=digests[i])
+    return recs
+
+
+def _json_point(r: dict[str, Any]) -> dict[str, Any]:
+    """Protobuf JSON has no NaN or Infinity literals: they travel as strings."""
+    v = r["value"]
+    if math.isfinite(v):
+        return r
+    return {**r, "value": "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")}
 
 
 def _vkey(v: float) -> str:
