@@ -29,16 +29,16 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bridge.mlflow_server import LocalMlflowServer
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -57,58 +57,12 @@ ENV = {
 # --------------------------------------------------------------------------- servers
 
 
-class Server:
-    def __init__(self, name: str, workers: int) -> None:
-        self.root = WORK / name
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(self.root / "server.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--workers",
-                str(workers),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=ENV,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"server {name} did not start; see {self.root / 'server.log'}"
-                    ) from None
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
+def Server(name: str, workers: int) -> LocalMlflowServer:
+    root = WORK / name
+    shutil.rmtree(root, ignore_errors=True)
+    server = LocalMlflowServer(root, workers=workers, env=ENV)
+    server.start()
+    return server
 
 
 # --------------------------------------------------------------------------- helpers
@@ -236,7 +190,6 @@ def raw_write(url: str, payload: list[dict], blob: Path, workers: int) -> None:
 
 def raw_payload(bundle: Path) -> list[dict]:
     """The import ceiling's input, prepared outside the timer: the bundle's data as JSON."""
-    sys.path.insert(0, str(HERE.parent))
     from bridge.bundle import BundleSource
     from bridge.model import Selection
 

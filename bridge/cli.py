@@ -87,6 +87,15 @@ def _selection(kw: dict[str, Any]) -> Selection:
     )
 
 
+def report_option(f: Any) -> Any:
+    return click.option(
+        "--report",
+        "report_path",
+        type=click.Path(dir_okay=False),
+        help="Write the full report (per-run outcome, mappings, errors) as JSON here.",
+    )(f)
+
+
 def workers_option(f: Any) -> Any:
     return click.option(
         "--workers",
@@ -137,7 +146,7 @@ def cli(debug: bool) -> None:
 @click.argument("bundle", type=click.Path(file_okay=False))
 @selection_options
 @workers_option
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report here.")
+@report_option
 def export_cmd(src: str, bundle: str, workers: int | None, report_path: str | None, **kw: Any) -> None:
     """Read SRC into a bundle folder (Parquet + blobs + manifest).
 
@@ -161,7 +170,7 @@ def export_cmd(src: str, bundle: str, workers: int | None, report_path: str | No
 @selection_options
 @workers_option
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report here.")
+@report_option
 def import_cmd(
     bundle: str, dest: str, workers: int | None, dry_run: bool, report_path: str | None, **kw: Any
 ) -> None:
@@ -197,7 +206,7 @@ def import_cmd(
     show_default=True,
     help="Compare source and destination afterwards.",
 )
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report here.")
+@report_option
 def migrate_cmd(
     src: str,
     dest: str,

@@ -97,8 +97,11 @@ class MlflowSink:
         self._model_ids: dict[str, str] = {}
         self._exp_locks: dict[str, threading.Lock] = {}
         self._artifact_root = _local_artifact_root(tracking_uri)
-        self._creds = (self.client._tracking_client.store.get_host_creds()
-                       if tracking_uri.startswith(("http://", "https://")) else None)
+        self._creds = (
+            self.client._tracking_client.store.get_host_creds()
+            if tracking_uri.startswith(("http://", "https://"))
+            else None
+        )
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"
@@ -333,7 +336,11 @@ class MlflowSink:
             )
 
     def _write_metrics(
-        self, run_id: str, payload: RunPayload, plan: _Plan, have_keys: set[str] | None,
+        self,
+        run_id: str,
+        payload: RunPayload,
+        plan: _Plan,
+        have_keys: set[str] | None,
         report: RunReport,
     ) -> None:
         """Send every point in batches of 1,000; for a run that exists, only the missing ones."""
@@ -352,8 +359,13 @@ class MlflowSink:
             self._send_metrics(run_id, pending)
             report.points += len(pending)
 
-    def _missing(self, run_id: str, recs: list[dict[str, Any]], have_keys: set[str],
-                 have: dict[str, Counter[tuple[int, int, str]]]) -> list[dict[str, Any]]:
+    def _missing(
+        self,
+        run_id: str,
+        recs: list[dict[str, Any]],
+        have_keys: set[str],
+        have: dict[str, Counter[tuple[int, int, str]]],
+    ) -> list[dict[str, Any]]:
         """Drop the points the destination already holds (an import that died half-way)."""
         out = []
         for r in recs:
@@ -362,8 +374,9 @@ class MlflowSink:
                 out.append(r)
                 continue
             if key not in have:
-                have[key] = Counter((m.step, m.timestamp, _vkey(m.value))
-                                    for m in self.client.get_metric_history(run_id, key))
+                have[key] = Counter(
+                    (m.step, m.timestamp, _vkey(m.value)) for m in self.client.get_metric_history(run_id, key)
+                )
             sig = (r["step"], r["timestamp"], _vkey(r["value"]))
             if have[key][sig] > 0:
                 have[key][sig] -= 1
@@ -590,21 +603,24 @@ class _Plan:
     def mapping_needed(self) -> bool:
         return any(self.mapping[k] for k in ("params", "tags", "metrics"))
 
+    def _fit_value(self, text: str, limit: int, where: str) -> tuple[str, bool]:
+        """Truncate to MLflow's limit, visibly; the caller keeps the full value in mapping.json."""
+        if len(text) <= limit:
+            return text, False
+        self.report.mapped("value-truncated", where, f"full value in {mc.MAPPING_ARTIFACT}")
+        return text[: limit - len(TRUNCATED)] + TRUNCATED, True
+
     def params(self, tbl: pa.Table) -> dict[str, str]:
         out = {}
         for p in tbl.to_pylist():
             original = ".".join(p["path"])
             key = self._param_keys.fit(original, tuple(p["path"]))
-            text = _param_text(p["value_json"], p["value_type"])
-            exact = key == original and len(p["path"]) == 1 and p["value_type"] == "str"
             if key != original:
                 self.report.mapped("key-renamed", f"params.{original}", f"written as {key!r}")
-            if len(text) > MAX_PARAM:
-                text = text[: MAX_PARAM - len(TRUNCATED)] + TRUNCATED
-                exact = False
-                self.report.mapped(
-                    "value-truncated", f"params.{original}", f"full value in {mc.MAPPING_ARTIFACT}"
-                )
+            text, cut = self._fit_value(
+                _param_text(p["value_json"], p["value_type"]), MAX_PARAM, f"params.{original}"
+            )
+            exact = key == original and len(p["path"]) == 1 and p["value_type"] == "str" and not cut
             if not exact:
                 self.mapping["params"][key] = {k: p[k] for k in ("path", "value_json", "value_type")}
             out[key] = text
@@ -613,28 +629,20 @@ class _Plan:
     def tags(self, tbl: pa.Table, run: dict[str, Any]) -> dict[str, str]:
         out = {}
         for t in tbl.to_pylist():
-            original, value = t["key"], t["value"] or ""
+            original = t["key"]
             if original in (mc.TAG_PARENT, mc.TAG_USER, mc.TAG_RUN_NAME) or mc.is_bookkeeping(original):
                 continue  # set from the run's own fields, or ours to manage
             key = self._tag_keys.fit(original)
-            exact = key == original
-            if not exact:
+            if key != original:
                 self.report.mapped("key-renamed", f"tags.{original}", f"written as {key!r}")
-            if len(value) > MAX_TAG:
-                value = value[: MAX_TAG - len(TRUNCATED)] + TRUNCATED
-                exact = False
-                self.report.mapped(
-                    "value-truncated", f"tags.{original}", f"full value in {mc.MAPPING_ARTIFACT}"
-                )
-            if not exact:
+            value, cut = self._fit_value(t["value"] or "", MAX_TAG, f"tags.{original}")
+            if key != original or cut:
                 self.mapping["tags"][key] = {"key": original, "value": t["value"]}
             out[key] = value
-        notes = run.get("notes")
-        if notes:
-            if len(notes) > MAX_TAG:
-                self.mapping["tags"][mc.TAG_NOTE] = {"key": mc.TAG_NOTE, "value": notes}
-                self.report.mapped("value-truncated", "runs.notes", f"full text in {mc.MAPPING_ARTIFACT}")
-                notes = notes[: MAX_TAG - len(TRUNCATED)] + TRUNCATED
+        if run.get("notes"):
+            notes, cut = self._fit_value(run["notes"], MAX_TAG, "runs.notes")
+            if cut:
+                self.mapping["tags"][mc.TAG_NOTE] = {"key": mc.TAG_NOTE, "value": run["notes"]}
             out[mc.TAG_NOTE] = notes
         if run.get("status") == "crashed":
             out[mc.TAG_SOURCE_STATUS] = "crashed"
