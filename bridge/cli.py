@@ -28,7 +28,7 @@ from bridge.report import Report
 EPILOG_URIS = """\b
 Sources and destinations:
   mlflow+http://HOST:PORT      an MLflow tracking server
-  mlflow+sqlite:///ABS/PATH.db an MLflow SQLite store, used in-process
+  mlflow+sqlite:////ABS/PATH.db an MLflow SQLite store, used in-process
   mlflow+postgresql://…        an MLflow database store, used in-process
   PATH or bundle:///PATH       a trackbridge bundle folder
 Credentials come from the environment (MLFLOW_TRACKING_TOKEN, …), never from a URI.
@@ -143,7 +143,7 @@ def cli(debug: bool) -> None:
 
 @cli.command("export", epilog=EPILOG_URIS)
 @click.argument("src")
-@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("bundle")
 @selection_options
 @workers_option
 @report_option
@@ -153,14 +153,18 @@ def export_cmd(src: str, bundle: str, workers: int | None, report_path: str | No
     Running it again into the same bundle rewrites each run atomically; a run whose
     export was killed half-way is invisible to readers until it is written again.
     """
-    from bridge.uri import open_sink, open_source
+    from bridge.bundle import BundleWriter
+    from bridge.uri import open_source, parse
 
+    target = parse(bundle)
+    if target.scheme != "bundle":
+        raise UsageError(f"{target.safe}: export writes a bundle folder; `migrate` writes into a tracker")
     sel = _selection(kw)
     source = open_source(src)
-    sink = open_sink(bundle if "://" in bundle else str(bundle))
+    sink = BundleWriter(target.inner)
     with progress() as bar:
         report = engine.copy(source, sink, sel, workers=_workers(workers, src), bar=bar, label="export")
-    click.echo(f"bundle written: {Path(bundle).resolve()}")
+    click.echo(f"bundle written: {sink.root.resolve()}")
     sys.exit(_finish(report, report_path))
 
 

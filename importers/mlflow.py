@@ -599,6 +599,7 @@ class _Plan:
         self._tag_keys = _KeySpace()
         self._metric_keys = _KeySpace()
         self._metric_cache: dict[str, str] = {}
+        self._dropped_links: set[str] = set()
 
     def mapping_needed(self) -> bool:
         return any(self.mapping[k] for k in ("params", "tags", "metrics"))
@@ -653,6 +654,16 @@ class _Plan:
             )
         return out
 
+    def model_link_dropped(self, model_key: str) -> None:
+        if model_key not in self._dropped_links:
+            self._dropped_links.add(model_key)
+            self.report.mapped(
+                "model-link-dropped",
+                "metrics.model_key",
+                f"points linked to {model_key}, which is not in the destination, "
+                "were logged to the run without the link",
+            )
+
     def metric_key(self, original: str) -> str:
         k = self._metric_cache.get(original)
         if k is None:
@@ -700,6 +711,8 @@ def _records(batch: pa.RecordBatch, plan: _Plan, model_ids: dict[str, str]) -> l
             model_id = model_ids.get(m) if m else None
             if model_id:
                 recs[i].update(model_id=model_id, dataset_name=names[i], dataset_digest=digests[i])
+            elif m:
+                plan.model_link_dropped(m)
     return recs
 
 

@@ -145,3 +145,8 @@ def test_help_teaches():
         assert cmd in p.stdout
     p = run_cli("migrate", "--help")
     assert "--experiment" in p.stdout and "--since" in p.stdout and "--dry-run" in p.stdout
+
+
+def test_export_only_writes_bundles(demo_store):
+    p = run_cli("export", demo_store["tb"], "mlflow+http://127.0.0.1:9", check=2)
+    assert "export writes a bundle folder" in _one_line(p.stderr)

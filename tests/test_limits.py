@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow as pa
+
 from bridge import engine
 from bridge import mlflow_common as mc
 from bridge.bundle import BundleSource, BundleWriter
@@ -112,3 +114,18 @@ def test_verify_reports_a_lost_mapping(tmp_path):
     client.delete_tag(run.info.run_id, mc.TAG_MAPPED)
     diffs, _ = verify(BundleSource(bundle), open_source(dest), Selection())
     assert any("params differ" in d for d in diffs) and any("metrics differ" in d for d in diffs)
+
+
+def test_a_link_to_a_logged_model_outside_the_import_is_reported(tmp_path):
+    row = f.run("test:run/linked")
+    batch = f.metrics("test:run/linked", [("f1", 0, 0.9)])
+    batch = batch.set_column(
+        batch.schema.get_field_index("model_key"), "model_key", pa.array(["mlflow:model/m-elsewhere"])
+    )
+    pl = f.payload(row)
+    pl.metrics = lambda: iter([batch])
+    bundle = f.write_bundle(tmp_path / "bundle", [f.project()], [pl])
+    dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
+    report = engine.copy(BundleSource(bundle), open_sink(dest), Selection())
+    assert report.points == 1 and not report.failed
+    assert [m.kind for _, m in report.all_mappings()] == ["model-link-dropped"]
