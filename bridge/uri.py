@@ -64,7 +64,8 @@ def parse(uri: str) -> Target:
     )
 
 
-def open_source(uri: str, **options: object):
+def open_source(uri: str, workers: int | None = None):
+    """Open a Source; ``workers`` bounds the requests a tracker source keeps in flight."""
     t = parse(uri)
     if t.scheme == "bundle":
         from bridge.bundle import BundleSource
@@ -74,7 +75,7 @@ def open_source(uri: str, **options: object):
         from exporters.mlflow import MlflowSource
 
         _check_local_store_exists(t)
-        return MlflowSource(t.inner, safe=t.safe, **options)  # type: ignore[arg-type]
+        return MlflowSource(t.inner, safe=t.safe, fetch_workers=workers or 4)
     raise AssertionError(t.scheme)
 
 
