@@ -160,11 +160,10 @@ def export_cmd(src: str, bundle: str, workers: int | None, report_path: str | No
     if target.scheme != "bundle":
         raise UsageError(f"{target.safe}: export writes a bundle folder; `migrate` writes into a tracker")
     sel = _selection(kw)
-    n = _workers(workers, src)
-    source = open_source(src, workers=n)
+    source = open_source(src)
     sink = BundleWriter(target.inner)
     with progress() as bar:
-        report = engine.copy(source, sink, sel, workers=n, bar=bar, label="export")
+        report = engine.copy(source, sink, sel, workers=_workers(workers, src), bar=bar, label="export")
     click.echo(f"bundle written: {sink.root.resolve()}")
     sys.exit(_finish(report, report_path))
 
@@ -256,7 +255,7 @@ def run_migrate(
     from bridge.uri import open_sink, open_source, parse
 
     parse(dest)  # fail on a bad destination before reading anything
-    source = open_source(src, workers=_workers(workers, src))
+    source = open_source(src)
     tmp = None
     if bundle_path is None:
         tmp = tempfile.mkdtemp(prefix="trackbridge-bundle-")

@@ -64,8 +64,7 @@ def parse(uri: str) -> Target:
     )
 
 
-def open_source(uri: str, workers: int | None = None):
-    """Open a Source; ``workers`` bounds the requests a tracker source keeps in flight."""
+def open_source(uri: str, **options: object):
     t = parse(uri)
     if t.scheme == "bundle":
         from bridge.bundle import BundleSource
@@ -75,7 +74,7 @@ def open_source(uri: str, workers: int | None = None):
         from exporters.mlflow import MlflowSource
 
         _check_local_store_exists(t)
-        return MlflowSource(t.inner, safe=t.safe, fetch_workers=workers or 4)
+        return MlflowSource(t.inner, safe=t.safe, **options)  # type: ignore[arg-type]
     raise AssertionError(t.scheme)
 
 

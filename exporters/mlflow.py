@@ -15,7 +15,6 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +30,7 @@ HISTORY_PAGE = 25000
 
 
 class MlflowSource:
-    def __init__(self, tracking_uri: str, safe: str | None = None, fetch_workers: int = 4) -> None:
+    def __init__(self, tracking_uri: str, safe: str | None = None) -> None:
         self.uri = tracking_uri
         self.safe = safe or tracking_uri
         self.client = mc.client(tracking_uri)
@@ -39,10 +38,6 @@ class MlflowSource:
         self._lock = threading.Lock()
         self._models_by_run: dict[str, list[Any]] | None = None
         self._rest = tracking_uri.startswith(("http://", "https://"))
-        # History pages are fetched by a shared pool, not one after another per run: the
-        # server is the bottleneck, and this keeps it busy while a run's files download
-        # or a worker waits for the last run of a round.
-        self._pool = ThreadPoolExecutor(max_workers=max(1, fetch_workers), thread_name_prefix="tb-history")
         # destination key -> source key, for objects trackbridge itself imported
         self._origin: dict[str, str] = {}
         self._check_reachable()
@@ -51,7 +46,7 @@ class MlflowSource:
         return f"mlflow+{self.safe}"
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        pass
 
     def origin_of(self, kind: str, key: str) -> str:
         """The source key of an object that trackbridge imported; its own key otherwise."""
@@ -229,18 +224,8 @@ class MlflowSource:
         ]
 
         def metrics() -> Iterator[pa.RecordBatch]:
-            futures = [
-                self._pool.submit(
-                    self._history_batch, key, run_id, mk, renamed_metrics.get(mk, mk), model_points
-                )
-                for mk in metric_keys
-            ]
-            try:
-                for f in futures:
-                    yield f.result()
-            finally:
-                for f in futures:
-                    f.cancel()
+            for mk in metric_keys:
+                yield self._history_batch(key, run_id, mk, renamed_metrics.get(mk, mk), model_points)
 
         return RunPayload(
             run=run,
