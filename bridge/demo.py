@@ -8,7 +8,6 @@ logged model with linked metrics, and registry versions with aliases and stages.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import tempfile
 import warnings
@@ -18,13 +17,6 @@ from typing import Any
 from bridge import mlflow_common as mc
 
 T0 = 1_736_900_000_000  # 2025-01-15, in ms: clearly not "now"
-
-
-def _artifact_location(tracking_uri: str, name: str) -> str | None:
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :]).resolve()
-        return (db.parent / f"{db.stem}-artifacts" / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
-    return None
 
 
 def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[str, Any]:
@@ -37,12 +29,12 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
 
     exp_id = client.create_experiment(
         "demo-classifier",
-        artifact_location=_artifact_location(tracking_uri, "demo-classifier"),
+        artifact_location=mc.experiment_artifact_location(tracking_uri, "demo-classifier"),
         tags={"team": "research", mc.TAG_NOTE: "Image classifier sweep (trackbridge demo)"},
     )
     exp2 = client.create_experiment(
         "demo-regression",
-        artifact_location=_artifact_location(tracking_uri, "demo-regression"),
+        artifact_location=mc.experiment_artifact_location(tracking_uri, "demo-regression"),
     )
     out["experiments"] = [exp_id, exp2]
 

@@ -7,12 +7,14 @@ sides import the names from here so they cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bridge.errors import MissingExtraError
@@ -76,6 +78,18 @@ def dt_to_ms(dt: datetime | None) -> int | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return round(dt.timestamp() * 1000)
+
+
+def experiment_artifact_location(tracking_uri: str, name: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite database, never in the CWD.
+
+    MLflow's default for an in-process store is ./mlruns relative to wherever the
+    command runs; for other stores (servers) the store decides, so None.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///") :]).resolve()
+    return (db.parent / f"{db.stem}-artifacts" / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
 
 
 def run_key(run_id: str) -> str:

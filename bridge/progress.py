@@ -23,14 +23,19 @@ class Bar:
 
     def __init__(self, progress: Progress | None) -> None:
         self._p = progress
+        self._points: dict[Any, int] = {}
 
     def add(self, label: str, total: int | None) -> Any:
-        return self._p.add_task(label, total=total, points=0) if self._p else None
+        if self._p is None:
+            return None
+        task = self._p.add_task(label, total=total, points=0)
+        self._points[task] = 0
+        return task
 
     def advance(self, task: Any, n: int = 1, points: int = 0) -> None:
         if self._p is not None and task is not None:
-            t = self._p._tasks[task]
-            self._p.update(task, advance=n, points=t.fields.get("points", 0) + points)
+            self._points[task] += points
+            self._p.update(task, advance=n, points=self._points[task])
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from bridge.errors import SourceNotFoundError, UsageError
 
@@ -36,13 +36,18 @@ class Target:
 
 
 def redact(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urlunsplit(parts._replace(query="", fragment=""))
+    """Drop user:password@, the query and the fragment; keep everything else byte-exact.
+
+    (urlunsplit would also turn ``sqlite:////abs/path`` into ``sqlite://abs/path``.)
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    rest = rest.split("#", 1)[0].split("?", 1)[0]
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{slash}{path}"
 
 
 def parse(uri: str) -> Target:
@@ -74,7 +79,7 @@ def open_source(uri: str, **options: object):
         from exporters.mlflow import MlflowSource
 
         _check_local_store_exists(t)
-        return MlflowSource(t.inner, safe=t.safe, **options)  # type: ignore[arg-type]
+        return MlflowSource(t.inner, safe=redact(t.inner), **options)  # type: ignore[arg-type]
     raise AssertionError(t.scheme)
 
 
@@ -87,7 +92,7 @@ def open_sink(uri: str, **options: object):
     if t.scheme == "mlflow":
         from importers.mlflow import MlflowSink
 
-        return MlflowSink(t.inner, safe=t.safe, **options)  # type: ignore[arg-type]
+        return MlflowSink(t.inner, safe=redact(t.inner), **options)  # type: ignore[arg-type]
     raise AssertionError(t.scheme)
 
 

@@ -25,7 +25,6 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -96,7 +95,6 @@ class MlflowSink:
         self._run_ids: dict[str, str] = {}
         self._model_ids: dict[str, str] = {}
         self._exp_locks: dict[str, threading.Lock] = {}
-        self._artifact_root = _local_artifact_root(tracking_uri)
         self._creds = (
             self.client._tracking_client.store.get_host_creds()
             if tracking_uri.startswith(("http://", "https://"))
@@ -134,11 +132,10 @@ class MlflowSink:
             self._exp_ids[row["project_key"]] = exp.experiment_id if exp else None
             return
         if exp is None:
-            location = None
-            if self._artifact_root is not None:
-                location = (self._artifact_root / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
             exp_id = self.client.create_experiment(
-                name, artifact_location=location, tags={**tags, mc.TAG_SOURCE_KEY: row["project_key"]}
+                name,
+                artifact_location=mc.experiment_artifact_location(self.uri, name),
+                tags={**tags, mc.TAG_SOURCE_KEY: row["project_key"]},
             )
         else:
             exp_id = exp.experiment_id
@@ -765,14 +762,6 @@ def _upload_one(local: str, rel: str, log: Any) -> None:
 
             shutil.copyfile(local, link)
         log(str(link), folder or None)
-
-
-def _local_artifact_root(uri: str) -> Path | None:
-    """Artifacts of an in-process SQLite store go beside the database, never in the CWD."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :]).resolve()
-        return db.parent / f"{db.stem}-artifacts"
-    return None
 
 
 def _quote(s: str) -> str:

@@ -149,6 +149,8 @@ def test_docs_pandas_snippet_runs_on_a_real_bundle(two_runs):
 
 def test_credentials_never_reach_the_manifest(tmp_path):
     assert redact("mlflow+https://alice:s3cret@host:8443/x?token=abc") == "mlflow+https://host:8443/x"
+    assert redact("postgresql://u:pw@db:5432/mlflow?sslmode=require") == "postgresql://db:5432/mlflow"
+    assert redact("mlflow+sqlite:////abs/path.db") == "mlflow+sqlite:////abs/path.db"  # kept exact
     w = BundleWriter(tmp_path / "b")
     w.begin(parse("mlflow+https://alice:s3cret@host:8443").safe)
     w.finish()

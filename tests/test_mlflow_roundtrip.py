@@ -215,6 +215,12 @@ def test_registry_versions_aliases_stages_and_rewritten_sources(migrated):
     assert {k: str(v) for k, v in rm.aliases.items()} == {"champion": "2", "baseline": "1"}
 
 
+def test_manifest_and_report_name_the_source_exactly(demo_store, migrated):
+    assert BundleSource(migrated["bundle"]).manifest["source"] == demo_store["tb"]
+    assert migrated["export"].source == demo_store["tb"]
+    assert migrated["import"].destination == migrated["dest"]
+
+
 def test_second_import_adds_nothing_and_skips_writes(migrated):
     before = _counts(migrated["db"])
     report = engine.copy(BundleSource(migrated["bundle"]), open_sink(migrated["dest"]), Selection())
