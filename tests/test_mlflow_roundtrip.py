@@ -51,6 +51,20 @@ def _files(client, run_id: str, path: str | None = None) -> dict[str, bytes]:
     return out
 
 
+def _dataset_inputs(run) -> list[tuple]:
+    return [
+        (
+            d.dataset.name,
+            d.dataset.digest,
+            d.dataset.source,
+            d.dataset.profile,
+            d.dataset.schema,
+            [(t.key, t.value) for t in d.tags],
+        )
+        for d in run.inputs.dataset_inputs
+    ]
+
+
 def _tmp() -> str:
     import tempfile
 
@@ -153,28 +167,7 @@ def test_artifacts_byte_for_byte_and_dataset_inputs(demo_store, migrated):
     assert fa == fb
     # artifacts of an in-process SQLite store sit beside the database, not in the CWD
     assert b["trial-0"].info.artifact_uri.startswith(Path(migrated["db"]).parent.as_uri())
-    da = [
-        (
-            d.dataset.name,
-            d.dataset.digest,
-            d.dataset.source,
-            d.dataset.profile,
-            d.dataset.schema,
-            [(t.key, t.value) for t in d.tags],
-        )
-        for d in a["trial-0"].inputs.dataset_inputs
-    ]
-    db = [
-        (
-            d.dataset.name,
-            d.dataset.digest,
-            d.dataset.source,
-            d.dataset.profile,
-            d.dataset.schema,
-            [(t.key, t.value) for t in d.tags],
-        )
-        for d in b["trial-0"].inputs.dataset_inputs
-    ]
+    da, db = _dataset_inputs(a["trial-0"]), _dataset_inputs(b["trial-0"])
     assert da == db and len(da) == 1
 
 
