@@ -63,7 +63,29 @@ def client(tracking_uri: str):
         raise MissingExtraError("mlflow", "mlflow") from e
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    _create_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def sqlite_artifact_root(tracking_uri: str) -> Path | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///") :]).resolve()
+    return db.parent / f"{db.stem}-artifacts"
+
+
+def _create_sqlite_store(tracking_uri: str) -> None:
+    """Create a new SQLite store with its artifact root beside the database.
+
+    Left to MlflowClient, a new store's "Default" experiment stores artifacts in
+    ./mlruns relative to wherever the command happened to run.
+    """
+    root = sqlite_artifact_root(tracking_uri)
+    if root is None or Path(tracking_uri[len("sqlite:///") :]).exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(tracking_uri, root.as_uri()).engine.dispose()
 
 
 def ms_to_dt(ms: int | None) -> datetime | None:
@@ -86,10 +108,10 @@ def experiment_artifact_location(tracking_uri: str, name: str) -> str | None:
     MLflow's default for an in-process store is ./mlruns relative to wherever the
     command runs; for other stores (servers) the store decides, so None.
     """
-    if not tracking_uri.startswith("sqlite:///"):
+    root = sqlite_artifact_root(tracking_uri)
+    if root is None:
         return None
-    db = Path(tracking_uri[len("sqlite:///") :]).resolve()
-    return (db.parent / f"{db.stem}-artifacts" / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
+    return (root / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
 
 
 def run_key(run_id: str) -> str:

@@ -165,8 +165,11 @@ def test_artifacts_byte_for_byte_and_dataset_inputs(demo_store, migrated):
     fa, fb = _files(src, a["trial-0"].info.run_id), _files(dst, b["trial-0"].info.run_id)
     assert set(fa) == {"notes.txt", "model/weights.bin", "model/sub/config.json"}
     assert fa == fb
-    # artifacts of an in-process SQLite store sit beside the database, not in the CWD
-    assert b["trial-0"].info.artifact_uri.startswith(Path(migrated["db"]).parent.as_uri())
+    # artifacts of an in-process SQLite store sit beside the database, not in the CWD,
+    # including those of the store's own "Default" experiment
+    beside = Path(migrated["db"]).parent.as_uri()
+    assert b["trial-0"].info.artifact_uri.startswith(beside)
+    assert dst.get_experiment("0").artifact_location.startswith(beside)
     da, db = _dataset_inputs(a["trial-0"]), _dataset_inputs(b["trial-0"])
     assert da == db and len(da) == 1
 
