@@ -58,11 +58,10 @@ ENV = {
 
 
 def Server(name: str, workers: int) -> LocalMlflowServer:
+    """A fresh server in bench/.work/NAME; `with` starts it and stops it by its PID."""
     root = WORK / name
     shutil.rmtree(root, ignore_errors=True)
-    server = LocalMlflowServer(root, workers=workers, env=ENV)
-    server.start()
-    return server
+    return LocalMlflowServer(root, workers=workers, env=ENV)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -265,92 +264,61 @@ def main() -> None:
         flush=True,
     )
 
-    src = Server("source", args.server_workers)
-    servers = [src]
-    try:
+    workers = ["--workers", str(args.workers)]
+
+    def measure(key: str, label: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        res[f"{key}_s"], res[f"{key}_rss_mb"] = run_child(cmd, env)
+        print(f"{label:<34} {res[f'{key}_s']:7.1f} s  peak {res[f'{key}_rss_mb']} MiB", flush=True)
+
+    with Server("source", args.server_workers) as src_url:
         t = time.perf_counter()
-        runs = populate(src.url, args.runs, args.metrics, args.steps, args.artifact_mb)
+        runs = populate(src_url, args.runs, args.metrics, args.steps, args.artifact_mb)
         print(f"populated the source in {time.perf_counter() - t:.1f} s", flush=True)
-        src_uri = f"mlflow+{src.url}"
+        src_uri = f"mlflow+{src_url}"
 
         # ---- export
-        bundle = WORK / "bundle"
-        shutil.rmtree(bundle, ignore_errors=True)
-        res["tb_export_s"], res["tb_export_rss_mb"] = run_child(
-            tb("export", src_uri, str(bundle), "--experiment", EXPERIMENT, "--workers", str(args.workers))
+        bundle, small, mee_dir = WORK / "bundle", WORK / "bundle-small", WORK / "mee-export"
+        for d in (bundle, small, mee_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        measure(
+            "tb_export",
+            "trackbridge export",
+            tb("export", src_uri, str(bundle), "--experiment", EXPERIMENT, *workers),
         )
-        print(
-            f"trackbridge export:        {res['tb_export_s']:7.1f} s  peak {res['tb_export_rss_mb']} MiB",
-            flush=True,
-        )
-        small = WORK / "bundle-small"
-        shutil.rmtree(small, ignore_errors=True)
         sel = [a for r in runs[: args.small_runs] for a in ("--run", r["run_id"])]
-        res["tb_export_small_s"], res["tb_export_small_rss_mb"] = run_child(
-            tb(
-                "export",
-                src_uri,
-                str(small),
-                "--experiment",
-                EXPERIMENT,
-                "--workers",
-                str(args.workers),
-                *sel,
-            )
+        measure(
+            "tb_export_small",
+            f"trackbridge export ({args.small_runs} runs)",
+            tb("export", src_uri, str(small), "--experiment", EXPERIMENT, *workers, *sel),
         )
-        print(
-            f"trackbridge export ({args.small_runs} runs): {res['tb_export_small_s']:5.1f} s  "
-            f"peak {res['tb_export_small_rss_mb']} MiB",
-            flush=True,
-        )
-
-        mee_dir = WORK / "mee-export"
-        shutil.rmtree(mee_dir, ignore_errors=True)
-        res["mee_export_s"], res["mee_export_rss_mb"] = run_child(
+        measure(
+            "mee_export",
+            "mlflow-export-import export",
             [str(mee_bin / "export-experiment"), "--experiment", EXPERIMENT, "--output-dir", str(mee_dir)],
-            env={**ENV, "MLFLOW_TRACKING_URI": src.url},
+            env={**ENV, "MLFLOW_TRACKING_URI": src_url},
         )
-        print(f"mlflow-export-import export: {res['mee_export_s']:5.1f} s", flush=True)
-
         t = time.perf_counter()
-        n = raw_read(src.url, runs, args.metrics, args.workers)
+        n = raw_read(src_url, runs, args.metrics, args.workers)
         res["raw_read_s"] = time.perf_counter() - t
         assert n == points, (n, points)
-        print(f"raw REST reads (ceiling):  {res['raw_read_s']:7.1f} s", flush=True)
-        src.stop()
-        servers.remove(src)
+        print(f"{'raw REST reads (ceiling)':<34} {res['raw_read_s']:7.1f} s", flush=True)
 
-        # ---- import, each into a fresh server
-        dest = Server("dest-trackbridge", args.server_workers)
-        servers.append(dest)
-        res["tb_import_s"], res["tb_import_rss_mb"] = run_child(
-            tb("import", str(bundle), f"mlflow+{dest.url}", "--workers", str(args.workers))
+    # ---- import, each contender into a fresh server
+    with Server("dest-trackbridge", args.server_workers) as url:
+        measure("tb_import", "trackbridge import", tb("import", str(bundle), f"mlflow+{url}", *workers))
+        measure(
+            "tb_reimport", "trackbridge re-import (no changes)", tb("import", str(bundle), f"mlflow+{url}")
         )
-        print(
-            f"trackbridge import:        {res['tb_import_s']:7.1f} s  peak {res['tb_import_rss_mb']} MiB",
-            flush=True,
+    with Server("dest-trackbridge-small", args.server_workers) as url:
+        measure(
+            "tb_import_small",
+            f"trackbridge import ({args.small_runs} runs)",
+            tb("import", str(small), f"mlflow+{url}", *workers),
         )
-        res["tb_reimport_s"], _ = run_child(tb("import", str(bundle), f"mlflow+{dest.url}"))
-        print(f"trackbridge re-import (no changes): {res['tb_reimport_s']:.1f} s", flush=True)
-        dest.stop()
-        servers.remove(dest)
-
-        dest = Server("dest-trackbridge-small", args.server_workers)
-        servers.append(dest)
-        res["tb_import_small_s"], res["tb_import_small_rss_mb"] = run_child(
-            tb("import", str(small), f"mlflow+{dest.url}", "--workers", str(args.workers))
-        )
-        print(
-            f"trackbridge import ({args.small_runs} runs): {res['tb_import_small_s']:5.1f} s  "
-            f"peak {res['tb_import_small_rss_mb']} MiB",
-            flush=True,
-        )
-        dest.stop()
-        servers.remove(dest)
-
-        dest = Server("dest-mee", args.server_workers)
-        servers.append(dest)
-        res["mee_import_s"], res["mee_import_rss_mb"] = run_child(
+    with Server("dest-mee", args.server_workers) as url:
+        measure(
+            "mee_import",
+            "mlflow-export-import import",
             [
                 str(mee_bin / "import-experiment"),
                 "--experiment-name",
@@ -358,22 +326,14 @@ def main() -> None:
                 "--input-dir",
                 str(mee_dir),
             ],
-            env={**ENV, "MLFLOW_TRACKING_URI": dest.url},
+            env={**ENV, "MLFLOW_TRACKING_URI": url},
         )
-        print(f"mlflow-export-import import: {res['mee_import_s']:5.1f} s", flush=True)
-        dest.stop()
-        servers.remove(dest)
-
-        payload = raw_payload(bundle)
-        dest = Server("dest-raw", args.server_workers)
-        servers.append(dest)
+    payload = raw_payload(bundle)
+    with Server("dest-raw", args.server_workers) as url:
         t = time.perf_counter()
-        raw_write(dest.url, payload, WORK / "artifact.bin", args.workers)
+        raw_write(url, payload, WORK / "artifact.bin", args.workers)
         res["raw_write_s"] = time.perf_counter() - t
-        print(f"raw REST writes (ceiling): {res['raw_write_s']:7.1f} s", flush=True)
-    finally:
-        for s in servers:
-            s.stop()
+        print(f"{'raw REST writes (ceiling)':<34} {res['raw_write_s']:7.1f} s", flush=True)
 
     res["export_vs_mee"] = res["mee_export_s"] / res["tb_export_s"]
     res["export_vs_raw"] = res["raw_read_s"] / res["tb_export_s"]

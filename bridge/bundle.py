@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bridge import __version__, schema
-from bridge.errors import BadInputError, SourceNotFoundError, UsageError
+from bridge.errors import BadInputError, SourceNotFoundError, UsageError, first_line
 from bridge.files import atomic_path, atomic_write_bytes, copy_hashed, safe_relpath, sha256_file
 from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection
 
@@ -325,7 +325,7 @@ class BundleSource:
         try:
             tbl = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
-            raise BadInputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from e
+            raise BadInputError(f"{path}: not a readable Parquet file ({first_line(e, limit=500)})") from e
         return self._conform(tbl, name, path)
 
     def _checked_file(self, entry: dict[str, Any]) -> Path:
@@ -349,7 +349,7 @@ class BundleSource:
         try:
             return tbl.cast(want)
         except (pa.ArrowException, ValueError) as e:
-            raise BadInputError(f"{path}: column types do not match ({_first_line(e)})") from e
+            raise BadInputError(f"{path}: column types do not match ({first_line(e, limit=500)})") from e
 
     def _iter_metrics(self, marker: dict[str, Any]) -> Iterator[pa.RecordBatch]:
         entry = marker["tables"].get("metrics")
@@ -362,7 +362,7 @@ class BundleSource:
             for batch in pf.iter_batches(batch_size=65536):
                 yield batch.cast(schema.SCHEMAS["metrics"])
         except (pa.ArrowException, OSError) as e:
-            raise BadInputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from e
+            raise BadInputError(f"{path}: not a readable Parquet file ({first_line(e, limit=500)})") from e
 
     # -- Source protocol
 
@@ -482,7 +482,3 @@ class BundleSource:
                     elif sha256_file(p) != b:
                         problems.append(f"{p}: checksum mismatch")
         return problems
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from bridge import __version__, engine
-from bridge.errors import ExitCode, TrackbridgeError, UsageError
+from bridge.errors import ExitCode, TrackbridgeError, UsageError, first_line
 from bridge.model import Selection
 from bridge.progress import progress
 from bridge.report import Report
@@ -436,9 +436,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if _State.debug:
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         click.echo(
-            f"trackbridge: error: {type(e).__name__}: {first} (run with --debug for details)", err=True
+            f"trackbridge: error: {type(e).__name__}: {first_line(e)} (run with --debug for details)",
+            err=True,
         )
         sys.exit(ExitCode.INTERNAL)
 

@@ -12,7 +12,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from bridge.errors import TrackbridgeError, UsageError
+from bridge.errors import TrackbridgeError, UsageError, first_line
 from bridge.model import Selection, Sink, Source
 from bridge.progress import Bar
 from bridge.report import Report
@@ -70,7 +70,7 @@ def copy(
             rr.outcome, rr.error = "failed", str(e)
         except Exception as e:
             rr.outcome = "failed"
-            rr.error = f"{type(e).__name__}: {_first_line(e)}"
+            rr.error = f"{type(e).__name__}: {first_line(e)}"
             rr._traceback = traceback.format_exc()  # type: ignore[attr-defined]
         bar.advance(task, 1, rr.points)
 
@@ -98,9 +98,4 @@ def _guard(report: Report, what: str, fn: Any, *args: Any) -> None:
     except TrackbridgeError as e:
         report.errors.append(f"{what}: {e}")
     except Exception as e:  # reported; the exit code says partial
-        report.errors.append(f"{what}: {type(e).__name__}: {_first_line(e)}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:500] if text else ""
+        report.errors.append(f"{what}: {type(e).__name__}: {first_line(e)}")

@@ -20,6 +20,12 @@ class ExitCode:
     INTERRUPTED = 130
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a user: its message's first line, else its type."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class TrackbridgeError(Exception):
     """Base class: a problem the user can act on, reported as one line."""
 

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,6 +65,34 @@ def client(tracking_uri: str):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     _create_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def paged(search: Callable[[str | None], Any]) -> Iterator[Any]:
+    """Every item of a paged MLflow search; ``search(token)`` returns one PagedList."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def walk_artifacts(lister: Callable[[str | None], Any], path: str | None = None) -> Iterator[Any]:
+    """Every file (not folder) below ``path``; ``lister`` is list_artifacts or its kin."""
+    for fi in lister(path):
+        if fi.is_dir:
+            yield from walk_artifacts(lister, fi.path)
+        else:
+            yield fi
+
+
+def endpoint_missing(e: BaseException) -> bool:
+    """True only when the server lacks the API (a pre-3.0 MLflow has no logged models).
+
+    Any other failure must surface: treating it as "no logged models" would drop them.
+    """
+    return getattr(e, "error_code", None) in ("ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED")
 
 
 def sqlite_artifact_root(tracking_uri: str) -> Path | None:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from bridge import mlflow_common as mc
 from bridge import schema
-from bridge.errors import SourceNotFoundError
+from bridge.errors import BadInputError, SourceNotFoundError, first_line
 from bridge.files import temp_dir
 from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection
 
@@ -37,6 +37,7 @@ class MlflowSource:
         self._runs: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._models_by_run: dict[str, list[Any]] | None = None
+        self._exps: list[Any] | None = None
         self._rest = tracking_uri.startswith(("http://", "https://"))
         # destination key -> source key, for objects trackbridge itself imported
         self._origin: dict[str, str] = {}
@@ -64,36 +65,45 @@ class MlflowSource:
         try:
             self.client.search_experiments(max_results=1)
         except MlflowException as e:
-            raise SourceNotFoundError(f"{self.describe()}: cannot read ({_short(e)})") from e
+            raise SourceNotFoundError(f"{self.describe()}: cannot read ({first_line(e)})") from e
         except OSError as e:
-            raise SourceNotFoundError(f"{self.describe()}: cannot connect ({_short(e)})") from e
+            raise SourceNotFoundError(f"{self.describe()}: cannot connect ({first_line(e)})") from e
 
     # -- projects
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
+        out = []
+        for e in self._experiments():
+            tags = dict(e.tags)
+            row = {
+                "project_key": mc.project_key(e.experiment_id),
+                "system": "mlflow",
+                "source_id": e.experiment_id,
+                "name": e.name,
+                "description": tags.get(mc.TAG_NOTE),
+                "lifecycle": e.lifecycle_stage,
+                "created_at": mc.ms_to_dt(e.creation_time),
+                # the note is the description; keep it in one place only
+                "tags": sorted((k, v) for k, v in mc.user_tags(tags).items() if k != mc.TAG_NOTE),
+            }
+            if sel.wants_project(row) and (sel.include_deleted or e.lifecycle_stage != "deleted"):
+                out.append(row)
+        return out
+
+    def _experiments(self) -> list[Any]:
+        """Every experiment, deleted ones too; listed once, for projects and logged models."""
         from mlflow.entities import ViewType
 
-        out, token = [], None
-        while True:
-            page = self.client.search_experiments(view_type=ViewType.ALL, max_results=PAGE, page_token=token)
-            for e in page:
-                tags = dict(e.tags)
-                row = {
-                    "project_key": mc.project_key(e.experiment_id),
-                    "system": "mlflow",
-                    "source_id": e.experiment_id,
-                    "name": e.name,
-                    "description": tags.get(mc.TAG_NOTE),
-                    "lifecycle": e.lifecycle_stage,
-                    "created_at": mc.ms_to_dt(e.creation_time),
-                    # the note is the description; keep it in one place only
-                    "tags": sorted((k, v) for k, v in mc.user_tags(tags).items() if k != mc.TAG_NOTE),
-                }
-                if sel.wants_project(row) and (sel.include_deleted or e.lifecycle_stage != "deleted"):
-                    out.append(row)
-            token = page.token
-            if not token:
-                return out
+        with self._lock:
+            if self._exps is None:
+                self._exps = list(
+                    mc.paged(
+                        lambda t: self.client.search_experiments(
+                            view_type=ViewType.ALL, max_results=PAGE, page_token=t
+                        )
+                    )
+                )
+            return self._exps
 
     # -- runs
 
@@ -109,26 +119,23 @@ class MlflowSource:
         out = []
         ids = [p["source_id"] for p in projects]
         for i in range(0, len(ids), 100):
-            token = None
-            while True:
-                page = self.client.search_runs(
-                    experiment_ids=ids[i : i + 100],
+            chunk = ids[i : i + 100]
+            for r in mc.paged(
+                lambda t, chunk=chunk: self.client.search_runs(
+                    experiment_ids=chunk,
                     filter_string=" and ".join(filters),
                     run_view_type=view,
                     max_results=PAGE,
                     order_by=["attributes.start_time ASC"],
-                    page_token=token,
+                    page_token=t,
                 )
-                for r in page:
-                    row = self._run_row(r)
-                    self._remember(row["run_key"], r.data.tags)
-                    if sel.wants_run(row):
-                        with self._lock:
-                            self._runs[r.info.run_id] = r
-                        out.append(row)
-                token = page.token
-                if not token:
-                    break
+            ):
+                row = self._run_row(r)
+                self._remember(row["run_key"], r.data.tags)
+                if sel.wants_run(row):
+                    with self._lock:
+                        self._runs[r.info.run_id] = r
+                    out.append(row)
         return out
 
     def _run_row(self, r: Any) -> dict[str, Any]:
@@ -303,25 +310,23 @@ class MlflowSource:
     # -- artifacts
 
     def _mapping(self, run_id: str) -> dict[str, Any]:
+        """The originals the importer had to map. Unreadable means the run fails, loudly:
+        exporting the truncated values as if they were the originals would lose data."""
         with temp_dir() as d:
             try:
                 local = self.client.download_artifacts(run_id, mc.MAPPING_ARTIFACT, str(d))
-            except Exception:
-                return {}
-            with open(local) as f:
-                return json.load(f)
-
-    def _list_files(self, lister: Any, path: str | None = None) -> Iterator[Any]:
-        for fi in lister(path):
-            if fi.is_dir:
-                yield from self._list_files(lister, fi.path)
-            else:
-                yield fi
+                with open(local) as f:
+                    return json.load(f)
+            except Exception as e:
+                raise BadInputError(
+                    f"run {run_id} is tagged {mc.TAG_MAPPED} but its {mc.MAPPING_ARTIFACT} cannot be read "
+                    f"({first_line(e)}); its mapped params and tags cannot be restored"
+                ) from e
 
     def _run_files(self, r: Any, skip_mapping: bool) -> ArtifactPayload:
         run_id = r.info.run_id
         files = []
-        for fi in self._list_files(lambda p: self.client.list_artifacts(run_id, p)):
+        for fi in mc.walk_artifacts(lambda p: self.client.list_artifacts(run_id, p)):
             if skip_mapping and fi.path == mc.MAPPING_ARTIFACT:
                 continue
             files.append(
@@ -364,31 +369,23 @@ class MlflowSource:
     def _all_logged_models(self) -> dict[str, list[Any]]:
         if self._models_by_run is not None:
             return self._models_by_run
-        from mlflow.entities import ViewType
+        from mlflow.exceptions import MlflowException
 
         by_run: dict[str, list[Any]] = {}
-        exp_ids = []
-        token = None
-        while True:
-            page = self.client.search_experiments(view_type=ViewType.ALL, max_results=PAGE, page_token=token)
-            exp_ids += [e.experiment_id for e in page]
-            token = page.token
-            if not token:
-                break
+        exp_ids = [e.experiment_id for e in self._experiments()]
         for i in range(0, len(exp_ids), 100):
-            token = None
-            while True:
-                try:
-                    page = self.client.search_logged_models(
-                        experiment_ids=exp_ids[i : i + 100], max_results=100, page_token=token
+            chunk = exp_ids[i : i + 100]
+            try:
+                for m in mc.paged(
+                    lambda t, chunk=chunk: self.client.search_logged_models(
+                        experiment_ids=chunk, max_results=100, page_token=t
                     )
-                except Exception:
-                    break
-                for m in page:
+                ):
                     by_run.setdefault(m.source_run_id or "", []).append(m)
-                token = page.token
-                if not token:
-                    break
+            except MlflowException as e:
+                if not mc.endpoint_missing(e):
+                    raise
+                break  # a pre-3.0 server: there are no logged models to move
         with self._lock:
             self._models_by_run = by_run
         return by_run
@@ -429,7 +426,7 @@ class MlflowSource:
                 sha256=None,
                 fetch=self._uri_fetcher(f"{m.artifact_location.rstrip('/')}/{fi.path}"),
             )
-            for fi in self._list_files(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))
+            for fi in mc.walk_artifacts(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))
         ]
         row = {
             "artifact_key": mc.model_key(m.model_id),
@@ -458,20 +455,12 @@ class MlflowSource:
         with self._lock:
             selected = set(self._runs)
         filtered = bool(sel.projects or sel.runs or sel.since or sel.until)
-        models, token = [], None
-        while True:
-            page = self.client.search_registered_models(max_results=PAGE, page_token=token)
-            models += list(page)
-            token = page.token
-            if not token:
-                break
-        versions, token = [], None
-        while True:
-            page = self.client.search_model_versions(max_results=10000, page_token=token)
-            versions += list(page)
-            token = page.token
-            if not token:
-                break
+        models = list(
+            mc.paged(lambda t: self.client.search_registered_models(max_results=PAGE, page_token=t))
+        )
+        versions = list(
+            mc.paged(lambda t: self.client.search_model_versions(max_results=10000, page_token=t))
+        )
         # search_model_versions leaves ModelVersion.aliases empty; the models carry them.
         aliases: dict[tuple[str, str], list[str]] = {}
         for m in models:
@@ -576,8 +565,3 @@ def _model_points(models: list[Any]) -> dict[tuple[str, int, int, float], tuple[
                 x.dataset_digest,
             )
     return out
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

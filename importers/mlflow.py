@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from bridge import mlflow_common as mc
 from bridge import schema
-from bridge.errors import DestinationError
+from bridge.errors import DestinationError, first_line
 from bridge.files import temp_dir
 from bridge.model import ArtifactPayload, RegistryPayload, RunPayload
 from bridge.report import RunReport
@@ -112,7 +112,7 @@ class MlflowSink:
         try:
             self.client.search_experiments(max_results=1)
         except (MlflowException, OSError) as e:
-            raise DestinationError(f"{self.describe()}: cannot write ({_short(e)})") from e
+            raise DestinationError(f"{self.describe()}: cannot write ({first_line(e)})") from e
 
     def finish(self) -> None:
         if self.dry_run:
@@ -151,31 +151,32 @@ class MlflowSink:
 
     # -- identity look-ups
 
-    def _runs_index(self, exp_id: str) -> dict[str, Any]:
+    def _cached(self, cache: dict[str, dict[str, Any]], exp_id: str, load: Any) -> dict[str, Any]:
+        """Build a per-experiment index once, even with several workers asking at once."""
         with self._lock:
-            lock = self._exp_locks.setdefault(exp_id, threading.Lock())
+            lock = self._exp_locks.setdefault(f"{id(cache)}:{exp_id}", threading.Lock())
         with lock:
-            if exp_id in self._index:
-                return self._index[exp_id]
-            from mlflow.entities import ViewType
+            if exp_id not in cache:
+                cache[exp_id] = load(exp_id)
+            return cache[exp_id]
 
-            found: dict[str, Any] = {}
-            token = None
-            while True:
-                page = self.client.search_runs(
+    def _runs_index(self, exp_id: str) -> dict[str, Any]:
+        """Runs trackbridge wrote into the experiment, by source key (deleted ones too)."""
+        from mlflow.entities import ViewType
+
+        def load(exp_id: str) -> dict[str, Any]:
+            runs = mc.paged(
+                lambda t: self.client.search_runs(
                     [exp_id],
                     filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` LIKE '%'",
                     run_view_type=ViewType.ALL,
                     max_results=1000,
-                    page_token=token,
+                    page_token=t,
                 )
-                for r in page:
-                    found[r.data.tags[mc.TAG_SOURCE_KEY]] = r
-                token = page.token
-                if not token:
-                    break
-            self._index[exp_id] = found
-            return found
+            )
+            return {r.data.tags[mc.TAG_SOURCE_KEY]: r for r in runs}
+
+        return self._cached(self._index, exp_id, load)
 
     def _find_run_id(self, run_key: str) -> str | None:
         with self._lock:
@@ -192,25 +193,23 @@ class MlflowSink:
         return page[0].info.run_id if page else None
 
     def _models_index(self, exp_id: str) -> dict[str, Any]:
-        with self._lock:
-            lock = self._exp_locks.setdefault("m" + exp_id, threading.Lock())
-        with lock:
-            if exp_id not in self._model_index:
-                found: dict[str, Any] = {}
-                token = None
-                while True:
-                    try:
-                        page = self.client.search_logged_models([exp_id], max_results=100, page_token=token)
-                    except Exception:
-                        break
-                    for m in page:
-                        if mc.TAG_SOURCE_KEY in m.tags:
-                            found[m.tags[mc.TAG_SOURCE_KEY]] = m
-                    token = page.token
-                    if not token:
-                        break
-                self._model_index[exp_id] = found
-            return self._model_index[exp_id]
+        """Logged models trackbridge wrote into the experiment, by source key."""
+        from mlflow.exceptions import MlflowException
+
+        def load(exp_id: str) -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            try:
+                for m in mc.paged(
+                    lambda t: self.client.search_logged_models([exp_id], max_results=100, page_token=t)
+                ):
+                    if mc.TAG_SOURCE_KEY in m.tags:
+                        found[m.tags[mc.TAG_SOURCE_KEY]] = m
+            except MlflowException as e:
+                if not mc.endpoint_missing(e):
+                    raise
+            return found
+
+        return self._cached(self._model_index, exp_id, load)
 
     # -- runs
 
@@ -348,10 +347,11 @@ class MlflowSink:
             if have_keys:
                 recs = self._missing(run_id, recs, have_keys, have)
             pending += recs
-            while len(pending) >= MAX_METRICS_PER_BATCH:
-                self._send_metrics(run_id, pending[:MAX_METRICS_PER_BATCH])
-                report.points += MAX_METRICS_PER_BATCH
-                pending = pending[MAX_METRICS_PER_BATCH:]
+            full = len(pending) - len(pending) % MAX_METRICS_PER_BATCH
+            for i in range(0, full, MAX_METRICS_PER_BATCH):
+                self._send_metrics(run_id, pending[i : i + MAX_METRICS_PER_BATCH])
+            report.points += full
+            del pending[:full]  # one shift per source batch, not one per request
         if pending:
             self._send_metrics(run_id, pending)
             report.points += len(pending)
@@ -396,16 +396,12 @@ class MlflowSink:
         self.client.log_batch(run_id, metrics=[Metric(**r) for r in recs], synchronous=True)
 
     def _upload_run_files(self, run_id: str, art: ArtifactPayload, existed: bool, report: RunReport) -> None:
-        have: dict[str, int | None] = {}
-        if existed:
-            have = {fi.path: fi.file_size for fi in _walk(lambda p: self.client.list_artifacts(run_id, p))}
-        for f in art.files:
-            if f.path in have and (f.size is None or have[f.path] == f.size):
-                continue
-            with f.fetch() as local:
-                _upload_one(local, f.path, lambda lp, ap: self.client.log_artifact(run_id, lp, ap))
-            report.files += 1
-            report.bytes += int(f.size or 0)
+        _upload_missing(
+            art,
+            (lambda p: self.client.list_artifacts(run_id, p)) if existed else None,
+            lambda lp, ap: self.client.log_artifact(run_id, lp, ap),
+            report,
+        )
 
     def _write_datasets(self, run_id: str, tbl: pa.Table, existing: Any) -> None:
         if tbl.num_rows == 0:
@@ -460,15 +456,12 @@ class MlflowSink:
                 index[key] = m
         with self._lock:
             self._model_ids[key] = m.model_id
-        have = {
-            fi.path: fi.file_size
-            for fi in _walk(lambda p: self.client.list_logged_model_artifacts(m.model_id, p))
-        }
-        for f in art.files:
-            if f.path in have and (f.size is None or have[f.path] == f.size):
-                continue
-            with f.fetch() as local:
-                _upload_one(local, f.path, lambda lp, ap: self.client.log_model_artifact(m.model_id, lp, ap))
+        _upload_missing(
+            art,
+            lambda p: self.client.list_logged_model_artifacts(m.model_id, p),
+            lambda lp, ap: self.client.log_model_artifact(m.model_id, lp, ap),
+            report,
+        )
         status = meta.get("status", "READY")
         if "READY" in status and str(m.status) != str(LoggedModelStatus.READY):
             self.client.finalize_logged_model(m.model_id, LoggedModelStatus.READY)
@@ -596,7 +589,7 @@ class _Plan:
         self._tag_keys = _KeySpace()
         self._metric_keys = _KeySpace()
         self._metric_cache: dict[str, str] = {}
-        self._dropped_links: set[str] = set()
+        self._reported: set[tuple[str, str, str]] = set()
 
     def mapping_needed(self) -> bool:
         return any(self.mapping[k] for k in ("params", "tags", "metrics"))
@@ -651,15 +644,11 @@ class _Plan:
             )
         return out
 
-    def model_link_dropped(self, model_key: str) -> None:
-        if model_key not in self._dropped_links:
-            self._dropped_links.add(model_key)
-            self.report.mapped(
-                "model-link-dropped",
-                "metrics.model_key",
-                f"points linked to {model_key}, which is not in the destination, "
-                "were logged to the run without the link",
-            )
+    def once(self, kind: str, where: str, detail: str) -> None:
+        """Report a mapping that applies to many points once per run, not once per batch."""
+        if (kind, where, detail) not in self._reported:
+            self._reported.add((kind, where, detail))
+            self.report.mapped(kind, where, detail)
 
     def metric_key(self, original: str) -> str:
         k = self._metric_cache.get(original)
@@ -681,8 +670,7 @@ def _fingerprint(payload: RunPayload) -> str:
             h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
         h.update(json.dumps(payload.run, default=str, sort_keys=True).encode())
         for b in payload.metrics():
-            for col in b.columns:
-                h.update(col.to_string().encode())
+            h.update(b.serialize())  # every value; Array.to_string() elides the middle
         for a in payload.artifacts:
             h.update(json.dumps([a.row, [(f.path, f.size) for f in a.files]], default=str).encode())
         fp = h.hexdigest()
@@ -693,10 +681,20 @@ def _records(batch: pa.RecordBatch, plan: _Plan, model_ids: dict[str, str]) -> l
     """A batch of neutral points as MLflow metric dicts, column-wise rather than per point."""
     enc = batch.column("key").dictionary_encode()
     keys = pa.array([plan.metric_key(k) for k in enc.dictionary.to_pylist()], pa.string())
+    micros = batch.column("timestamp").cast(pa.int64())
+    millis = pc.divide(micros, 1000)
+    if pc.any(pc.not_equal(pc.multiply(millis, 1000), micros)).as_py():
+        plan.once(
+            "timestamp-truncated",
+            "metrics.timestamp",
+            "MLflow keeps milliseconds; sub-millisecond parts of timestamps were dropped",
+        )
+    if pc.any(pc.is_inf(batch.column("value"))).as_py():
+        plan.once("value-clamped", "metrics.value", "MLflow stores +/-Infinity as +/-1.7976931348623157e308")
     cols = {
         "key": keys.take(enc.indices),
         "value": batch.column("value"),
-        "timestamp": pc.divide(batch.column("timestamp").cast(pa.int64()), 1000),
+        "timestamp": millis,
         "step": batch.column("step"),
     }
     recs = pa.table(cols).to_pylist()
@@ -709,7 +707,12 @@ def _records(batch: pa.RecordBatch, plan: _Plan, model_ids: dict[str, str]) -> l
             if model_id:
                 recs[i].update(model_id=model_id, dataset_name=names[i], dataset_digest=digests[i])
             elif m:
-                plan.model_link_dropped(m)
+                plan.once(
+                    "model-link-dropped",
+                    "metrics.model_key",
+                    f"points linked to {m}, which is not in the destination, "
+                    "were logged to the run without the link",
+                )
     return recs
 
 
@@ -739,12 +742,17 @@ def _chunks_by_size(items: list[Any], max_count: int, max_bytes: int) -> Iterato
         yield chunk
 
 
-def _walk(lister: Any, path: str | None = None) -> Iterator[Any]:
-    for fi in lister(path):
-        if fi.is_dir:
-            yield from _walk(lister, fi.path)
-        else:
-            yield fi
+def _upload_missing(art: ArtifactPayload, lister: Any, log: Any, report: RunReport | None) -> None:
+    """Upload the files the destination lacks (same path and size counts as present)."""
+    have = {fi.path: fi.file_size for fi in mc.walk_artifacts(lister)} if lister else {}
+    for f in art.files:
+        if f.path in have and (f.size is None or have[f.path] == f.size):
+            continue
+        with f.fetch() as local:
+            _upload_one(local, f.path, log)
+        if report is not None:
+            report.files += 1
+            report.bytes += int(f.size or 0)
 
 
 def _upload_one(local: str, rel: str, log: Any) -> None:
@@ -766,8 +774,3 @@ def _upload_one(local: str, rel: str, log: Any) -> None:
 
 def _quote(s: str) -> str:
     return s.replace("\\", "\\\\").replace("'", "\\'")
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

@@ -129,3 +129,56 @@ def test_a_link_to_a_logged_model_outside_the_import_is_reported(tmp_path):
     report = engine.copy(BundleSource(bundle), open_sink(dest), Selection())
     assert report.points == 1 and not report.failed
     assert [m.kind for _, m in report.all_mappings()] == ["model-link-dropped"]
+
+
+def test_fingerprint_without_a_source_digest_sees_every_point():
+    """A run whose source offers no digest is hashed in full, not from a printed summary."""
+    from importers.mlflow import _fingerprint
+
+    points = [("loss", i, float(i)) for i in range(100)]
+    a = f.payload(f.run("test:run/fp"), points=points)
+    changed = list(points)
+    changed[50] = ("loss", 50, -1.0)
+    b = f.payload(f.run("test:run/fp"), points=changed)
+    assert a.fingerprint is None and b.fingerprint is None
+    assert _fingerprint(a) != _fingerprint(b)
+    assert _fingerprint(a) == _fingerprint(f.payload(f.run("test:run/fp"), points=points))
+
+
+def test_sub_millisecond_times_and_infinities_are_reported(tmp_path):
+    row = f.run("test:run/precise")
+    batch = f.metrics("test:run/precise", [("x", 0, float("inf")), ("x", 1, 1.0)])
+    ts = batch.column("timestamp").cast(pa.int64()).to_pylist()
+    batch = batch.set_column(
+        batch.schema.get_field_index("timestamp"),
+        "timestamp",
+        pa.array([ts[0] + 250, ts[1]], pa.int64()).cast(batch.schema.field("timestamp").type),
+    )
+    pl = f.payload(row)
+    pl.metrics = lambda: iter([batch])
+    bundle = f.write_bundle(tmp_path / "bundle", [f.project()], [pl])
+    report = engine.copy(
+        BundleSource(bundle), open_sink(f"mlflow+sqlite:///{tmp_path / 'd.db'}"), Selection()
+    )
+    assert report.points == 2
+    assert sorted(m.kind for _, m in report.all_mappings()) == ["timestamp-truncated", "value-clamped"]
+
+
+def test_an_unreadable_mapping_fails_the_run_instead_of_exporting_truncated_values(tmp_path):
+    bundle = _bundle(tmp_path)
+    dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
+    engine.copy(BundleSource(bundle), open_sink(dest), Selection())
+    for p in (tmp_path / "dest-artifacts").rglob("mapping.json"):
+        p.unlink()
+    report = engine.copy(open_source(dest), BundleWriter(tmp_path / "back"), Selection())
+    assert report.count("failed") == 1
+    assert "trackbridge/mapping.json cannot be read" in report.runs[0].error
+
+
+def test_only_a_missing_endpoint_counts_as_no_logged_models():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND, INTERNAL_ERROR
+
+    assert mc.endpoint_missing(MlflowException("old server", error_code=ENDPOINT_NOT_FOUND))
+    assert not mc.endpoint_missing(MlflowException("boom", error_code=INTERNAL_ERROR))
+    assert not mc.endpoint_missing(ConnectionError("reset"))
