@@ -65,6 +65,8 @@ def copy(
         rr = report.run(row["run_key"], row.get("name"))
         try:
             payload = source.read_run(row)
+            for note in payload.source_notes:
+                rr.mapped(*note)
             rr.outcome = sink.write_run(payload, rr)
         except TrackbridgeError as e:
             rr.outcome, rr.error = "failed", str(e)

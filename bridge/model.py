@@ -58,6 +58,9 @@ class RunPayload:
     artifacts: list[ArtifactPayload] = field(default_factory=list)
     # A digest of the run's content when the source can give one cheaply (bundles can).
     fingerprint: str | None = None
+    # What the source could not give in full (kind, where, detail): a truncated log, a
+    # file already gone. The engine copies these into the run's report.
+    source_notes: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def key(self) -> str:

@@ -60,6 +60,8 @@ def parse(uri: str) -> Target:
         return Target("mlflow", uri.split("+", 1)[1], uri)
     if scheme == "bundle":
         return Target("bundle", rest, uri)
+    if scheme == "wandb+offline":
+        return Target("wandb+offline", _path_of(rest), uri)
     if scheme in KNOWN:
         raise UsageError(f"{redact(uri)}: the {scheme!r} adapter is not available in this version yet")
     raise UsageError(
@@ -80,6 +82,10 @@ def open_source(uri: str, **options: object):
 
         _check_local_store_exists(t)
         return MlflowSource(t.inner, safe=redact(t.inner), **options)  # type: ignore[arg-type]
+    if t.scheme == "wandb+offline":
+        from exporters.wandb import WandbOfflineSource
+
+        return WandbOfflineSource(t.inner)
     raise AssertionError(t.scheme)
 
 
@@ -94,6 +100,11 @@ def open_sink(uri: str, **options: object):
 
         return MlflowSink(t.inner, safe=redact(t.inner), **options)  # type: ignore[arg-type]
     raise AssertionError(t.scheme)
+
+
+def _path_of(rest: str) -> str:
+    """``wandb+offline:///abs`` and ``wandb+offline://rel/path`` both name a local folder."""
+    return str(Path(rest).expanduser()) if rest.startswith("/") else str(Path.cwd() / rest)
 
 
 def _check_local_store_exists(t: Target) -> None:

@@ -1,0 +1,130 @@
+"""What the W&B exporters and importer agree on: keys, config shape, the step axis.
+
+Run keys leave out the entity on purpose. An offline run often has no entity, and
+``wandb sync`` later files it under the user's default one; the same run read from its
+``.wandb`` file today and from the API tomorrow must have one key, or a nightly sync
+would copy it twice. Run ids are random per project, so project + id is unique enough.
+
+W&B cannot take some source fields through its SDK (start and end time, status other
+than an exit code, key/value tags, a non-monotonic step). The importer keeps them in
+one config entry, ``_trackbridge``, that the exporters read back and hide, so
+MLflow → W&B → MLflow returns what went in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge import schema
+
+META_KEY = "_trackbridge"
+# The x-axis the importer logs when the source's steps cannot be W&B's ``_step``.
+STEP_AXIS = "trackbridge/step"
+# Keys W&B itself maintains in every history row and summary.
+HISTORY_INTERNAL = ("_step", "_timestamp", "_runtime")
+SUMMARY_INTERNAL = ("_wandb", "_step", "_timestamp", "_runtime")
+CONFIG_INTERNAL = ("_wandb", META_KEY)
+
+
+def run_key(project: str, run_id: str) -> str:
+    return f"wandb:run/{project}/{run_id}"
+
+
+def project_key(project: str) -> str:
+    return f"wandb:project/{project}"
+
+
+def artifact_key(project: str, name: str, digest: str) -> str:
+    return f"wandb:artifact/{project}/{name}@{digest}"
+
+
+def files_key(project: str, run_id: str) -> str:
+    return f"{run_key(project, run_id)}#files"
+
+
+def seconds_to_dt(seconds: float | None) -> datetime | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(round(seconds * 1_000_000) / 1_000_000, UTC)
+
+
+def status_from_exit(exit_code: int | None, truncated: bool) -> str:
+    if truncated:
+        return "crashed"
+    if exit_code is None:
+        return "running"  # no exit record yet: still running, or killed without one
+    return "finished" if exit_code == 0 else "failed"
+
+
+def flatten(config: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[list[str], Any]]:
+    """Leaves of a nested config as (path, value).
+
+    An empty dict is a leaf (it is data), and so is a dict with ``_type``: that is one W&B
+    media value (an image, a histogram), not a namespace.
+    """
+    for k, v in config.items():
+        path = (*prefix, str(k))
+        if isinstance(v, dict) and v and "_type" not in v:
+            yield from flatten(v, path)
+        else:
+            yield list(path), v
+
+
+def param_rows(run_key_: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_key": run_key_,
+            "path": path,
+            "value_json": schema.dumps_value(v),
+            "value_type": schema.value_type(v),
+        }
+        for path, v in flatten({k: v for k, v in config.items() if k not in CONFIG_INTERNAL})
+    ]
+
+
+def unflatten(rows: Iterable[tuple[list[str], Any]]) -> dict[str, Any]:
+    """Rebuild a nested config from (path, value) leaves."""
+    out: dict[str, Any] = {}
+    for path, value in rows:
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = node[part] = {}
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = node[part] = {}
+        node = nxt
+    node[path[-1]] = value
+
+
+def del_path(tree: dict[str, Any], path: list[str]) -> None:
+    node: Any = tree
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
+def sandbox_env(root: str | os.PathLike[str]) -> dict[str, str]:
+    """Every directory the SDK writes to, inside ``root``, so nothing lands in HOME."""
+    root = os.fspath(root)
+    return {
+        "WANDB_DIR": root,
+        "WANDB_DATA_DIR": os.path.join(root, "data"),
+        "WANDB_CACHE_DIR": os.path.join(root, "cache"),
+        "WANDB_CONFIG_DIR": os.path.join(root, "config"),
+    }

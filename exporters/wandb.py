@@ -1,0 +1,616 @@
+"""Read W&B offline runs (``wandb+offline://PATH``) into the neutral schema.
+
+PATH holds ``offline-run-*`` / ``run-*`` folders at any depth (the layout ``wandb
+offline`` leaves on an HPC cluster), or is one such folder. Each folder's
+``run-<id>.wandb`` is a record log (``bridge.wandb_log``); a run resumed offline leaves
+several folders with one id, read in order as one run.
+
+History is the bulk of the data, so it is decoded in one pass with all values of a run
+parsed by a single ``json.loads`` and turned into Arrow columns at the end, instead of
+building a Python object per point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import shlex
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bridge import schema
+from bridge import wandb_common as wc
+from bridge.errors import BadInputError, SourceNotFoundError
+from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection
+from bridge.wandb_log import RecordLog
+
+RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
+# Files the SDK writes into every run folder itself; they are read, never restored.
+SDK_FILES = frozenset({"wandb-metadata.json", "wandb-summary.json", "config.yaml", "requirements.txt"})
+
+
+@dataclass
+class _RunFiles:
+    project: str
+    run_id: str
+    entity: str
+    logs: list[Path] = field(default_factory=list)
+    head_error: str | None = None
+
+
+class WandbOfflineSource:
+    def __init__(self, path: str, safe: str | None = None) -> None:
+        self.root = Path(path).expanduser()
+        self.safe = safe or str(self.root)
+        if not self.root.exists():
+            raise SourceNotFoundError(f"wandb+offline://{self.safe}: no such folder {self.root}")
+        self._runs = self._discover()
+        self._origin: dict[str, str] = {}
+
+    def describe(self) -> str:
+        return f"wandb+offline://{self.safe}"
+
+    def close(self) -> None:
+        pass
+
+    def origin_of(self, kind: str, key: str) -> str:
+        return self._origin.get(key, key)
+
+    # -- discovery
+
+    def _discover(self) -> dict[str, _RunFiles]:
+        found: list[tuple[str, Path]] = []
+        candidates = [self.root] if RUN_DIR.match(self.root.name) else []
+        candidates += [p for p in self.root.rglob("*") if p.is_dir() and RUN_DIR.match(p.name)]
+        for d in candidates:
+            m = RUN_DIR.match(d.name)
+            assert m
+            for log in sorted(d.glob("run-*.wandb")):
+                found.append((m.group(1), log))
+        found.sort()
+        runs: dict[str, _RunFiles] = {}
+        for _, log in found:
+            project, run_id, entity, err = _head(log)
+            key = wc.run_key(project, run_id)
+            rf = runs.setdefault(key, _RunFiles(project, run_id, entity))
+            rf.logs.append(log)
+            rf.head_error = rf.head_error or err
+        return runs
+
+    def projects(self, sel: Selection) -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for rf in self._runs.values():
+            if rf.head_error and not rf.project:
+                continue
+            row = {
+                "project_key": wc.project_key(rf.project),
+                "system": "wandb",
+                "source_id": f"{rf.entity}/{rf.project}" if rf.entity else rf.project,
+                "name": rf.project,
+                "lifecycle": "active",
+                "tags": [],
+            }
+            if sel.wants_project(row):
+                out.setdefault(row["project_key"], row)
+        return sorted(out.values(), key=lambda r: r["name"])
+
+    def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keys = {p["project_key"] for p in projects}
+        out = []
+        for key, rf in self._runs.items():
+            if wc.project_key(rf.project) not in keys and not (rf.head_error and not rf.project):
+                continue
+            row = {
+                "run_key": key,
+                "project_key": wc.project_key(rf.project),
+                "source_id": rf.run_id,
+                "name": None,
+                "start_time": None,
+                "lifecycle": "active",
+            }
+            head = None if rf.head_error else _run_head(rf.logs[0])
+            if head:
+                row.update(head)
+            if sel.wants_run(row):
+                out.append(row)
+        return out
+
+    # -- one run
+
+    def read_run(self, run: dict[str, Any]) -> RunPayload:
+        rf = self._runs[run["run_key"]]
+        parsed = _Parser(run["run_key"])
+        for log in rf.logs:
+            parsed.read(log)
+        metrics_tbl, series_tbl = parsed.tables()
+        row = parsed.run_row(run["project_key"], rf)
+        meta = parsed.config.get(wc.META_KEY) or {}
+        if isinstance(meta, dict) and meta.get("source_key"):
+            self._origin[run["run_key"]] = meta["source_key"]
+        files_dirs = [log.parent / "files" for log in rf.logs]
+        run_files = _run_files(rf, files_dirs)
+        artifacts = [run_files, *parsed.artifacts(wc.project_key(rf.project))]
+        usage = [
+            {"run_key": row["run_key"], "artifact_key": a.row["artifact_key"], "direction": "output"}
+            for a in artifacts[1:]
+        ]
+        h = hashlib.sha256()
+        for log in rf.logs:
+            h.update(_file_digest(log).encode())
+        for f in run_files.files:
+            h.update(f"{f.path}:{f.size}".encode())
+        return RunPayload(
+            run=row,
+            params=schema.table("params", wc.param_rows(row["run_key"], parsed.config)),
+            tags=schema.table("tags", parsed.tag_rows()),
+            metrics=lambda: iter(metrics_tbl.to_batches(max_chunksize=100_000)),
+            summary=schema.table("summary", parsed.summary_rows()),
+            series=series_tbl,
+            artifact_usage=schema.table("artifact_usage", usage),
+            artifacts=artifacts,
+            fingerprint=h.hexdigest(),
+            source_notes=parsed.notes,
+        )
+
+    def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
+        return iter(())  # every offline artifact belongs to the run that logged it
+
+    def registry(self, sel: Selection) -> RegistryPayload:
+        # Registry links need the server; offline runs cannot carry them.
+        return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
+
+
+def _head(log: Path) -> tuple[str, str, str, str | None]:
+    """(project, run id, entity, error) from the first records, without reading the rest."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    m = RUN_DIR.match(log.parent.name)
+    fallback = m.group(2) if m else log.stem.removeprefix("run-")
+    rec = pb.Record()
+    try:
+        for _, payload in RecordLog(log).payloads():
+            rec.ParseFromString(payload)
+            if rec.WhichOneof("record_type") == "run":
+                return rec.run.project or "uncategorized", rec.run.run_id or fallback, rec.run.entity, None
+    except BadInputError as e:
+        return "", fallback, "", str(e)
+    except Exception as e:
+        return "", fallback, "", f"{log}: {e}"
+    return "", fallback, "", f"{log}: no run record"
+
+
+def _run_head(log: Path) -> dict[str, Any] | None:
+    """Name and start time for filtering, from the run record at the top of the log."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rec = pb.Record()
+    for _, payload in RecordLog(log).payloads():
+        rec.ParseFromString(payload)
+        if rec.WhichOneof("record_type") == "run":
+            r = rec.run
+            return {
+                "name": r.display_name or None,
+                "start_time": wc.seconds_to_dt(r.start_time.seconds + r.start_time.nanos / 1e9),
+            }
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _local_fetch(path: Path):
+    @contextlib.contextmanager
+    def fetch() -> Iterator[str]:
+        if not path.exists():
+            raise BadInputError(f"{path}: the file disappeared while reading")
+        yield str(path)
+
+    return fetch
+
+
+def _run_files(rf: _RunFiles, dirs: list[Path]) -> ArtifactPayload:
+    """The run's ``files/`` folder (media, saved files): a later segment's copy wins."""
+    by_path: dict[str, Path] = {}
+    for d in dirs:
+        if d.is_dir():
+            for p in sorted(d.rglob("*")):
+                if p.is_file():
+                    by_path[p.relative_to(d).as_posix()] = p
+    files = [
+        FileRef(path=rel, size=p.stat().st_size, sha256=None, fetch=_local_fetch(p))
+        for rel, p in sorted(by_path.items())
+    ]
+    row = {
+        "artifact_key": wc.files_key(rf.project, rf.run_id),
+        "project_key": wc.project_key(rf.project),
+        "name": "run-files",
+        "type": "run-files",
+        "aliases": [],
+        "producer_run_key": wc.run_key(rf.project, rf.run_id),
+    }
+    return ArtifactPayload(row=row, files=files)
+
+
+_Items = list[tuple[tuple[str, ...], str]]
+
+
+def _item_value_json(it: Any) -> str:
+    if it.value_json:
+        return it.value_json
+    which = it.WhichOneof("value") if "value" in it.DESCRIPTOR.oneofs_by_name else None
+    if which is None or which == "none":
+        return "null"
+    if which == "json":
+        return it.json
+    return json.dumps(getattr(it, which), allow_nan=True)
+
+
+def _pb_items(items: Any) -> _Items:
+    out = []
+    for it in items:
+        nk = it.nested_key
+        out.append((tuple(nk) if nk else (it.key,), it.value_json or _item_value_json(it)))
+    return out
+
+
+class _Parser:
+    """Accumulates one run's records; ``tables()`` turns history into Arrow at the end."""
+
+    def __init__(self, run_key: str) -> None:
+        self.run_key = run_key
+        self.run: Any = None
+        self.env: Any = None
+        self.exit_code: int | None = None
+        self.runtime: float | None = None
+        self.truncated = False
+        self._config_ops: dict[tuple[str, ...], str | None] = {}
+        self._summary_ops: dict[tuple[str, ...], str | None] = {}
+        self.notes: list[tuple[str, str, str]] = []
+        self._artifacts: list[Any] = []
+        self.last_time: float | None = None
+        # history, flat: per row a step and a timestamp; per item a row index, key, json
+        self.row_step: list[int] = []
+        self.row_time: list[str | None] = []
+        self.item_row: list[int] = []
+        self.item_key: list[str] = []
+        self.item_json: list[str] = []
+        self.nested: list[tuple[int, dict[str, Any]]] = []
+        self.stats_n = 0
+        self._config: dict[str, Any] | None = None
+
+    def read(self, log_path: Path) -> None:
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        log = RecordLog(log_path)
+        rec = pb.Record()
+        for offset, payload in log.payloads():
+            try:
+                rec.ParseFromString(payload)
+            except Exception as e:
+                raise BadInputError(f"{log_path}: byte {offset}: record does not decode ({e})") from e
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                self._history(_pb_items(rec.history.item), rec.history.step.num)
+            elif kind == "stats":
+                self._stats(rec.stats)
+            elif kind == "summary":
+                self._apply(self._summary_ops, _pb_items(rec.summary.update), _pb_items(rec.summary.remove))
+            elif kind == "config":
+                self._apply(self._config_ops, _pb_items(rec.config.update), _pb_items(rec.config.remove))
+            elif kind == "run":
+                self._run(rec.run)
+            elif kind == "environment":
+                self._env(rec.environment)
+            elif kind == "exit":
+                self.exit_code = rec.exit.exit_code
+                self.runtime = float(rec.exit.runtime)
+            elif kind == "artifact":
+                a = pb.ArtifactRecord()
+                a.CopyFrom(rec.artifact)
+                self._artifacts.append(a)
+        if log.truncated:
+            self.truncated = True
+            self.notes.append(
+                (
+                    "source-incomplete",
+                    "runs",
+                    f"{log_path} ends inside a record (the job was killed or preempted); "
+                    "every whole record was read and the run is marked incomplete",
+                )
+            )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        if self._config is None:
+            self._config = self._resolve(self._config_ops)
+        return self._config
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self._resolve(self._summary_ops)
+
+    def _run(self, r: Any) -> None:
+        first = self.run
+        self.run = r.__class__()
+        self.run.CopyFrom(r)  # a resumed segment: its name, tags, notes… are the latest
+        if first is not None and first.start_time.seconds:
+            self.run.start_time.CopyFrom(first.start_time)  # the run started with its first segment
+        self.exit_code = None
+        self._apply(self._config_ops, _pb_items(r.config.update), _pb_items(r.config.remove))
+        self._apply(self._summary_ops, _pb_items(r.summary.update), _pb_items(r.summary.remove))
+
+    def _env(self, e: Any) -> None:
+        if self.env is None:
+            self.env = e.__class__()
+        self.env.MergeFrom(e)
+
+    def _apply(self, ops: dict[tuple[str, ...], str | None], updates: _Items, removes: Iterable[tuple[tuple[str, ...], str]]) -> None:
+        """Record updates as raw JSON by path; parse once at the end (``_resolve``).
+
+        The SDK writes the updated summary keys after every ``log`` call, so a long run has
+        as many summary records as history rows; parsing each value would double the cost
+        of reading history. A later write to a path moves it to the end, so replaying the
+        survivors in order gives exactly the tree the SDK built.
+        """
+        for path, text in updates:
+            ops.pop(path, None)
+            ops[path] = text
+        for path, _ in removes:
+            for p in [p for p in ops if p[: len(path)] == path]:
+                del ops[p]
+            ops[path] = None
+
+    @staticmethod
+    def _resolve(ops: dict[tuple[str, ...], str | None]) -> dict[str, Any]:
+        tree: dict[str, Any] = {}
+        for path, text in ops.items():
+            if text is None:
+                wc.del_path(tree, list(path))
+            else:
+                wc.set_path(tree, list(path), json.loads(text))
+        return tree
+
+    def _history(self, items: _Items, step: int) -> None:
+        row = len(self.row_step)
+        stamp = None
+        keys, jsons, rows = self.item_key, self.item_json, self.item_row
+        nested: dict[str, Any] | None = None
+        axis = None
+        for path, v in items:
+            if len(path) != 1:
+                if nested is None:
+                    nested = {}
+                wc.set_path(nested, list(path), json.loads(v))
+                continue
+            k = path[0]
+            if k[:1] == "_" and k in wc.HISTORY_INTERNAL:
+                if k == "_timestamp":
+                    stamp = v
+                elif k == "_runtime":
+                    keys.append(k)
+                    jsons.append(v)
+                    rows.append(row)
+                continue
+            if k == wc.STEP_AXIS:
+                axis = json.loads(v)
+                continue
+            keys.append(k)
+            jsons.append(v)
+            rows.append(row)
+        self.row_step.append(step if axis is None else int(axis))
+        self.row_time.append(stamp)
+        if nested is not None:
+            self.nested.append((row, nested))
+
+    def _stats(self, s: Any) -> None:
+        t = s.timestamp.seconds + s.timestamp.nanos / 1e9
+        row = len(self.row_step)
+        self.row_step.append(self.stats_n)
+        self.row_time.append(repr(t))
+        self.stats_n += 1
+        for it in s.item:
+            self.item_key.append("system/" + it.key)
+            self.item_json.append(it.value_json)
+            self.item_row.append(row)
+
+    # -- results
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        values = json.loads("[" + ",".join(self.item_json) + "]") if self.item_json else []
+        times = [float(t) if t is not None else None for t in self.row_time]
+        if times:
+            known = [t for t in times if t is not None]
+            if known:
+                self.last_time = max(known)
+        m_idx: list[int] = []
+        m_val: list[float] = []
+        s_rows: list[dict[str, Any]] = []
+        step, rowi, keyl = self.row_step, self.item_row, self.item_key
+        meta = self.config.get(wc.META_KEY)
+        ours = isinstance(meta, dict)
+        for i, v in enumerate(values):
+            if type(v) is float or type(v) is int:
+                if ours and keyl[i] == "_runtime":
+                    continue  # the runtime of our own import, not the source's data
+                m_idx.append(i)
+                m_val.append(v)
+            else:
+                self._series(s_rows, keyl[i], rowi[i], v, times)
+        for row, tree in self.nested:
+            for path, leaf in wc.flatten(tree):
+                if isinstance(leaf, dict):
+                    self._series(s_rows, ".".join(path), row, leaf, times)
+                elif type(leaf) is float or type(leaf) is int:
+                    keyl.append(".".join(path))
+                    rowi.append(row)
+                    m_idx.append(len(keyl) - 1)
+                    m_val.append(leaf)
+                else:
+                    self._series(s_rows, ".".join(path), row, leaf, times)
+        idx = pa.array(m_idx, pa.int64())
+        rows = pc.take(pa.array(rowi, pa.int64()), idx)
+        keys = pc.take(pa.array(keyl, pa.string()), idx)
+        steps = pc.take(pa.array(step, pa.int64()), rows)
+        us = pa.array([None if t is None else round(t * 1_000_000) for t in times], pa.int64())
+        stamps = pc.take(us, rows).cast(schema.TS)
+        n = len(m_idx)
+        none = pa.nulls(n, pa.string())
+        tbl = pa.table(
+            [
+                pa.array([self.run_key] * n, pa.string()) if n else pa.array([], pa.string()),
+                keys,
+                steps,
+                stamps,
+                pa.array(m_val, pa.float64()),
+                none,
+                none,
+                none,
+            ],
+            schema=schema.SCHEMAS["metrics"],
+        )
+        if n:
+            tbl = tbl.take(pc.sort_indices(tbl, [("key", "ascending"), ("step", "ascending")]))
+        return tbl, schema.table("series", s_rows)
+
+    def _series(self, out: list[dict[str, Any]], key: str, row: int, v: Any, times: list[Any]) -> None:
+        if isinstance(v, dict) and "_type" in v:
+            kind = str(v["_type"])
+            path = v.get("path") if isinstance(v.get("path"), str) else None
+            sha = v.get("sha256") if isinstance(v.get("sha256"), str) else None
+        else:
+            kind = {bool: "bool", str: "string", type(None): "null"}.get(type(v), "json")
+            path = sha = None
+        t = times[row]
+        out.append(
+            {
+                "run_key": self.run_key,
+                "key": key,
+                "step": self.row_step[row],
+                "timestamp": wc.seconds_to_dt(t),
+                "kind": kind,
+                "value_json": schema.dumps_value(v),
+                "file_path": path,
+                "file_sha256": sha,
+            }
+        )
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        tree = {k: v for k, v in self.summary.items() if k not in wc.SUMMARY_INTERNAL}
+        return [
+            {"run_key": self.run_key, "path": path, "value_json": schema.dumps_value(v)}
+            for path, v in wc.flatten(tree)
+        ]
+
+    def tag_rows(self) -> list[dict[str, Any]]:
+        meta = self.config.get(wc.META_KEY) or {}
+        tags = meta.get("tags") or {} if isinstance(meta, dict) else {}
+        return [{"run_key": self.run_key, "key": k, "value": v} for k, v in sorted(tags.items())]
+
+    def run_row(self, project_key: str, rf: _RunFiles) -> dict[str, Any]:
+        r, env = self.run, self.env
+        if r is None:
+            raise BadInputError(f"{rf.logs[0]}: no run record; this is not a complete W&B run log")
+        start = r.start_time.seconds + r.start_time.nanos / 1e9 if r.start_time.seconds else None
+        end = None
+        if self.exit_code is not None:
+            cands = [t for t in (self.last_time, start + self.runtime if start and self.runtime else None) if t]
+            end = max(cands) if cands else None
+        git_commit = r.git.commit or (env.git.commit if env else "") or None
+        git_remote = r.git.remote_url or (env.git.remote_url if env else "") or None
+        command = None
+        if env and env.program:
+            command = shlex.join([env.program, *env.args])
+        row = {
+            "run_key": self.run_key,
+            "project_key": project_key,
+            "source_id": r.run_id,
+            "name": r.display_name or None,
+            "status": wc.status_from_exit(self.exit_code, self.truncated),
+            "lifecycle": "active",
+            "start_time": wc.seconds_to_dt(start),
+            "end_time": wc.seconds_to_dt(end),
+            "user": (env.username if env else "") or None,
+            "group": r.run_group or None,
+            "job_type": r.job_type or None,
+            "notes": r.notes or None,
+            "labels": list(r.tags),
+            "parent_run_key": None,
+            "fork_parent_run_key": wc.run_key(rf.project, r.branch_point.run) if r.branch_point.run else None,
+            "fork_step": r.branch_point.value if r.branch_point.run else None,
+            "git_commit": git_commit,
+            "git_remote": git_remote,
+            "command": command,
+            "host": r.host or (env.host if env else "") or None,
+            "source_url": None,
+            "source_incomplete": self.truncated,
+        }
+        meta = self.config.get(wc.META_KEY)
+        if isinstance(meta, dict):
+            # a run trackbridge wrote: its source's fields that W&B could not take
+            for k in ("start_time", "end_time"):
+                if meta.get(k) is not None:
+                    row[k] = wc.seconds_to_dt(meta[k])
+            for k in ("status", "user", "lifecycle", "parent_run_key", "source_url"):
+                if meta.get(k) is not None:
+                    row[k] = meta[k]
+        return row
+
+    def artifacts(self, project_key: str) -> list[ArtifactPayload]:
+        out = []
+        for a in self._artifacts:
+            project = a.project or project_key.split("/", 1)[1]
+            key = wc.artifact_key(project, a.name, a.digest)
+            files = []
+            for entry in a.manifest.contents:
+                if entry.ref:
+                    files.append(FileRef(entry.path, entry.size or None, None, _no_fetch, uri=entry.ref))
+                    continue
+                local = Path(entry.local_path) if entry.local_path else None
+                if local is None or not local.exists():
+                    self.notes.append(
+                        (
+                            "source-file-missing",
+                            f"artifacts.{a.name}",
+                            f"{entry.path} ({entry.size} bytes, md5 {entry.digest}) is no longer in "
+                            f"W&B's staging folder ({local or 'no path recorded'}); it was not copied",
+                        )
+                    )
+                    continue
+                files.append(FileRef(entry.path, entry.size, None, _local_fetch(local)))
+            aliases = sorted(x for x in a.aliases if x != "latest")
+            out.append(
+                ArtifactPayload(
+                    row={
+                        "artifact_key": key,
+                        "project_key": wc.project_key(project),
+                        "name": a.name,
+                        "type": a.type,
+                        "version": None,  # the server numbers versions; offline there are none
+                        "digest": a.digest,
+                        "aliases": aliases,
+                        "description": a.description or None,
+                        "metadata_json": a.metadata or None,
+                        "producer_run_key": self.run_key,
+                    },
+                    files=files,
+                )
+            )
+        return out
+
+
+@contextlib.contextmanager
+def _no_fetch() -> Iterator[str]:
+    raise BadInputError("a reference file has no local bytes")
+    yield ""  # pragma: no cover
+
+
+
