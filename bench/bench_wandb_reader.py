@@ -41,7 +41,13 @@ def fixture(steps: int, keys: int) -> Path:
         from bridge.wandb_common import sandbox_env
 
         root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **sandbox_env(root), "HOME": str(root), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        env = {
+            **os.environ,
+            **sandbox_env(root),
+            "HOME": str(root),
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+        }
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", WRITER, str(steps), str(keys)], env=env, check=True)
         print(f"fixture: {steps} steps x {keys} keys written by wandb.log in {time.perf_counter() - t:.1f} s")

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,26 @@ TAG_SOURCE_CREATED = "trackbridge.source_created_at"
 TAG_SOURCE_VERSION = "trackbridge.source_version"
 MAPPING_ARTIFACT = "trackbridge/mapping.json"
 MAPPING_DIR = "trackbridge"
+TAG_INCOMPLETE = "trackbridge.source_incomplete"
+# What MLflow has no field for (summary, series, non-MLflow artifacts and lineage, fork
+# points) travels in these run files, which the exporter reads back.
+TAG_EXTRAS = "trackbridge.extras"
+EXTRAS_ARTIFACT = "trackbridge/extras.json"
+SERIES_ARTIFACT = "trackbridge/series.parquet"
+# Source artifacts (W&B artifacts, Neptune files) land under this run folder.
+ARTIFACTS_DIR = "artifacts"
+
+# Neutral run fields that MLflow keeps as ordinary, visible tags.
+RUN_FIELD_TAGS = {
+    "group": "run.group",
+    "job_type": "run.job_type",
+    "host": "run.host",
+    "git_commit": "mlflow.source.git.commit",
+    "git_remote": "mlflow.source.git.repoURL",
+    "command": "mlflow.source.name",
+}
+# Each label (a W&B tag, a Neptune sys/tags entry) is one tag with an empty value.
+LABEL_PREFIX = "label."
 
 # Tags MLflow itself maintains on a logged model; importing them would be wrong, since
 # the destination writes its own (e.g. which registry versions point at the model).
@@ -54,6 +74,12 @@ TO_MLFLOW_STATUS = {
     "crashed": "FAILED",
 }
 FROM_MLFLOW_STATUS = {v: k for k, v in TO_MLFLOW_STATUS.items() if k != "crashed"}
+
+
+def artifact_dir(row: dict[str, Any]) -> str:
+    """Where a source artifact's files sit in the run: one folder per name and version."""
+    version = row.get("version") or (row.get("digest") or "")[:16] or "files"
+    return f"{ARTIFACTS_DIR}/{row['name']}/{version}"
 
 
 def client(tracking_uri: str):
@@ -122,12 +148,16 @@ def ms_to_dt(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def dt_to_ms(dt: datetime | None) -> int | None:
     if dt is None:
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return round(dt.timestamp() * 1000)
+    # integer arithmetic, truncating: the same rule as every sub-ms timestamp we report
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
 def experiment_artifact_location(tracking_uri: str, name: str) -> str | None:

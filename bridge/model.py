@@ -140,5 +140,14 @@ class Sink(Protocol):
     def finish(self) -> None: ...
 
 
+@contextlib.contextmanager
+def no_local_bytes() -> Iterator[str]:
+    """``FileRef.fetch`` of a reference: its bytes live elsewhere (s3://…) and are never copied."""
+    from bridge.errors import BadInputError
+
+    raise BadInputError("a reference file has no local bytes to copy")
+    yield ""  # pragma: no cover
+
+
 def rows(tbl: pa.Table) -> list[dict[str, Any]]:
     return tbl.to_pylist()

@@ -32,6 +32,11 @@ RUN_FIELDS = (
     "git_commit",
     "git_remote",
     "command",
+    "group",
+    "job_type",
+    "host",
+    "labels",
+    "source_incomplete",
 )
 # Tags a tracker manages itself, or that trackbridge compares through another field.
 IGNORED_TAGS = (mc.TAG_PARENT, mc.TAG_USER, mc.TAG_RUN_NAME)
@@ -84,14 +89,16 @@ def verify(
             diff(f"{label}: missing in destination")
             bar.advance(task)
             continue
+        # Compare the rows read_run gives: a listing may be partial (W&B reads a run's
+        # fields only with its log), and reading restores what the importer mapped.
+        pa_, pb_ = a.read_run(r), b.read_run(q)
         for f in RUN_FIELDS:
-            va, vb = _norm(r.get(f)), _norm(q.get(f))
+            va, vb = _norm(pa_.run.get(f)), _norm(pb_.run.get(f))
             if va != vb:
                 diff(f"{label}: {f} {va!r} != {vb!r}")
-        pb = b_origin.get(q.get("parent_run_key") or "", q.get("parent_run_key"))
-        if r.get("parent_run_key") != pb:
-            diff(f"{label}: parent {r.get('parent_run_key')!r} != {pb!r}")
-        pa_, pb_ = a.read_run(r), b.read_run(q)
+        pb = b_origin.get(pb_.run.get("parent_run_key") or "", pb_.run.get("parent_run_key"))
+        if pa_.run.get("parent_run_key") != pb:
+            diff(f"{label}: parent {pa_.run.get('parent_run_key')!r} != {pb!r}")
         points = _compare_run(label, pa_, pb_, a, b, diff)
         stats["points"] += points
         bar.advance(task, 1, points)
@@ -120,6 +127,13 @@ def _compare_run(label: str, ra: RunPayload, rb: RunPayload, a: Source, b: Sourc
             f"(e.g. {_sample(only_a)}), {sum(only_b.values())} only in destination "
             f"(e.g. {_sample(only_b)})"
         )
+    for name, cols in (("summary", ("path", "value_json")), ("series", SERIES_COLUMNS)):
+        xa, xb = _rows(getattr(ra, name), cols), _rows(getattr(rb, name), cols)
+        if xa != xb:
+            diff(
+                f"{label}: {name} differs: {len(xa - xb)} value(s) only in source, "
+                f"{len(xb - xa)} only in destination"
+            )
     da = sorted(json.dumps(d, default=str, sort_keys=True) for d in _datasets(ra))
     db = sorted(json.dumps(d, default=str, sort_keys=True) for d in _datasets(rb))
     if da != db:
@@ -213,7 +227,18 @@ def _compare_registry(a: Source, b: Source, sel: Selection, diff: Any, stats: Co
 def _norm(v: Any) -> Any:
     if isinstance(v, datetime):
         return v.replace(microsecond=(v.microsecond // 1000) * 1000).isoformat()
+    if isinstance(v, list):
+        return sorted(v)  # labels: a set; MLflow keeps them as tags, in key order
+    if v is False:
+        return None  # "not incomplete" is the same as unknown
     return v
+
+
+SERIES_COLUMNS = ("key", "step", "timestamp", "kind", "value_json", "file_path")
+
+
+def _rows(tbl: Any, cols: tuple[str, ...]) -> set[str]:
+    return {json.dumps([_norm(r[c]) for c in cols], default=str) for r in tbl.select(list(cols)).to_pylist()}
 
 
 def _tags(v: Any) -> dict[str, str]:

@@ -78,9 +78,7 @@ class RecordLog:
             if left < HEADER:
                 pos += left  # block trailer: zero padding
             if pos + HEADER > size:
-                if pos < size and any(data[pos:size]):
-                    self.truncated = True
-                elif parts:
+                if (pos < size and any(data[pos:size])) or parts:
                     self.truncated = True
                 return
             crc, length, kind = unpack(data, pos)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +25,7 @@ from bridge import mlflow_common as mc
 from bridge import schema
 from bridge.errors import BadInputError, SourceNotFoundError, first_line
 from bridge.files import temp_dir
-from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection
+from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, no_local_bytes
 
 PAGE = 1000
 HISTORY_PAGE = 25000
@@ -155,16 +157,13 @@ class MlflowSource:
             "lifecycle": info.lifecycle_stage,
             "start_time": mc.ms_to_dt(info.start_time),
             "end_time": mc.ms_to_dt(info.end_time),
-            "user": info.user_id or tags.get(mc.TAG_USER),
+            "user": info.user_id or tags.get(mc.TAG_USER) or None,
             "notes": tags.get(mc.TAG_NOTE),
-            "labels": [],
+            "labels": sorted(k[len(mc.LABEL_PREFIX) :] for k in tags if k.startswith(mc.LABEL_PREFIX)),
             "parent_run_key": mc.run_key(parent) if parent else None,
-            "git_commit": tags.get("mlflow.source.git.commit"),
-            "git_remote": tags.get("mlflow.source.git.repoURL"),
-            "command": tags.get("mlflow.source.name"),
-            "host": None,
+            **{f: tags.get(tag) for f, tag in mc.RUN_FIELD_TAGS.items()},
             "source_url": url,
-            "source_incomplete": False,
+            "source_incomplete": tags.get(mc.TAG_INCOMPLETE) == "true",
         }
 
     def read_run(self, run: dict[str, Any]) -> RunPayload:
@@ -198,15 +197,21 @@ class MlflowSource:
         if mc.TAG_NOTE in restored_tags:
             run = {**run, "notes": restored_tags[mc.TAG_NOTE]["value"]}
         tag_rows = []
+        labels = []
+        field_tags = {tag: f for f, tag in mc.RUN_FIELD_TAGS.items()}
         for k, v in sorted(mc.user_tags(tags).items()):
             if k == mc.TAG_NOTE:
                 continue  # carried as the run's notes
-            orig = restored_tags.get(k)
-            tag_rows.append(
-                {"run_key": key, "key": orig["key"], "value": orig["value"]}
-                if orig
-                else {"run_key": key, "key": k, "value": v}
-            )
+            orig = restored_tags.get(k) or {"key": k, "value": v}
+            if orig["key"].startswith(mc.LABEL_PREFIX):
+                labels.append(orig["key"][len(mc.LABEL_PREFIX) :])
+            elif orig["key"] in field_tags:
+                run = {**run, field_tags[orig["key"]]: orig["value"]}
+            else:
+                tag_rows.append({"run_key": key, "key": orig["key"], "value": orig["value"]})
+        run = {**run, "labels": sorted(labels)}
+        extras = self._extras(run_id) if mc.TAG_EXTRAS in tags else {}
+        run.update(extras.get("run", {}))
         renamed_metrics = mapping.get("metrics", {})
         metric_keys = sorted(r.data.metrics)
         models = self._logged_models_of(run_id)
@@ -224,11 +229,15 @@ class MlflowSource:
             }
             for d in (r.inputs.dataset_inputs if r.inputs else [])
         ]
-        artifacts = [self._run_files(r, skip_mapping=mc.TAG_MAPPED in tags)]
+        source_arts = [self._source_artifact(run_id, a) for a in extras.get("artifacts", [])]
+        skip = (mc.MAPPING_DIR + "/", *(mc.artifact_dir(a.row) + "/" for a in source_arts))
+        artifacts = [self._run_files(r, skip), *source_arts]
         artifacts += [self._logged_model_artifact(m, run["project_key"]) for m in models]
         usage = [
             {"run_key": key, "artifact_key": mc.model_key(m.model_id), "direction": "output"} for m in models
-        ]
+        ] + [{"run_key": key, **u} for u in extras.get("usage", [])]
+        summary = [{"run_key": key, **x} for x in extras.get("summary", [])]
+        series = extras.get("series")
 
         def metrics() -> Iterator[pa.RecordBatch]:
             for mk in metric_keys:
@@ -242,6 +251,8 @@ class MlflowSource:
             dataset_inputs=schema.table("dataset_inputs", datasets),
             artifact_usage=schema.table("artifact_usage", usage),
             artifacts=artifacts,
+            summary=schema.table("summary", summary),
+            series=series if series is not None else schema.empty("series"),
         )
 
     # -- metrics
@@ -323,11 +334,48 @@ class MlflowSource:
                     f"({first_line(e)}); its mapped params and tags cannot be restored"
                 ) from e
 
-    def _run_files(self, r: Any, skip_mapping: bool) -> ArtifactPayload:
+    def _extras(self, run_id: str) -> dict[str, Any]:
+        """What the importer kept in run files because MLflow has no field for it."""
+        import pyarrow.parquet as pq
+
+        with temp_dir() as d:
+            try:
+                local = self.client.download_artifacts(run_id, mc.MAPPING_DIR, str(d))
+                extras_path = os.path.join(local, "extras.json")
+                out: dict[str, Any] = {}
+                if os.path.exists(extras_path):
+                    with open(extras_path) as f:
+                        out = json.load(f)
+                series_path = os.path.join(local, "series.parquet")
+                if os.path.exists(series_path):
+                    out["series"] = pq.read_table(series_path).cast(schema.SCHEMAS["series"])
+                return out
+            except Exception as e:
+                raise BadInputError(
+                    f"run {run_id} is tagged {mc.TAG_EXTRAS} but its {mc.MAPPING_DIR}/ files cannot be read "
+                    f"({first_line(e)}); its summary, series and artifacts cannot be restored"
+                ) from e
+
+    def _source_artifact(self, run_id: str, kept: dict[str, Any]) -> ArtifactPayload:
+        row = dict(kept["row"])
+        if row.get("created_at"):
+            row["created_at"] = datetime.fromisoformat(row["created_at"])
+        folder = mc.artifact_dir(row)
+        files = [
+            FileRef(f["path"], f["size"], None, no_local_bytes, uri=f["uri"])
+            if f["uri"] and not f["sha256"]
+            else FileRef(
+                f["path"], f["size"], f["sha256"], self._run_fetcher(run_id, f"{folder}/{f['path']}")
+            )
+            for f in kept["files"]
+        ]
+        return ArtifactPayload(row=row, files=files)
+
+    def _run_files(self, r: Any, skip: tuple[str, ...]) -> ArtifactPayload:
         run_id = r.info.run_id
         files = []
         for fi in mc.walk_artifacts(lambda p: self.client.list_artifacts(run_id, p)):
-            if skip_mapping and fi.path == mc.MAPPING_ARTIFACT:
+            if fi.path.startswith(skip):
                 continue
             files.append(
                 FileRef(

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from bridge import schema
 from bridge import wandb_common as wc
 from bridge.errors import BadInputError, SourceNotFoundError
-from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection
+from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, no_local_bytes
 from bridge.wandb_log import RecordLog
 
 RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
@@ -72,12 +72,13 @@ class WandbOfflineSource:
         for d in candidates:
             m = RUN_DIR.match(d.name)
             assert m
-            for log in sorted(d.glob("run-*.wandb")):
-                found.append((m.group(1), log))
-        found.sort()
+            found += [(m.group(1), log) for log in sorted(d.glob("run-*.wandb"))]
+        heads = [(log, *_head(log)) for _, log in found]
+        # A resumed run's segments in the order they ran; the folder name's second is too
+        # coarse (two segments in one second get a "-1" suffix that sorts first).
+        heads.sort(key=lambda h: (h[5], str(h[0])))
         runs: dict[str, _RunFiles] = {}
-        for _, log in found:
-            project, run_id, entity, err = _head(log)
+        for log, project, run_id, entity, err, _ in heads:
             key = wc.run_key(project, run_id)
             rf = runs.setdefault(key, _RunFiles(project, run_id, entity))
             rf.logs.append(log)
@@ -167,8 +168,8 @@ class WandbOfflineSource:
         return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
 
 
-def _head(log: Path) -> tuple[str, str, str, str | None]:
-    """(project, run id, entity, error) from the first records, without reading the rest."""
+def _head(log: Path) -> tuple[str, str, str, str | None, float]:
+    """(project, run id, entity, error, start) from the first records, not the whole log."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     m = RUN_DIR.match(log.parent.name)
@@ -178,12 +179,14 @@ def _head(log: Path) -> tuple[str, str, str, str | None]:
         for _, payload in RecordLog(log).payloads():
             rec.ParseFromString(payload)
             if rec.WhichOneof("record_type") == "run":
-                return rec.run.project or "uncategorized", rec.run.run_id or fallback, rec.run.entity, None
+                r = rec.run
+                start = r.start_time.seconds + r.start_time.nanos / 1e9
+                return r.project or "uncategorized", r.run_id or fallback, r.entity, None, start
     except BadInputError as e:
-        return "", fallback, "", str(e)
+        return "", fallback, "", str(e), 0.0
     except Exception as e:
-        return "", fallback, "", f"{log}: {e}"
-    return "", fallback, "", f"{log}: no run record"
+        return "", fallback, "", f"{log}: {e}", 0.0
+    return "", fallback, "", f"{log}: no run record", 0.0
 
 
 def _run_head(log: Path) -> dict[str, Any] | None:
@@ -353,7 +356,12 @@ class _Parser:
             self.env = e.__class__()
         self.env.MergeFrom(e)
 
-    def _apply(self, ops: dict[tuple[str, ...], str | None], updates: _Items, removes: Iterable[tuple[tuple[str, ...], str]]) -> None:
+    def _apply(
+        self,
+        ops: dict[tuple[str, ...], str | None],
+        updates: _Items,
+        removes: Iterable[tuple[tuple[str, ...], str]],
+    ) -> None:
         """Record updates as raw JSON by path; parse once at the end (``_resolve``).
 
         The SDK writes the updated summary keys after every ``log`` call, so a long run has
@@ -522,7 +530,9 @@ class _Parser:
         start = r.start_time.seconds + r.start_time.nanos / 1e9 if r.start_time.seconds else None
         end = None
         if self.exit_code is not None:
-            cands = [t for t in (self.last_time, start + self.runtime if start and self.runtime else None) if t]
+            cands = [
+                t for t in (self.last_time, start + self.runtime if start and self.runtime else None) if t
+            ]
             end = max(cands) if cands else None
         git_commit = r.git.commit or (env.git.commit if env else "") or None
         git_remote = r.git.remote_url or (env.git.remote_url if env else "") or None
@@ -572,7 +582,7 @@ class _Parser:
             files = []
             for entry in a.manifest.contents:
                 if entry.ref:
-                    files.append(FileRef(entry.path, entry.size or None, None, _no_fetch, uri=entry.ref))
+                    files.append(FileRef(entry.path, entry.size or None, None, no_local_bytes, uri=entry.ref))
                     continue
                 local = Path(entry.local_path) if entry.local_path else None
                 if local is None or not local.exists():
@@ -605,12 +615,3 @@ class _Parser:
                 )
             )
         return out
-
-
-@contextlib.contextmanager
-def _no_fetch() -> Iterator[str]:
-    raise BadInputError("a reference file has no local bytes")
-    yield ""  # pragma: no cover
-
-
-

@@ -15,6 +15,7 @@ run's ``trackbridge/mapping.json`` so the MLflow exporter can restore them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -248,7 +249,8 @@ class MlflowSink:
             created = self.client.create_run(
                 exp_id,
                 start_time=mc.dt_to_ms(run.get("start_time")),
-                tags={mc.TAG_USER: run.get("user") or "unknown", mc.TAG_SOURCE_KEY: key},
+                # an empty user, not the importing account's: MLflow fills in the OS user otherwise
+                tags={mc.TAG_USER: run.get("user") or "", mc.TAG_SOURCE_KEY: key},
                 run_name=run.get("name"),
             )
             run_id = created.info.run_id
@@ -296,9 +298,13 @@ class MlflowSink:
                 self._write_logged_model(art, exp_id, run_id, report)
         self._write_metrics(run_id, payload, plan, have_metric_keys if existing else None, report)
         for art in payload.artifacts:
-            if art.row["type"] != "mlflow.logged_model":
+            if art.row["type"] == "run-files":
                 self._upload_run_files(run_id, art, existing is not None, report)
+            elif art.row["type"] != "mlflow.logged_model":
+                placed = _under(art, mc.artifact_dir(art.row))
+                self._upload_run_files(run_id, placed, existing is not None, report)
         self._write_datasets(run_id, payload.dataset_inputs, existing)
+        self._write_extras(run_id, payload, report)
 
         if plan.mapping_needed():
             with temp_dir() as d:
@@ -318,6 +324,27 @@ class MlflowSink:
             # is caught by the lifecycle check in the unchanged test above.
             self.client.delete_run(run_id)
         return outcome
+
+    def _write_extras(self, run_id: str, payload: RunPayload, report: RunReport) -> None:
+        """Keep what MLflow has no field for in run files the exporter reads back."""
+        extras = extras_of(payload)
+        if extras is None and payload.series.num_rows == 0:
+            return
+        with temp_dir() as d:
+            if extras is not None:
+                (d / "extras.json").write_text(json.dumps(extras, indent=1, ensure_ascii=False, default=str))
+            if payload.series.num_rows:
+                import pyarrow.parquet as pq
+
+                pq.write_table(payload.series, d / "series.parquet")
+            self.client.log_artifacts(run_id, str(d), mc.MAPPING_DIR)
+        self.client.set_tag(run_id, mc.TAG_EXTRAS, "1")
+        if payload.summary.num_rows:
+            n = payload.summary.num_rows
+            report.mapped("summary-kept", "summary", f"{n} value(s) in {mc.EXTRAS_ARTIFACT}")
+        if payload.series.num_rows:
+            n = payload.series.num_rows
+            report.mapped("series-kept", "series", f"{n} value(s) in {mc.SERIES_ARTIFACT}")
 
     def _log_params_tags(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
@@ -635,6 +662,21 @@ class _Plan:
             if cut:
                 self.mapping["tags"][mc.TAG_NOTE] = {"key": mc.TAG_NOTE, "value": run["notes"]}
             out[mc.TAG_NOTE] = notes
+        for f, tag in mc.RUN_FIELD_TAGS.items():
+            if run.get(f) and tag not in out:
+                value, cut = self._fit_value(str(run[f]), MAX_TAG, f"runs.{f}")
+                if cut:
+                    self.mapping["tags"][tag] = {"key": tag, "value": str(run[f])}
+                out[tag] = value
+        for label in run.get("labels") or []:
+            original = mc.LABEL_PREFIX + label
+            key = self._tag_keys.fit(original)
+            if key != original:
+                self.report.mapped("key-renamed", f"runs.labels.{label}", f"written as tag {key!r}")
+                self.mapping["tags"][key] = {"key": original, "value": ""}
+            out[key] = ""
+        if run.get("source_incomplete"):
+            out[mc.TAG_INCOMPLETE] = "true"
         if run.get("status") == "crashed":
             out[mc.TAG_SOURCE_STATUS] = "crashed"
             self.report.mapped(
@@ -666,7 +708,7 @@ def _fingerprint(payload: RunPayload) -> str:
     fp = payload.fingerprint
     if fp is None:
         h = hashlib.sha256()
-        for tbl in (payload.params, payload.tags, payload.dataset_inputs):
+        for tbl in (payload.params, payload.tags, payload.dataset_inputs, payload.summary, payload.series):
             h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
         h.update(json.dumps(payload.run, default=str, sort_keys=True).encode())
         for b in payload.metrics():
@@ -740,6 +782,41 @@ def _chunks_by_size(items: list[Any], max_count: int, max_bytes: int) -> Iterato
         size += n
     if chunk:
         yield chunk
+
+
+def extras_of(payload: RunPayload) -> dict[str, Any] | None:
+    """The run's data that MLflow has no field for, as one JSON document (None if empty)."""
+    arts = [a for a in payload.artifacts if a.row["type"] not in ("run-files", "mlflow.logged_model")]
+    own = {a.row["artifact_key"] for a in payload.artifacts if a.row["type"] == "mlflow.logged_model"}
+    usage = [u for u in payload.artifact_usage.to_pylist() if u["artifact_key"] not in own]
+    run = {k: payload.run[k] for k in ("fork_parent_run_key", "fork_step") if payload.run.get(k) is not None}
+    if not (arts or usage or run or payload.summary.num_rows):
+        return None
+    return {
+        "version": 1,
+        "run": run,
+        "summary": [{"path": r["path"], "value_json": r["value_json"]} for r in payload.summary.to_pylist()],
+        "artifacts": [
+            {
+                "row": a.row,
+                "files": [
+                    {"path": f.path, "size": f.size, "sha256": f.sha256, "uri": f.uri} for f in a.files
+                ],
+            }
+            for a in arts
+        ],
+        "usage": [{"artifact_key": u["artifact_key"], "direction": u["direction"]} for u in usage],
+    }
+
+
+def _under(art: ArtifactPayload, folder: str) -> ArtifactPayload:
+    """The same artifact with its files placed under ``folder`` (references stay out)."""
+    files = [
+        dataclasses.replace(f, path=f"{folder}/{f.path}")
+        for f in art.files
+        if not (f.uri and f.sha256 is None)
+    ]
+    return ArtifactPayload(row=art.row, files=files)
 
 
 def _upload_missing(art: ArtifactPayload, lister: Any, log: Any, report: RunReport | None) -> None:

@@ -1,0 +1,113 @@
+"""A small but awkward set of W&B offline runs, written by the real wandb SDK.
+
+``quickstart`` migrates it into MLflow, and the tests read it, so it holds what tends to
+get lost: nested config with exact types, NaN, labels, notes, group and job type,
+explicit summary values, images, histograms and tables, a model artifact with aliases,
+a failed run and a run resumed in a second offline segment.
+
+The SDK runs in a child process whose every W&B directory (and HOME) points into the
+demo folder, so nothing lands in the user's home and no network is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bridge import wandb_common as wc
+from bridge.errors import MissingExtraError, TrackbridgeError
+
+PROJECT = "demo-research"
+
+
+def make_wandb_demo(root: str | os.PathLike[str], steps: int = 40) -> Path:
+    """Write the demo runs under ``root``; return the folder to pass as wandb+offline://."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        **wc.sandbox_env(root),
+        "HOME": str(root / "home"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+    }
+    p = subprocess.run(
+        [sys.executable, "-m", "bridge.demo_wandb", str(root), str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if p.returncode != 0:
+        if "No module named 'wandb'" in p.stderr:
+            raise MissingExtraError("wandb", "wandb")
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TrackbridgeError(f"the wandb SDK could not write the demo runs: {last}")
+    return root / "wandb"
+
+
+def _write(root: Path, steps: int) -> dict[str, Any]:
+    import math
+
+    import numpy as np
+    import wandb
+
+    def settings() -> Any:
+        # a fresh object per run: wandb.init stores tags and notes in the one it is given
+        return wandb.Settings(mode="offline", x_disable_stats=True, console="off", save_code=False)
+
+    model = root / "model.bin"
+    model.write_bytes(bytes(range(256)) * 64)
+
+    run = wandb.init(
+        project=PROJECT,
+        name="baseline",
+        config={"lr": 0.001, "epochs": steps, "optimizer": {"name": "adam", "betas": [0.9, 0.999]}, "amp": True},
+        tags=["baseline", "resnet"],
+        notes="First baseline of the demo sweep",
+        group="sweep-1",
+        job_type="train",
+        settings=settings(),
+    )
+    for s in range(steps):
+        loss = 1.0 / (s + 1)
+        run.log({"train/loss": loss, "train/acc": 1 - loss, "lr": 0.001 * 0.95**s}, step=s)
+    run.log({"train/loss": math.nan}, step=steps)  # a diverged step: NaN must survive
+    rng = np.random.default_rng(3)
+    run.log(
+        {
+            "samples": wandb.Image(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), caption="batch 0"),
+            "weights": wandb.Histogram(rng.normal(size=200)),
+            "predictions": wandb.Table(columns=["id", "label"], data=[[1, "cat"], [2, "dog"]]),
+            "status": "converged",
+        },
+        step=steps + 1,
+    )
+    run.summary["best_acc"] = 0.975
+    art = wandb.Artifact("demo-classifier", type="model", description="ResNet weights", metadata={"arch": "r18"})
+    art.add_file(str(model), name="weights/model.bin")
+    run.log_artifact(art, aliases=["candidate", "production"])
+    run.finish()
+
+    # a config bigger than one 32 KiB block: its record is split across blocks in the log
+    big = {"lr": 0.5, "vocab": [f"token{i}" for i in range(6000)]}
+    failed = wandb.init(project=PROJECT, name="diverged", config=big, job_type="train", settings=settings())
+    for s in range(5):
+        failed.log({"train/loss": 10.0 * (s + 1)}, step=s)
+    failed.finish(exit_code=1)
+
+    # One run in two offline segments, as after a preempted job resumed with the same id.
+    for part in range(2):
+        r = wandb.init(project=PROJECT, id="resumed01", name="resumed", resume="allow", settings=settings())
+        for s in range(part * 10, part * 10 + 10):
+            r.log({"val/loss": 0.5 / (s + 1)}, step=s)
+        r.finish()
+    return {"project": PROJECT}
+
+
+if __name__ == "__main__":
+    _write(Path(sys.argv[1]), int(sys.argv[2]))
