@@ -66,7 +66,12 @@ def _write(root: Path, steps: int) -> dict[str, Any]:
     run = wandb.init(
         project=PROJECT,
         name="baseline",
-        config={"lr": 0.001, "epochs": steps, "optimizer": {"name": "adam", "betas": [0.9, 0.999]}, "amp": True},
+        config={
+            "lr": 0.001,
+            "epochs": steps,
+            "optimizer": {"name": "adam", "betas": [0.9, 0.999]},
+            "amp": True,
+        },
         tags=["baseline", "resnet"],
         notes="First baseline of the demo sweep",
         group="sweep-1",
@@ -88,7 +93,9 @@ def _write(root: Path, steps: int) -> dict[str, Any]:
         step=steps + 1,
     )
     run.summary["best_acc"] = 0.975
-    art = wandb.Artifact("demo-classifier", type="model", description="ResNet weights", metadata={"arch": "r18"})
+    art = wandb.Artifact(
+        "demo-classifier", type="model", description="ResNet weights", metadata={"arch": "r18"}
+    )
     art.add_file(str(model), name="weights/model.bin")
     run.log_artifact(art, aliases=["candidate", "production"])
     run.finish()

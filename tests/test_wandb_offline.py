@@ -58,11 +58,18 @@ def test_reader_maps_every_field(wandb_demo: Path) -> None:
     row = base.run
     assert row["status"] == "finished"
     assert row["labels"] == ["baseline", "resnet"]
-    assert (row["notes"], row["group"], row["job_type"]) == ("First baseline of the demo sweep", "sweep-1", "train")
+    assert (row["notes"], row["group"], row["job_type"]) == (
+        "First baseline of the demo sweep",
+        "sweep-1",
+        "train",
+    )
     assert row["start_time"] is not None and row["end_time"] >= row["start_time"]
     assert row["host"] and row["command"]
 
-    params = {tuple(p["path"]): (schema.loads_value(p["value_json"]), p["value_type"]) for p in base.params.to_pylist()}
+    params = {
+        tuple(p["path"]): (schema.loads_value(p["value_json"]), p["value_type"])
+        for p in base.params.to_pylist()
+    }
     assert params == {
         ("lr",): (0.001, "float"),
         ("epochs",): (40, "int"),
