@@ -101,14 +101,15 @@ def workers_option(f: Any) -> Any:
         "--workers",
         type=click.IntRange(1, 64),
         default=None,
-        help="Runs copied in parallel. Default: 4 for servers, 1 for in-process stores.",
+        help="Runs copied in parallel. Default: 4 for servers, 1 for local stores and folders.",
     )(f)
 
 
 def _workers(n: int | None, *uris: str) -> int:
     if n is not None:
         return n
-    return 4 if all(not u.startswith(("mlflow+sqlite", "mlflow+file")) for u in uris) else 1
+    local = ("mlflow+sqlite", "mlflow+file", "wandb+offline", "neptune")
+    return 4 if all(not u.startswith(local) for u in uris) else 1
 
 
 def _finish(report: Report, report_path: str | None, quiet: bool = False) -> int:

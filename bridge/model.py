@@ -13,6 +13,8 @@ than the number of runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,6 +67,24 @@ class RunPayload:
     @property
     def key(self) -> str:
         return self.run["run_key"]
+
+    def content_digest(self) -> str:
+        """What importers store to tell an unchanged run from a changed one.
+
+        The source's own fingerprint when it has a cheap one (a bundle's checksums, a
+        ``.wandb`` file's hash); otherwise a hash of everything the run carries.
+        """
+        if self.fingerprint is not None:
+            return self.fingerprint
+        h = hashlib.sha256()
+        for tbl in (self.params, self.tags, self.dataset_inputs, self.summary, self.series):
+            h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
+        h.update(json.dumps(self.run, default=str, sort_keys=True).encode())
+        for b in self.metrics():
+            h.update(b.serialize())  # every value; Array.to_string() elides the middle
+        for a in self.artifacts:
+            h.update(json.dumps([a.row, [(f.path, f.size) for f in a.files]], default=str).encode())
+        return h.hexdigest()
 
 
 @dataclass

@@ -200,8 +200,12 @@ def empty(name: str) -> pa.Table:
 
 
 def dumps_value(value: Any) -> str:
-    """JSON text for a config/summary value, keeping NaN and ±inf (plain JSON cannot)."""
-    return json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":"))
+    """JSON text for a config/summary value, keeping NaN and ±inf (plain JSON cannot).
+
+    Keys are sorted: W&B hands back a media dict's keys in a different order each time it
+    is read, and one canonical text makes equal values compare equal.
+    """
+    return json.dumps(value, allow_nan=True, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
 def loads_value(text: str) -> Any:

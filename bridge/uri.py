@@ -99,6 +99,10 @@ def open_sink(uri: str, **options: object):
         from importers.mlflow import MlflowSink
 
         return MlflowSink(t.inner, safe=redact(t.inner), **options)  # type: ignore[arg-type]
+    if t.scheme == "wandb+offline":
+        from importers.wandb import WandbOfflineSink
+
+        return WandbOfflineSink(t.inner, **options)  # type: ignore[arg-type]
     raise AssertionError(t.scheme)
 
 

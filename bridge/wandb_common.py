@@ -27,6 +27,26 @@ STEP_AXIS = "trackbridge/step"
 HISTORY_INTERNAL = ("_step", "_timestamp", "_runtime")
 SUMMARY_INTERNAL = ("_wandb", "_step", "_timestamp", "_runtime")
 CONFIG_INTERNAL = ("_wandb", META_KEY)
+# Run fields the importer keeps in ``_trackbridge`` and the exporter puts back.
+META_RUN_FIELDS = (
+    "status",
+    "user",
+    "lifecycle",
+    "parent_run_key",
+    "source_url",
+    "git_commit",
+    "git_remote",
+    "command",
+    "host",
+    "source_incomplete",
+    "fork_parent_run_key",
+    "fork_step",
+)
+# Points the SDK cannot log as history (system metrics, the source's own ``_runtime``):
+# the importer keeps them in this run file.
+KEPT_METRICS_FILE = "trackbridge/kept-metrics.parquet"
+# Artifact types W&B reserves for itself; written as "trackbridge-<type>" and read back.
+RESERVED_ARTIFACT_TYPES = ("run_table", "job", "wandb-history")
 
 
 def run_key(project: str, run_id: str) -> str:

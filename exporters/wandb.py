@@ -19,11 +19,13 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from bridge import schema
 from bridge import wandb_common as wc
@@ -32,8 +34,20 @@ from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, 
 from bridge.wandb_log import RecordLog
 
 RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
-# Files the SDK writes into every run folder itself; they are read, never restored.
-SDK_FILES = frozenset({"wandb-metadata.json", "wandb-summary.json", "config.yaml", "requirements.txt"})
+
+
+@dataclass
+class _Head:
+    """What the run record at the top of a log says, read without the rest of the log."""
+
+    log: Path
+    project: str = ""
+    run_id: str = ""
+    entity: str = ""
+    name: str | None = None
+    start: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)  # ``_trackbridge`` if we wrote it
+    error: str | None = None
 
 
 @dataclass
@@ -43,6 +57,9 @@ class _RunFiles:
     entity: str
     logs: list[Path] = field(default_factory=list)
     head_error: str | None = None
+    name: str | None = None
+    start: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class WandbOfflineSource:
@@ -51,8 +68,8 @@ class WandbOfflineSource:
         self.safe = safe or str(self.root)
         if not self.root.exists():
             raise SourceNotFoundError(f"wandb+offline://{self.safe}: no such folder {self.root}")
-        self._runs = self._discover()
         self._origin: dict[str, str] = {}
+        self._runs = self._discover()
 
     def describe(self) -> str:
         return f"wandb+offline://{self.safe}"
@@ -73,16 +90,22 @@ class WandbOfflineSource:
             m = RUN_DIR.match(d.name)
             assert m
             found += [(m.group(1), log) for log in sorted(d.glob("run-*.wandb"))]
-        heads = [(log, *_head(log)) for _, log in found]
+        heads = [_head(log) for _, log in found]
         # A resumed run's segments in the order they ran; the folder name's second is too
         # coarse (two segments in one second get a "-1" suffix that sorts first).
-        heads.sort(key=lambda h: (h[5], str(h[0])))
+        heads.sort(key=lambda h: (h.start, str(h.log)))
         runs: dict[str, _RunFiles] = {}
-        for log, project, run_id, entity, err, _ in heads:
-            key = wc.run_key(project, run_id)
-            rf = runs.setdefault(key, _RunFiles(project, run_id, entity))
-            rf.logs.append(log)
-            rf.head_error = rf.head_error or err
+        for h in heads:
+            key = wc.run_key(h.project, h.run_id)
+            rf = runs.get(key)
+            if rf is None:
+                rf = runs[key] = _RunFiles(h.project, h.run_id, h.entity, start=h.start)
+            rf.logs.append(h.log)
+            rf.head_error = rf.head_error or h.error
+            rf.name = h.name or rf.name
+            rf.meta = h.meta or rf.meta
+            if rf.meta.get("source_key"):
+                self._origin[key] = rf.meta["source_key"]
         return runs
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
@@ -90,13 +113,15 @@ class WandbOfflineSource:
         for rf in self._runs.values():
             if rf.head_error and not rf.project:
                 continue
+            kept = rf.meta.get("project") or {}  # a project trackbridge wrote from elsewhere
             row = {
                 "project_key": wc.project_key(rf.project),
                 "system": "wandb",
                 "source_id": f"{rf.entity}/{rf.project}" if rf.entity else rf.project,
-                "name": rf.project,
-                "lifecycle": "active",
-                "tags": [],
+                "name": kept.get("name") or rf.project,
+                "description": kept.get("description"),
+                "lifecycle": kept.get("lifecycle") or "active",
+                "tags": sorted((kept.get("tags") or {}).items()),
             }
             if sel.wants_project(row):
                 out.setdefault(row["project_key"], row)
@@ -108,17 +133,15 @@ class WandbOfflineSource:
         for key, rf in self._runs.items():
             if wc.project_key(rf.project) not in keys and not (rf.head_error and not rf.project):
                 continue
+            start = rf.meta.get("start_time") or rf.start or None
             row = {
                 "run_key": key,
                 "project_key": wc.project_key(rf.project),
                 "source_id": rf.run_id,
-                "name": None,
-                "start_time": None,
-                "lifecycle": "active",
+                "name": rf.name,
+                "start_time": wc.seconds_to_dt(start),
+                "lifecycle": rf.meta.get("lifecycle") or "active",
             }
-            head = None if rf.head_error else _run_head(rf.logs[0])
-            if head:
-                row.update(head)
             if sel.wants_run(row):
                 out.append(row)
         return out
@@ -142,6 +165,32 @@ class WandbOfflineSource:
             {"run_key": row["run_key"], "artifact_key": a.row["artifact_key"], "direction": "output"}
             for a in artifacts[1:]
         ]
+        params = wc.param_rows(row["run_key"], parsed.config)
+        datasets: list[dict[str, Any]] = []
+        if isinstance(meta, dict) and meta.get("source_key"):
+            # a run trackbridge wrote: put back what W&B could not hold
+            usage = [{"run_key": row["run_key"], **u} for u in meta.get("usage", [])]
+            params += [{**p, "run_key": row["run_key"]} for p in meta.get("params", [])]
+            datasets = [
+                {**d, "run_key": row["run_key"], "tags": [tuple(kv) for kv in d.get("tags") or []]}
+                for d in meta.get("dataset_inputs", [])
+            ]
+            system = next((f for f in run_files.files if f.path == wc.KEPT_METRICS_FILE), None)
+            if system is not None:
+                with system.fetch() as local:
+                    extra = pq.read_table(local).cast(schema.SCHEMAS["metrics"])
+                metrics_tbl = pa.concat_tables(
+                    [
+                        metrics_tbl,
+                        extra.set_column(
+                            0, "run_key", pa.array([row["run_key"]] * extra.num_rows, pa.string())
+                        ),
+                    ]
+                )
+            own = set(meta.get("run_files", []))
+            run_files.files = [f for f in run_files.files if f.path in own]
+            for a in artifacts[1:]:
+                _restore_artifact_row(a)
         h = hashlib.sha256()
         for log in rf.logs:
             h.update(_file_digest(log).encode())
@@ -149,12 +198,13 @@ class WandbOfflineSource:
             h.update(f"{f.path}:{f.size}".encode())
         return RunPayload(
             run=row,
-            params=schema.table("params", wc.param_rows(row["run_key"], parsed.config)),
+            params=schema.table("params", params),
             tags=schema.table("tags", parsed.tag_rows()),
             metrics=lambda: iter(metrics_tbl.to_batches(max_chunksize=100_000)),
             summary=schema.table("summary", parsed.summary_rows()),
             series=series_tbl,
             artifact_usage=schema.table("artifact_usage", usage),
+            dataset_inputs=schema.table("dataset_inputs", datasets),
             artifacts=artifacts,
             fingerprint=h.hexdigest(),
             source_notes=parsed.notes,
@@ -168,41 +218,45 @@ class WandbOfflineSource:
         return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
 
 
-def _head(log: Path) -> tuple[str, str, str, str | None, float]:
-    """(project, run id, entity, error, start) from the first records, not the whole log."""
+def _head(log: Path) -> _Head:
     from wandb.proto import wandb_internal_pb2 as pb
 
     m = RUN_DIR.match(log.parent.name)
-    fallback = m.group(2) if m else log.stem.removeprefix("run-")
+    h = _Head(log, run_id=m.group(2) if m else log.stem.removeprefix("run-"))
     rec = pb.Record()
     try:
         for _, payload in RecordLog(log).payloads():
             rec.ParseFromString(payload)
             if rec.WhichOneof("record_type") == "run":
                 r = rec.run
-                start = r.start_time.seconds + r.start_time.nanos / 1e9
-                return r.project or "uncategorized", r.run_id or fallback, r.entity, None, start
+                h.project, h.run_id, h.entity = r.project or "uncategorized", r.run_id or h.run_id, r.entity
+                h.name = r.display_name or None
+                h.start = r.start_time.seconds + r.start_time.nanos / 1e9
+                for it in r.config.update:
+                    if it.key == wc.META_KEY or list(it.nested_key) == [wc.META_KEY]:
+                        meta = json.loads(it.value_json)
+                        h.meta = meta if isinstance(meta, dict) else {}
+                return h
+        h.error = f"{log}: no run record"
     except BadInputError as e:
-        return "", fallback, "", str(e), 0.0
+        h.error = str(e)
     except Exception as e:
-        return "", fallback, "", f"{log}: {e}", 0.0
-    return "", fallback, "", f"{log}: no run record", 0.0
+        h.error = f"{log}: {e}"
+    return h
 
 
-def _run_head(log: Path) -> dict[str, Any] | None:
-    """Name and start time for filtering, from the run record at the top of the log."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    rec = pb.Record()
-    for _, payload in RecordLog(log).payloads():
-        rec.ParseFromString(payload)
-        if rec.WhichOneof("record_type") == "run":
-            r = rec.run
-            return {
-                "name": r.display_name or None,
-                "start_time": wc.seconds_to_dt(r.start_time.seconds + r.start_time.nanos / 1e9),
-            }
-    return None
+def _restore_artifact_row(art: ArtifactPayload) -> None:
+    """An artifact trackbridge wrote carries its source row in its metadata: use it."""
+    meta = json.loads(art.row.get("metadata_json") or "{}")
+    kept = meta.get(wc.META_KEY) if isinstance(meta, dict) else None
+    if not isinstance(kept, dict) or "row" not in kept:
+        return
+    original = dict(kept["row"])
+    for k in ("project_key", "producer_run_key"):
+        original[k] = art.row[k]
+    if original.get("created_at"):
+        original["created_at"] = datetime.fromisoformat(original["created_at"])
+    art.row = original
 
 
 def _file_digest(path: Path) -> str:
@@ -448,7 +502,7 @@ class _Parser:
         for i, v in enumerate(values):
             if type(v) is float or type(v) is int:
                 if ours and keyl[i] == "_runtime":
-                    continue  # the runtime of our own import, not the source's data
+                    continue  # the clock of our own import; the source's is in the kept file
                 m_idx.append(i)
                 m_val.append(v)
             else:
@@ -512,6 +566,9 @@ class _Parser:
         )
 
     def summary_rows(self) -> list[dict[str, Any]]:
+        meta = self.config.get(wc.META_KEY)
+        if isinstance(meta, dict) and "summary" in meta:  # the source's exact summary
+            return [{"run_key": self.run_key, **r} for r in meta["summary"]]
         tree = {k: v for k, v in self.summary.items() if k not in wc.SUMMARY_INTERNAL}
         return [
             {"run_key": self.run_key, "path": path, "value_json": schema.dumps_value(v)}
@@ -569,9 +626,11 @@ class _Parser:
             for k in ("start_time", "end_time"):
                 if meta.get(k) is not None:
                     row[k] = wc.seconds_to_dt(meta[k])
-            for k in ("status", "user", "lifecycle", "parent_run_key", "source_url"):
-                if meta.get(k) is not None:
+            for k in wc.META_RUN_FIELDS:
+                if k in meta:
                     row[k] = meta[k]
+            if "labels" in meta:
+                row["labels"] = list(meta["labels"])
         return row
 
     def artifacts(self, project_key: str) -> list[ArtifactPayload]:

@@ -705,18 +705,7 @@ class _Plan:
 
 def _fingerprint(payload: RunPayload) -> str:
     """The source content digest plus our mapping version: a change to either re-imports."""
-    fp = payload.fingerprint
-    if fp is None:
-        h = hashlib.sha256()
-        for tbl in (payload.params, payload.tags, payload.dataset_inputs, payload.summary, payload.series):
-            h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
-        h.update(json.dumps(payload.run, default=str, sort_keys=True).encode())
-        for b in payload.metrics():
-            h.update(b.serialize())  # every value; Array.to_string() elides the middle
-        for a in payload.artifacts:
-            h.update(json.dumps([a.row, [(f.path, f.size) for f in a.files]], default=str).encode())
-        fp = h.hexdigest()
-    return f"{fp[:40]}.m{MAPPING_VERSION}"
+    return f"{payload.content_digest()[:40]}.m{MAPPING_VERSION}"
 
 
 def _records(batch: pa.RecordBatch, plan: _Plan, model_ids: dict[str, str]) -> list[dict[str, Any]]:

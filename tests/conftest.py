@@ -54,6 +54,14 @@ def demo_store(sandbox: Path) -> dict:
     return {"uri": uri, "tb": f"mlflow+{uri}", "ids": ids, "db": db}
 
 
+@pytest.fixture(scope="session")
+def wandb_demo(sandbox: Path) -> Path:
+    """The demo W&B offline runs, written once by the real wandb SDK."""
+    from bridge.demo_wandb import make_wandb_demo
+
+    return make_wandb_demo(sandbox / "wandb-demo")
+
+
 @pytest.fixture
 def new_sqlite(tmp_path: Path) -> str:
     """A trackbridge URI for a fresh, empty SQLite store (MLflow creates it on first use)."""

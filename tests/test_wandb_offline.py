@@ -24,13 +24,6 @@ from tests.conftest import run_cli
 pytest.importorskip("wandb")
 
 
-@pytest.fixture(scope="session")
-def wandb_demo(sandbox: Path) -> Path:
-    from bridge.demo_wandb import make_wandb_demo
-
-    return make_wandb_demo(sandbox / "wandb-demo")
-
-
 def _source(path: Path):
     from exporters.wandb import WandbOfflineSource
 

@@ -1,0 +1,91 @@
+"""Writing W&B offline runs with the real SDK, and reading them back with our reader.
+
+MLflow → W&B is where steps need mapping (MLflow keys step independently, repeat and go
+negative); W&B → W&B checks that what the SDK cannot take (its own _runtime, system
+metrics, reserved artifact types) is kept another way. Both must verify identical and
+import a second time without a write.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.wandb_log import RecordLog
+from tests.conftest import run_cli
+
+pytest.importorskip("wandb")
+
+EXPERIMENTS = ("--experiment", "demo-classifier", "--experiment", "demo-regression", "--no-registry")
+
+
+def _outcomes(path: Path) -> list[str]:
+    return sorted(r["outcome"] for r in json.loads(path.read_text())["runs"])
+
+
+def test_mlflow_to_wandb_offline_round_trip(demo_store: dict, tmp_path: Path) -> None:
+    dest = f"wandb+offline://{tmp_path / 'wb'}"
+    p = run_cli("migrate", demo_store["tb"], dest, *EXPERIMENTS, "--report", str(tmp_path / "r1.json"))
+    assert "verify: identical (2 projects, 6 runs, 310 points" in p.stdout, p.stdout
+    report = json.loads((tmp_path / "r1.json").read_text())
+    kinds = {m["kind"] for r in report["runs"] for m in r["mappings"]}
+    assert "step-axis" in kinds  # the demo's trials log repeated and negative steps
+    assert _outcomes(tmp_path / "r1.json") == ["new"] * 6
+    folders = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 6 and all((f / "trackbridge.json").exists() for f in folders)
+
+    p2 = run_cli("migrate", demo_store["tb"], dest, *EXPERIMENTS, "--report", str(tmp_path / "r2.json"))
+    assert _outcomes(tmp_path / "r2.json") == ["unchanged"] * 6, p2.stdout
+    assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 6
+
+
+def test_registry_is_reported_not_dropped(demo_store: dict, tmp_path: Path) -> None:
+    p = run_cli(
+        "migrate",
+        demo_store["tb"],
+        f"wandb+offline://{tmp_path / 'wb'}",
+        "--no-verify",
+        "--report",
+        str(tmp_path / "r.json"),
+    )
+    assert "registry-not-written" in p.stdout and "2 model version(s)" in p.stdout
+
+
+def test_wandb_to_wandb_keeps_what_the_sdk_cannot_log(wandb_demo: Path, tmp_path: Path) -> None:
+    dest = f"wandb+offline://{tmp_path / 'wb'}"
+    p = run_cli("migrate", f"wandb+offline://{wandb_demo}", dest, "--report", str(tmp_path / "r.json"))
+    assert "verify: identical (1 projects, 3 runs, 213 points" in p.stdout, p.stdout
+    kinds = {m["kind"] for r in json.loads((tmp_path / "r.json").read_text())["runs"] for m in r["mappings"]}
+    assert {"metrics-kept", "artifact-type"} <= kinds
+
+    # several keys logged at one step stay one history row, in step order (no step axis)
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    steps = []
+    for folder in (tmp_path / "wb" / "wandb").glob("offline-run-*"):
+        log = next(folder.glob("run-*.wandb"))
+        rec = pb.Record()
+        rows = []
+        for _, payload in RecordLog(log).payloads():
+            rec.ParseFromString(payload)
+            if rec.WhichOneof("record_type") == "history":
+                keys = {".".join(i.nested_key) or i.key for i in rec.history.item}
+                rows.append((rec.history.step.num, keys))
+        if any("train/acc" in k for _, k in rows):
+            steps = [s for s, _ in rows]
+            assert all({"train/loss", "train/acc", "lr"} <= k for _, k in rows[:40])
+    assert steps == sorted(steps) and len(steps) == 42  # 40 steps, NaN step, media step
+
+
+def test_half_written_run_is_written_again_once(wandb_demo: Path, tmp_path: Path) -> None:
+    dest = f"wandb+offline://{tmp_path / 'wb'}"
+    run_cli("migrate", f"wandb+offline://{wandb_demo}", dest, "--no-verify")
+    markers = list((tmp_path / "wb" / "wandb").glob("offline-run-*/trackbridge.json"))
+    victim = markers[0]
+    run_id = json.loads(victim.read_text())["run_id"]
+    victim.unlink()  # as if the import was killed after the SDK finished, before the marker
+    run_cli("migrate", f"wandb+offline://{wandb_demo}", dest, "--report", str(tmp_path / "r.json"))
+    assert _outcomes(tmp_path / "r.json") == ["unchanged", "unchanged", "updated"]
+    assert len(list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}*"))) == 1
