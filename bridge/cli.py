@@ -30,6 +30,7 @@ Sources and destinations:
   mlflow+http://HOST:PORT      an MLflow tracking server
   mlflow+sqlite:////ABS/PATH.db an MLflow SQLite store, used in-process
   mlflow+postgresql://…        an MLflow database store, used in-process
+  wandb+offline:///ABS/PATH    W&B offline run folders (read, or written for wandb sync)
   PATH or bundle:///PATH       a trackbridge bundle folder
 Credentials come from the environment (MLFLOW_TRACKING_TOKEN, …), never from a URI.
 """
@@ -380,37 +381,57 @@ def inspect_cmd(bundle: str, check: bool, show_runs: int) -> None:
     type=click.Path(file_okay=False),
     default="trackbridge-quickstart",
     show_default=True,
-    help="Where the demo stores go.",
+    help="Where the demo source, the bundle and the destination store go.",
 )
-def quickstart_cmd(folder: str) -> None:
-    """Make a demo MLflow store with the real SDK, migrate it to SQLite, verify it.
+@click.option(
+    "--source",
+    type=click.Choice(["wandb", "mlflow"]),
+    default="wandb",
+    show_default=True,
+    help="Demo source: W&B offline runs (the nightly-sync case) or an MLflow store.",
+)
+def quickstart_cmd(folder: str, source: str) -> None:
+    """Make demo runs with a tracker's real SDK, migrate them into SQLite, verify.
 
-    No server is needed. Run it twice: the second run copies nothing new.
+    The default demo is a set of W&B offline runs written by the wandb SDK, with no
+    account and no network: config, history with NaN, images, a histogram, a table,
+    a model artifact with aliases, a failed run and a resumed one. They land in a local
+    SQLite MLflow store; no server is needed. Run it twice: the second run copies
+    nothing new.
     """
-    from bridge.demo import make_mlflow_demo
-
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    src_db, dest_db = root / "source.db", root / "dest.db"
-    if not src_db.exists():
-        click.echo(f"1/3 making a demo MLflow store with the mlflow SDK: {src_db}")
-        make_mlflow_demo(f"sqlite:///{src_db}")
+    dest_db = root / "dest.db"
+    if source == "wandb":
+        from bridge.demo_wandb import make_wandb_demo
+
+        demo = root / "wandb-demo"
+        src = f"wandb+offline://{demo / 'wandb'}"
+        if not (demo / "wandb").is_dir():
+            click.echo(f"1/3 writing demo W&B offline runs with the wandb SDK: {demo}")
+            make_wandb_demo(demo)
+        else:
+            click.echo(f"1/3 reusing the demo W&B offline runs in {demo}")
     else:
-        click.echo(f"1/3 reusing the demo MLflow store {src_db}")
-    click.echo(f"2/3 migrating it into {dest_db} (through {root / 'bundle'})")
-    code = run_migrate(
-        f"mlflow+sqlite:///{src_db}",
-        f"mlflow+sqlite:///{dest_db}",
-        Selection(),
-        bundle_path=str(root / "bundle"),
-        do_verify=False,
-    )
+        from bridge.demo import make_mlflow_demo
+
+        src_db = root / "source.db"
+        src = f"mlflow+sqlite:///{src_db}"
+        if not src_db.exists():
+            click.echo(f"1/3 making a demo MLflow store with the mlflow SDK: {src_db}")
+            make_mlflow_demo(f"sqlite:///{src_db}")
+        else:
+            click.echo(f"1/3 reusing the demo MLflow store {src_db}")
+    bundle = root / f"bundle-{source}"
+    click.echo(f"2/3 migrating it into {dest_db} (through {bundle})")
+    dest = f"mlflow+sqlite:///{dest_db}"
+    code = run_migrate(src, dest, Selection(), bundle_path=str(bundle), do_verify=False)
     click.echo("3/3 verifying every field")
-    vcode = run_verify(f"mlflow+sqlite:///{src_db}", f"mlflow+sqlite:///{dest_db}", Selection())
+    vcode = run_verify(src, dest, Selection())
     code = code or vcode
     click.echo("\nOpen the result in the MLflow UI:")
     click.echo(f"  mlflow ui --backend-store-uri sqlite:///{dest_db} --port 5000")
-    click.echo(f"Look at the bundle: trackbridge inspect {root / 'bundle'}")
+    click.echo(f"Look at the bundle: trackbridge inspect {bundle}")
     sys.exit(code)
 
 

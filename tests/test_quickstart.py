@@ -9,16 +9,32 @@ import subprocess
 from tests.conftest import run_cli
 
 
-def test_quickstart_twice(tmp_path):
+def test_quickstart_wandb_twice(tmp_path):
+    """The default: W&B offline runs from the real SDK, into a SQLite MLflow store."""
     folder = tmp_path / "qs"
     p = run_cli("quickstart", "--dir", str(folder))
+    assert "writing demo W&B offline runs with the wandb SDK" in p.stdout
+    assert "runs: 3 new, 0 updated, 0 unchanged, 0 failed" in p.stdout
+    assert "verify: identical (1 projects, 3 runs, 213 points, 0 model versions)" in p.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{folder / 'dest.db'}" in p.stdout
+    assert "Traceback" not in p.stderr
+    p = run_cli("quickstart", "--dir", str(folder))
+    assert "runs: 0 new, 0 updated, 3 unchanged, 0 failed" in p.stdout
+    assert "metric points written: 0" in p.stdout and "verify: identical" in p.stdout
+    with sqlite3.connect(folder / "dest.db") as c:
+        assert c.execute("select count(*) from runs").fetchone()[0] == 3
+
+
+def test_quickstart_mlflow_twice(tmp_path):
+    folder = tmp_path / "qs"
+    p = run_cli("quickstart", "--dir", str(folder), "--source", "mlflow")
     assert "runs: 6 new, 0 updated, 0 unchanged, 0 failed" in p.stdout
     assert "verify: identical (3 projects, 6 runs, 310 points, 2 model versions)" in p.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{folder / 'dest.db'}" in p.stdout
     assert "Traceback" not in p.stderr and "View run" not in p.stdout
     with sqlite3.connect(folder / "dest.db") as c:
         assert c.execute("select count(*) from runs").fetchone()[0] == 6
-    p = run_cli("quickstart", "--dir", str(folder))
+    p = run_cli("quickstart", "--dir", str(folder), "--source", "mlflow")
     assert "runs: 0 new, 0 updated, 6 unchanged, 0 failed" in p.stdout
     assert "metric points written: 0" in p.stdout and "verify: identical" in p.stdout
     with sqlite3.connect(folder / "dest.db") as c:
