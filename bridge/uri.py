@@ -62,6 +62,8 @@ def parse(uri: str) -> Target:
         return Target("bundle", rest, uri)
     if scheme == "wandb+offline":
         return Target("wandb+offline", _path_of(rest), uri)
+    if scheme == "wandb":
+        return Target("wandb", rest, uri)
     if scheme in KNOWN:
         raise UsageError(f"{redact(uri)}: the {scheme!r} adapter is not available in this version yet")
     raise UsageError(
@@ -86,6 +88,10 @@ def open_source(uri: str, **options: object):
         from exporters.wandb import WandbOfflineSource
 
         return WandbOfflineSource(t.inner)
+    if t.scheme == "wandb":
+        from exporters.wandb_online import WandbOnlineSource
+
+        return WandbOnlineSource(t.inner)
     raise AssertionError(t.scheme)
 
 
@@ -103,6 +109,11 @@ def open_sink(uri: str, **options: object):
         from importers.wandb import WandbOfflineSink
 
         return WandbOfflineSink(t.inner, **options)  # type: ignore[arg-type]
+    if t.scheme == "wandb":
+        raise UsageError(
+            f"{t.safe}: writing to W&B online is not available in this version yet; write "
+            "wandb+offline://PATH instead and upload it with `wandb sync PATH/wandb/offline-run-*`"
+        )
     raise AssertionError(t.scheme)
 
 

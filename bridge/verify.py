@@ -167,6 +167,10 @@ def _compare_artifact(label: str, x: ArtifactPayload, y: ArtifactPayload, diff: 
             f"only in destination {sorted(set(fb) - set(fa))[:5]}"
         )
     for path in sorted(set(fa) & set(fb)):
+        if _is_reference(fa[path]) or _is_reference(fb[path]):
+            if fa[path].uri != fb[path].uri:
+                diff(f"{label}: file {path}: reference {fa[path].uri!r} != {fb[path].uri!r}")
+            continue
         if fa[path].size is not None and fb[path].size is not None and fa[path].size != fb[path].size:
             diff(f"{label}: file {path}: size {fa[path].size} != {fb[path].size}")
         elif _digest(fa[path]) != _digest(fb[path]):
@@ -279,6 +283,11 @@ def _datasets(r: RunPayload) -> Iterator[dict[str, Any]]:
         d.pop("run_key")
         d["tags"] = sorted(d["tags"] or [])
         yield d
+
+
+def _is_reference(f: Any) -> bool:
+    """A file whose bytes live elsewhere (``s3://…``): compared by address, never fetched."""
+    return bool(f.uri) and f.sha256 is None
 
 
 def _art_identity(x: ArtifactPayload) -> str:

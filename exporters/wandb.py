@@ -475,14 +475,45 @@ class _Parser:
 
     def _stats(self, s: Any) -> None:
         t = s.timestamp.seconds + s.timestamp.nanos / 1e9
+        self._system(t, [(it.key, it.value_json) for it in s.item])
+
+    def _system(self, t: float, items: list[tuple[str, str]]) -> None:
         row = len(self.row_step)
         self.row_step.append(self.stats_n)
         self.row_time.append(repr(t))
         self.stats_n += 1
-        for it in s.item:
-            self.item_key.append("system/" + it.key)
-            self.item_json.append(it.value_json)
+        for key, value_json in items:
+            self.item_key.append("system/" + key)
+            self.item_json.append(value_json)
             self.item_row.append(row)
+
+    # -- the same, from the online API's dicts (exporters.wandb_online)
+
+    def history_row(self, row: dict[str, Any]) -> None:
+        """One ``scan_history`` row. Nested dicts that are not media are namespaces."""
+        items: _Items = []
+        for path, v in wc.flatten({k: v for k, v in row.items() if k != "_step"}):
+            items.append((tuple(path), schema.dumps_value(v)))
+        self._history(items, int(row.get("_step") or 0))
+
+    def system_row(self, row: dict[str, Any]) -> None:
+        """One line of ``wandb-events.jsonl``: ``system.cpu`` → ``system/cpu``."""
+        t = row.get("_timestamp")
+        items = [
+            (k.removeprefix("system."), schema.dumps_value(v))
+            for k, v in row.items()
+            if k not in ("_timestamp", "_runtime") and isinstance(v, int | float)
+        ]
+        self._system(float(t) if t is not None else 0.0, items)
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        for path, v in wc.flatten(config):
+            self._config_ops[tuple(path)] = schema.dumps_value(v)
+        self._config = None
+
+    def set_summary(self, summary: dict[str, Any]) -> None:
+        for path, v in wc.flatten(summary):
+            self._summary_ops[tuple(path)] = schema.dumps_value(v)
 
     # -- results
 

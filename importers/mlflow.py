@@ -314,7 +314,7 @@ class MlflowSink:
             self.client.set_tag(run_id, mc.TAG_MAPPED, str(len(report.mappings)))
 
         status = mc.TO_MLFLOW_STATUS.get(run.get("status") or "finished", "FINISHED")
-        if status in ("FINISHED", "FAILED", "KILLED"):
+        if status in ("FINISHED", "FAILED", "KILLED") and run.get("end_time") is not None:
             self.client.set_terminated(run_id, status, end_time=mc.dt_to_ms(run.get("end_time")))
         else:
             self.client.update_run(run_id, status=status)

@@ -1,0 +1,476 @@
+"""Read a W&B project through the online API (``wandb://entity/project``).
+
+``wandb.Api`` talks through the bundled wandb-core binary, so HTTP mocks cannot stand in
+for the server. Everything this exporter asks of W&B therefore goes through one small
+interface, ``WandbApi``: ``SdkApi`` implements it with ``wandb.Api`` (with retries), and
+the tests implement it with fakes made of the SDK's own ``wandb.apis.public`` objects.
+
+Data rules:
+- History comes from ``scan_history``, every row, never the sampled ``history()``.
+- System metrics come from the run file ``wandb-events.jsonl`` when the run has it:
+  every sample. The API's system stream is sampled, so without the file they are
+  reported as not copied rather than copied in part.
+- The rows go through the same builder as the offline reader (``exporters.wandb``), so
+  a run read online and the same run read from its ``.wandb`` file give the same rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from bridge import schema
+from bridge import wandb_common as wc
+from bridge.errors import MissingExtraError, SourceNotFoundError, first_line
+from bridge.files import temp_dir
+from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, no_local_bytes
+from exporters.wandb import _Parser
+
+EVENTS_FILE = "wandb-events.jsonl"
+RUN_STATES = {"finished": "finished", "failed": "failed", "crashed": "crashed", "killed": "killed"}
+
+
+@dataclass
+class Entry:
+    """One file of a logged artifact, as its manifest lists it."""
+
+    path: str
+    size: int | None
+    md5: str | None  # base64, as W&B gives it
+    ref: str | None = None
+
+
+@dataclass
+class Link:
+    """An artifact version linked into a W&B Registry collection or the legacy model registry."""
+
+    registry: str  # "model" for wandb-registry-model; "model-registry" for the legacy one
+    collection: str
+    version: str  # "v3"
+    aliases: list[str] = field(default_factory=list)
+    created_at: datetime | None = None
+
+
+@dataclass
+class ArtifactInfo:
+    """A logged artifact version. The SDK cannot build a logged ``Artifact`` without a
+    server, so the interface hands over these fields rather than the object."""
+
+    project: str
+    name: str  # without ":v3"
+    version: str | None
+    type: str
+    digest: str
+    aliases: list[str]
+    description: str | None
+    metadata: dict[str, Any]
+    created_at: datetime | None
+    entries: list[Entry]
+    links: list[Link] = field(default_factory=list)
+    handle: Any = None  # the SDK object, for downloads
+
+
+class WandbApi(Protocol):
+    """Everything trackbridge asks of W&B online. Runs and files are ``wandb.apis.public``
+    objects; artifacts are ``ArtifactInfo``."""
+
+    def runs(self, entity: str, project: str) -> Iterable[Any]: ...
+
+    def scan_history(self, run: Any) -> Iterator[dict[str, Any]]: ...
+
+    def files(self, run: Any) -> list[Any]: ...
+
+    def download_file(self, run: Any, file: Any, folder: str) -> str: ...
+
+    def logged_artifacts(self, run: Any) -> list[ArtifactInfo]: ...
+
+    def used_artifacts(self, run: Any) -> list[ArtifactInfo]: ...
+
+    def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str: ...
+
+
+# -- retries
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds the server asked us to wait (``Retry-After``, in seconds), if it said."""
+    for obj in (exc, getattr(exc, "exc", None)):
+        headers = getattr(getattr(obj, "response", None), "headers", None)
+        value = headers.get("Retry-After") if headers is not None else None
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None  # an HTTP date: W&B sends seconds; fall back to our backoff
+    return None
+
+
+def status_of(exc: BaseException) -> int | None:
+    for obj in (exc, getattr(exc, "exc", None)):
+        response = getattr(obj, "response", None)
+        code = getattr(response, "status_code", None) or getattr(obj, "status_code", None)
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def retryable(exc: BaseException) -> bool:
+    """429 and 5xx, timeouts and dropped connections; never a 4xx like 401 or 404."""
+    code = status_of(exc)
+    if code is not None:
+        return code == 429 or code >= 500
+    return isinstance(exc, TimeoutError | ConnectionError)
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 8
+    initial: float = 1.0
+    maximum: float = 60.0
+
+    def retrying(self) -> Any:
+        """A tenacity ``Retrying``: the server's Retry-After, else backoff with full jitter."""
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt
+
+        def wait(state: Any) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            asked = retry_after(exc) if exc else None
+            if asked is not None:
+                return min(asked, self.maximum)
+            return random.uniform(0, min(self.maximum, self.initial * 2 ** (state.attempt_number - 1)))
+
+        return Retrying(
+            retry=retry_if_exception(retryable),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait,
+            reraise=True,
+        )
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return self.retrying()(fn, *args, **kw)
+
+
+class SdkApi:
+    """``WandbApi`` over ``wandb.Api``; every call retried under ``RetryPolicy``."""
+
+    def __init__(self, policy: RetryPolicy | None = None) -> None:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as e:  # pragma: no cover - depends on the installed extras
+            raise MissingExtraError("wandb", "wandb") from e
+        self.policy = policy or RetryPolicy()
+        self._api: Any = None
+
+    @property
+    def api(self) -> Any:
+        """``wandb.Api``, made on first use: it reads the credentials then."""
+        if self._api is None:
+            import wandb
+
+            self._api = self.policy.call(wandb.Api, timeout=60)
+        return self._api
+
+    def runs(self, entity: str, project: str) -> Iterable[Any]:
+        return self.policy.call(lambda: list(self.api.runs(f"{entity}/{project}", per_page=500)))
+
+    def scan_history(self, run: Any) -> Iterator[dict[str, Any]]:
+        # A failed page is retried from the step after the last row we got, so a retry
+        # neither repeats nor skips a row.
+        last = -1
+        for attempt in self.policy.retrying():
+            with attempt:
+                for row in run.scan_history(page_size=1000, min_step=last + 1):
+                    last = int(row.get("_step", last + 1))
+                    yield row
+
+    def files(self, run: Any) -> list[Any]:
+        return self.policy.call(lambda: list(run.files()))
+
+    def download_file(self, run: Any, file: Any, folder: str) -> str:
+        return self.policy.call(lambda: file.download(root=folder, replace=True).name)
+
+    def _info(self, a: Any) -> ArtifactInfo:
+        name, _, version = a.name.partition(":")
+        links = []
+        for linked in getattr(a, "linked_artifacts", None) or []:
+            coll, _, lv = linked.name.partition(":")
+            registry = linked.project.removeprefix("wandb-registry-")
+            links.append(Link(registry, coll, lv, [x for x in linked.aliases if x != "latest"], None))
+        return ArtifactInfo(
+            project=a.project,
+            name=name,
+            version=version or a.version,
+            type=a.type,
+            digest=a.digest,
+            aliases=[x for x in a.aliases if x != "latest"],
+            description=a.description,
+            metadata=dict(a.metadata or {}),
+            created_at=_dt(a.created_at),
+            entries=[Entry(p, e.size, e.digest, e.ref) for p, e in a.manifest.entries.items()],
+            links=links,
+            handle=a,
+        )
+
+    def logged_artifacts(self, run: Any) -> list[ArtifactInfo]:
+        return self.policy.call(lambda: [self._info(a) for a in run.logged_artifacts()])
+
+    def used_artifacts(self, run: Any) -> list[ArtifactInfo]:
+        return self.policy.call(lambda: [self._info(a) for a in run.used_artifacts()])
+
+    def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str:
+        return self.policy.call(lambda: art.handle.get_entry(path).download(root=folder))
+
+
+# -- the exporter
+
+
+class WandbOnlineSource:
+    def __init__(self, entity_project: str, api: WandbApi | None = None) -> None:
+        entity, _, project = entity_project.strip("/").partition("/")
+        if not entity or not project or "/" in project:
+            raise SourceNotFoundError(f"wandb://{entity_project}: expected wandb://ENTITY/PROJECT")
+        self.entity, self.project = entity, project
+        self.api = api or SdkApi()
+        self._runs: dict[str, Any] = {}
+        self._origin: dict[str, str] = {}
+        self._arts: dict[str, list[ArtifactInfo]] = {}
+        try:
+            listed = list(self.api.runs(entity, project))
+        except Exception as e:
+            raise SourceNotFoundError(f"{self.describe()}: cannot list runs ({first_line(e)})") from e
+        for r in listed:
+            key = wc.run_key(project, r.id)
+            self._runs[key] = r
+            meta = (r.config or {}).get(wc.META_KEY)
+            if isinstance(meta, dict) and meta.get("source_key"):
+                self._origin[key] = meta["source_key"]
+
+    def describe(self) -> str:
+        return f"wandb://{self.entity}/{self.project}"
+
+    def close(self) -> None:
+        pass
+
+    def origin_of(self, kind: str, key: str) -> str:
+        return self._origin.get(key, key)
+
+    def projects(self, sel: Selection) -> list[dict[str, Any]]:
+        row = {
+            "project_key": wc.project_key(self.project),
+            "system": "wandb",
+            "source_id": f"{self.entity}/{self.project}",
+            "name": self.project,
+            "lifecycle": "active",
+            "tags": [],
+        }
+        return [row] if sel.wants_project(row) else []
+
+    def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not projects:
+            return []
+        out = []
+        for key, r in self._runs.items():
+            row = {
+                "run_key": key,
+                "project_key": wc.project_key(self.project),
+                "source_id": r.id,
+                "name": r.display_name,
+                "start_time": _dt(r.created_at),
+                "lifecycle": "active",
+            }
+            if sel.wants_run(row):
+                out.append(row)
+        return out
+
+    def read_run(self, run: dict[str, Any]) -> RunPayload:
+        key = run["run_key"]
+        r = self._runs[key]
+        parsed = _Parser(key)
+        parsed.set_config(dict(r.config or {}))
+        parsed.set_summary(dict(r.summary_metrics or {}))
+        for row in self.api.scan_history(r):
+            parsed.history_row(row)
+        files = self.api.files(r)
+        events = next((f for f in files if f.name == EVENTS_FILE), None)
+        if events is not None:
+            with temp_dir() as d:
+                local = self.api.download_file(r, events, str(d))
+                for line in Path(local).read_text().splitlines():
+                    if line.strip():
+                        parsed.system_row(json.loads(line))
+        else:
+            parsed.notes.append(
+                (
+                    "source-not-copied",
+                    "metrics.system/*",
+                    f"no {EVENTS_FILE}: the API only samples system metrics",
+                )
+            )
+        metrics_tbl, series_tbl = parsed.tables()
+        row = self._run_row(r, run, parsed)
+        run_files = ArtifactPayload(
+            row={
+                "artifact_key": wc.files_key(self.project, r.id),
+                "project_key": wc.project_key(self.project),
+                "name": "run-files",
+                "type": "run-files",
+                "aliases": [],
+                "producer_run_key": key,
+            },
+            files=[
+                FileRef(f.name, f.size, None, self._file_fetcher(r, f))
+                for f in files
+                if f.name != EVENTS_FILE
+            ],
+        )
+        logged = self.api.logged_artifacts(r)
+        self._arts[key] = logged
+        artifacts = [run_files, *(self._artifact(a, key) for a in logged)]
+        usage = [
+            {"run_key": key, "artifact_key": a.row["artifact_key"], "direction": "output"}
+            for a in artifacts[1:]
+        ]
+        usage += [
+            {
+                "run_key": key,
+                "artifact_key": wc.artifact_key(u.project, u.name, u.digest),
+                "direction": "input",
+            }
+            for u in self.api.used_artifacts(r)
+        ]
+        return RunPayload(
+            run=row,
+            params=schema.table("params", wc.param_rows(key, parsed.config)),
+            tags=schema.table("tags", parsed.tag_rows()),
+            metrics=lambda: iter(metrics_tbl.to_batches(max_chunksize=100_000)),
+            summary=schema.table("summary", parsed.summary_rows()),
+            series=series_tbl,
+            artifact_usage=schema.table("artifact_usage", usage),
+            artifacts=artifacts,
+            source_notes=parsed.notes,
+        )
+
+    def _run_row(self, r: Any, listed: dict[str, Any], parsed: _Parser) -> dict[str, Any]:
+        state = (r.state or "").lower()
+        user = getattr(r, "user", None)
+        row = {
+            "run_key": listed["run_key"],
+            "project_key": listed["project_key"],
+            "source_id": r.id,
+            "name": r.display_name,
+            "status": RUN_STATES.get(state, "running"),
+            "lifecycle": "active",
+            "start_time": _dt(r.created_at),
+            # W&B's last heartbeat is when a finished run stopped reporting
+            "end_time": _dt(getattr(r, "heartbeat_at", None)) if state in RUN_STATES else None,
+            "user": getattr(user, "username", None) if user else None,
+            "group": getattr(r, "group", None) or None,
+            "job_type": getattr(r, "job_type", None) or None,
+            "notes": getattr(r, "notes", None) or None,
+            "labels": list(getattr(r, "tags", None) or []),
+            "host": getattr(r, "host", None) or None,
+            "source_url": None,
+            "source_incomplete": False,
+        }
+        meta = parsed.config.get(wc.META_KEY)
+        if isinstance(meta, dict):  # a run trackbridge wrote: the source's own fields
+            for k in wc.META_RUN_FIELDS:
+                if k in meta:
+                    row[k] = meta[k]
+            for k in ("start_time", "end_time"):
+                if meta.get(k) is not None:
+                    row[k] = wc.seconds_to_dt(meta[k])
+        return row
+
+    def _file_fetcher(self, run: Any, f: Any) -> Callable[[], contextlib.AbstractContextManager[str]]:
+        @contextlib.contextmanager
+        def fetch() -> Iterator[str]:
+            with temp_dir() as d:
+                yield self.api.download_file(run, f, str(d))
+
+        return fetch
+
+    def _entry_fetcher(
+        self, a: ArtifactInfo, path: str
+    ) -> Callable[[], contextlib.AbstractContextManager[str]]:
+        @contextlib.contextmanager
+        def fetch() -> Iterator[str]:
+            with temp_dir() as d:
+                yield self.api.download_entry(a, path, str(d))
+
+        return fetch
+
+    def _artifact(self, a: ArtifactInfo, producer: str) -> ArtifactPayload:
+        files = [
+            FileRef(e.path, e.size, None, no_local_bytes, uri=e.ref)
+            if e.ref
+            else FileRef(e.path, e.size, None, self._entry_fetcher(a, e.path))
+            for e in a.entries
+        ]
+        return ArtifactPayload(
+            row={
+                "artifact_key": wc.artifact_key(a.project, a.name, a.digest),
+                "project_key": wc.project_key(a.project),
+                "name": a.name,
+                "type": a.type,
+                "version": a.version,
+                "digest": a.digest,
+                "aliases": sorted(a.aliases),
+                "description": a.description,
+                "metadata_json": schema.dumps_value(a.metadata) if a.metadata else None,
+                "producer_run_key": producer,
+                "created_at": a.created_at,
+            },
+            files=files,
+        )
+
+    def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
+        return iter(())  # artifacts travel with the run that logged them
+
+    def registry(self, sel: Selection) -> RegistryPayload:
+        """Registry links of the selected runs' artifacts: one model version per link."""
+        models: dict[str, dict[str, Any]] = {}
+        versions = []
+        for row in self.runs(sel, self.projects(Selection())):
+            key = row["run_key"]
+            arts = self._arts.get(key)
+            if arts is None:
+                arts = self._arts[key] = self.api.logged_artifacts(self._runs[key])
+            for a in arts:
+                for link in a.links:
+                    name = link.collection
+                    models.setdefault(
+                        name, {"name": name, "description": None, "tags": [("wandb.registry", link.registry)]}
+                    )
+                    versions.append(
+                        {
+                            "version_key": f"wandb:registry/{link.registry}/{name}:{link.version}",
+                            "model_name": name,
+                            "version": link.version.removeprefix("v"),
+                            "run_key": key,
+                            "artifact_key": wc.artifact_key(a.project, a.name, a.digest),
+                            "aliases": sorted(link.aliases),
+                            "status": "READY",
+                            "description": a.description,
+                            "tags": [("wandb.artifact", f"{a.name}:{a.version}"), ("wandb.digest", a.digest)],
+                            "created_at": link.created_at or a.created_at,
+                        }
+                    )
+        return RegistryPayload(
+            schema.table("registered_models", sorted(models.values(), key=lambda m: m["name"])),
+            schema.table("model_versions", versions),
+        )
+
+
+def _dt(value: Any) -> datetime | None:
+    """W&B gives ISO times, with or without a zone (UTC either way)."""
+    if value is None or value == "":
+        return None
+    dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
