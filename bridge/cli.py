@@ -31,8 +31,10 @@ Sources and destinations:
   mlflow+sqlite:////ABS/PATH.db an MLflow SQLite store, used in-process
   mlflow+postgresql://…        an MLflow database store, used in-process
   wandb+offline:///ABS/PATH    W&B offline run folders (read, or written for wandb sync)
+  wandb://ENTITY/PROJECT       W&B online (read; WANDB_API_KEY from the environment)
   PATH or bundle:///PATH       a trackbridge bundle folder
-Credentials come from the environment (MLFLOW_TRACKING_TOKEN, …), never from a URI.
+Credentials come from the environment (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, …),
+never from a URI.
 """
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import operator
 import re
 import shlex
 from collections.abc import Iterable, Iterator
@@ -23,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -245,6 +248,14 @@ def _head(log: Path) -> _Head:
     return h
 
 
+def _floats(values: pa.Array) -> pa.Array:
+    """JSON numbers (``NaN`` and ``Infinity`` included) as float64, parsed by Arrow."""
+    try:
+        return values.cast(pa.float64())
+    except pa.ArrowInvalid:  # something Arrow's parser does not take: let json decide
+        return pa.array([float(json.loads(v)) for v in values.to_pylist()], pa.float64())
+
+
 def _restore_artifact_row(art: ArtifactPayload) -> None:
     """An artifact trackbridge wrote carries its source row in its metadata: use it."""
     meta = json.loads(art.row.get("metadata_json") or "{}")
@@ -319,10 +330,211 @@ def _pb_items(items: Any) -> _Items:
     return out
 
 
+# -- the fast path for history and summary records
+#
+# They are nearly all of a long run's log, and reading their items through the SDK's
+# classes costs a Python object per item: ten times the parse itself. So they are also
+# parsed with message types of our own whose repeated fields come back as whole lists
+# in one C call. History records are decoded a batch at a time: each record's items are
+# left as raw bytes, then all of them are concatenated and parsed as one message
+# (protobuf appends repeated fields when messages are concatenated), giving every key
+# and every value_json in one list. That lines up only when each item is exactly one
+# nested key and one value_json, which ``_Fast`` checks; a batch that does not (a media
+# value, a typed value) goes record by record through the SDK's classes instead. The
+# fast path skips work; it never changes a result (tests compare both paths).
+
+_HISTORY_TAG, _SUMMARY_TAG = 0x12, 0x1A  # Record.history = 2, Record.summary = 3
+HISTORY_BATCH = 2048
+
+
+def _kind(payload: bytes) -> int:
+    """The tag of the record's first field after ``num``: history, summary or other."""
+    if not payload:
+        return 0
+    p = 0
+    if payload[0] == 0x08:  # num, a varint
+        p = 1
+        while p < len(payload) and payload[p] & 0x80:
+            p += 1
+        p += 1
+    return payload[p] if p < len(payload) else 0
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class _Fast:
+    _types: tuple[Any, Any, Any] | None = None
+
+    def __init__(self) -> None:
+        if _Fast._types is None:
+            _Fast._types = _flat_types()
+        batch_t, rec_t, items_t = _Fast._types
+        self.batch, self.rec, self.items = batch_t(), rec_t(), items_t()
+        self.paths: dict[bytes, tuple[str, ...]] = {}
+
+    def history(self, payloads: list[bytes]) -> tuple[list[int], list[int], list[str], list[str]] | None:
+        """(item count per record, step per record, keys, value_jsons), or None."""
+        self.batch.ParseFromString(b"".join(b"\x0a" + _varint_bytes(len(p)) + p for p in payloads))
+        counts, steps, raw = [], [], []
+        for rec in self.batch.rec:
+            h = rec.history
+            items = h.item
+            counts.append(len(items))
+            steps.append(h.step.num)
+            raw.extend(items)
+        if len(counts) != len(payloads):
+            return None
+        return self._items(raw, counts, steps)
+
+    def summary(self, payload: bytes) -> tuple[tuple[Any, ...], Any] | None:
+        """(shape, values) of a summary record, or None for one with removals.
+
+        Summary records are as many as history rows. Most hold one nested key per item
+        and line up like history; the others mix shapes (``key``, two nested keys), and
+        there each item is split where its value_json field starts (field 16, tag 0x82
+        0x01, always last): the path part, the same bytes for every update of one key,
+        is decoded once and then looked up. The shape names the paths, so that of many
+        records with one shape only the last needs applying: for the common shape the
+        values are returned as the payload itself, decoded by ``values`` only then.
+        """
+        rec = self.rec
+        rec.ParseFromString(payload)
+        s = rec.summary
+        if s.remove:
+            return None
+        updates = list(s.update)
+        its = self.items
+        its.ParseFromString(b"".join(updates))
+        keys = tuple(its.nested_key)
+        n = len(updates)
+        if len(keys) == n == len(its.value_json) and not len(its.key) and _all_start_with_nested_key(updates):
+            # as in history; the values stay in the payload until this shape's last record
+            return ("keys", keys), payload
+        paths, values = [], []
+        known = self.paths
+        for b in updates:
+            cut = _value_start(b)
+            if cut is None:
+                return None
+            head, start = cut
+            path = known.get(head)
+            if path is None:
+                its.ParseFromString(head)
+                keys, nested = list(its.key), list(its.nested_key)
+                if its.value_json or len(keys) + bool(nested) != 1:
+                    return None
+                path = known[head] = tuple(nested) if nested else (keys[0],)
+            paths.append(path)
+            values.append(b[start:])
+        return ("paths", tuple(paths)), values
+
+    def values(self, payload: bytes) -> list[str]:
+        rec = self.rec
+        rec.ParseFromString(payload)
+        its = self.items
+        its.ParseFromString(b"".join(rec.summary.update))
+        return list(its.value_json)
+
+    def _items(
+        self, raw: list[bytes], counts: list[int], steps: list[int]
+    ) -> tuple[list[int], list[int], list[str], list[str]] | None:
+        its = self.items
+        its.ParseFromString(b"".join(raw))
+        keys, values = its.nested_key, its.value_json
+        n = len(raw)
+        if len(keys) != n or len(values) != n or its.key:
+            return None
+        if not _all_start_with_nested_key(raw):
+            return None
+        return counts, steps, list(keys), list(values)
+
+
+def _all_start_with_nested_key(items: list[bytes]) -> bool:
+    """Every item opens with a nested_key field (tag 0x12). Serializers write fields in
+    number order and key (1) is absent, so with as many nested keys as items, each item
+    has exactly one; and with as many value_jsons, exactly one value."""
+    return all(items) and set(map(_first_byte, items)) == {0x12}
+
+
+_first_byte = operator.itemgetter(0)
+
+
+def _value_start(b: bytes) -> tuple[bytes, int] | None:
+    """Split an item into its path fields and the start of its value_json bytes.
+
+    Walks the path fields (key = 1, nested_key = 2) by their lengths, so a 0x82 byte
+    inside a name or a length is never mistaken for the value's tag; None if the item
+    has any other shape.
+    """
+    p, n = 0, len(b)
+    while p < n:
+        tag = b[p]
+        if tag == 0x82 and p + 1 < n and b[p + 1] == 0x01:
+            length, q = b[p + 2], p + 3
+            if length >= 0x80:
+                length, shift = length & 0x7F, 7
+                while True:
+                    x = b[q]
+                    q += 1
+                    length |= (x & 0x7F) << shift
+                    if x < 0x80:
+                        break
+                    shift += 7
+            return (b[:p], q) if q + length == n else None
+        if tag != 0x12 and tag != 0x0A:
+            return None
+        length, q = b[p + 1], p + 2
+        if length >= 0x80:
+            return None  # a name over 127 bytes: rare; the SDK's classes handle it
+        p = q + length
+    return None
+
+
+def _flat_types() -> tuple[Any, Any, Any]:
+    """Our own views of wandb_internal.proto's Record, HistoryRecord and HistoryItem."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="trackbridge_flat.proto", package="tbflat", syntax="proto3")
+
+    def message(name: str, fields: list[tuple[str, int, int, int, str | None]]) -> None:
+        m = fdp.message_type.add(name=name)
+        for fname, number, ftype, label, tname in fields:
+            f = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if tname:
+                f.type_name = tname
+
+    rep, opt, msg = F.LABEL_REPEATED, F.LABEL_OPTIONAL, F.TYPE_MESSAGE
+    message("Step", [("num", 1, F.TYPE_INT64, opt, None)])
+    message(
+        "Items",
+        [
+            ("key", 1, F.TYPE_STRING, rep, None),
+            ("nested_key", 2, F.TYPE_STRING, rep, None),
+            ("value_json", 16, F.TYPE_STRING, rep, None),
+        ],
+    )
+    message("History", [("item", 1, F.TYPE_BYTES, rep, None), ("step", 2, msg, opt, ".tbflat.Step")])
+    message("Summary", [("update", 1, F.TYPE_BYTES, rep, None), ("remove", 2, F.TYPE_BYTES, rep, None)])
+    message("Rec", [("history", 2, msg, opt, ".tbflat.History"), ("summary", 3, msg, opt, ".tbflat.Summary")])
+    message("Batch", [("rec", 1, msg, rep, ".tbflat.Rec")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    get = message_factory.GetMessageClass
+    return tuple(get(pool.FindMessageTypeByName(f"tbflat.{n}")) for n in ("Batch", "Rec", "Items"))  # type: ignore[return-value]
+
+
 class _Parser:
     """Accumulates one run's records; ``tables()`` turns history into Arrow at the end."""
 
-    def __init__(self, run_key: str) -> None:
+    def __init__(self, run_key: str, fast: bool = True) -> None:
         self.run_key = run_key
         self.run: Any = None
         self.env: Any = None
@@ -330,7 +542,11 @@ class _Parser:
         self.runtime: float | None = None
         self.truncated = False
         self._config_ops: dict[tuple[str, ...], str | None] = {}
-        self._summary_ops: dict[tuple[str, ...], str | None] = {}
+        self._summary_ops: dict[tuple[str, ...], str | bytes | None] = {}
+        # summary updates by shape (the paths they set): the last record of each shape
+        # with its order, applied to _summary_ops before anything else touches it
+        self._shapes: dict[tuple[Any, ...], tuple[int, Any]] = {}
+        self._seq = 0
         self.notes: list[tuple[str, str, str]] = []
         self._artifacts: list[Any] = []
         self.last_time: float | None = None
@@ -343,13 +559,34 @@ class _Parser:
         self.nested: list[tuple[int, dict[str, Any]]] = []
         self.stats_n = 0
         self._config: dict[str, Any] | None = None
+        self.fast = fast
+        self._fast = _Fast()
+        self.fast_records = 0  # how many records the bulk path decoded (tests look)
 
     def read(self, log_path: Path) -> None:
         from wandb.proto import wandb_internal_pb2 as pb
 
         log = RecordLog(log_path)
         rec = pb.Record()
+        batch: list[tuple[int, bytes]] = []
         for offset, payload in log.payloads():
+            kind = _kind(payload) if self.fast else 0
+            if kind == _HISTORY_TAG:
+                batch.append((offset, payload))
+                if len(batch) >= HISTORY_BATCH:
+                    self._history_batch(batch, log_path)
+                    batch = []
+                continue
+            if kind == _SUMMARY_TAG:
+                try:
+                    items = self._fast.summary(payload)
+                except Exception:
+                    items = None  # the SDK's classes will say what is wrong with it
+                if items is not None:
+                    self.fast_records += 1
+                    self._seq += 1
+                    self._shapes[items[0]] = (self._seq, items[1])
+                    continue
             try:
                 rec.ParseFromString(payload)
             except Exception as e:
@@ -374,6 +611,8 @@ class _Parser:
                 a = pb.ArtifactRecord()
                 a.CopyFrom(rec.artifact)
                 self._artifacts.append(a)
+        if batch:
+            self._history_batch(batch, log_path)
         if log.truncated:
             self.truncated = True
             self.notes.append(
@@ -393,7 +632,22 @@ class _Parser:
 
     @property
     def summary(self) -> dict[str, Any]:
+        self._flush_shapes()
         return self._resolve(self._summary_ops)
+
+    def _flush_shapes(self) -> None:
+        """Apply each shape's last update in record order: for every path, the value of
+        the last record that set it, exactly as replaying every record would give."""
+        ops = self._summary_ops
+        for (kind, names), (_, values) in sorted(self._shapes.items(), key=lambda kv: kv[1][0]):
+            if kind == "keys":
+                paths, values = [(k,) for k in names], self._fast.values(values)
+            else:
+                paths = names
+            for path, value in zip(paths, values, strict=True):
+                ops.pop(path, None)
+                ops[path] = value
+        self._shapes.clear()
 
     def _run(self, r: Any) -> None:
         first = self.run
@@ -423,6 +677,8 @@ class _Parser:
         of reading history. A later write to a path moves it to the end, so replaying the
         survivors in order gives exactly the tree the SDK built.
         """
+        if ops is self._summary_ops:
+            self._flush_shapes()
         for path, text in updates:
             ops.pop(path, None)
             ops[path] = text
@@ -432,44 +688,63 @@ class _Parser:
             ops[path] = None
 
     @staticmethod
-    def _resolve(ops: dict[tuple[str, ...], str | None]) -> dict[str, Any]:
+    def _resolve(ops: dict[tuple[str, ...], Any]) -> dict[str, Any]:
         tree: dict[str, Any] = {}
         for path, text in ops.items():
             if text is None:
                 wc.del_path(tree, list(path))
             else:
-                wc.set_path(tree, list(path), json.loads(text))
+                wc.set_path(tree, list(path), json.loads(text))  # str or bytes
         return tree
 
+    def _history_batch(self, batch: list[tuple[int, bytes]], log_path: Path) -> None:
+        try:
+            got = self._fast.history([p for _, p in batch])
+        except Exception:
+            got = None
+        if got is None:
+            if len(batch) > 1:  # record by record: the odd ones alone take the slow path
+                for one in batch:
+                    self._history_batch([one], log_path)
+                return
+            from wandb.proto import wandb_internal_pb2 as pb
+
+            offset, payload = batch[0]
+            rec = pb.Record()
+            try:
+                rec.ParseFromString(payload)
+            except Exception as e:
+                raise BadInputError(f"{log_path}: byte {offset}: record does not decode ({e})") from e
+            self._history(_pb_items(rec.history.item), rec.history.step.num)
+            return
+        counts, steps, keys, values = got
+        self.fast_records += len(counts)
+        base = len(self.row_step)
+        self.row_step.extend(steps)
+        self.row_time.extend([None] * len(steps))
+        self.item_key.extend(keys)
+        self.item_json.extend(values)
+        for i, c in enumerate(counts):
+            self.item_row.extend([base + i] * c)
+
     def _history(self, items: _Items, step: int) -> None:
+        """One history row. Single keys go to the flat lists as they are, W&B's own
+        (``_timestamp``, ``_step``…) included: ``tables()`` sorts them out for all rows
+        at once. Nested keys (media, logged dicts) are rebuilt as a tree."""
         row = len(self.row_step)
-        stamp = None
         keys, jsons, rows = self.item_key, self.item_json, self.item_row
         nested: dict[str, Any] | None = None
-        axis = None
         for path, v in items:
             if len(path) != 1:
                 if nested is None:
                     nested = {}
                 wc.set_path(nested, list(path), json.loads(v))
                 continue
-            k = path[0]
-            if k[:1] == "_" and k in wc.HISTORY_INTERNAL:
-                if k == "_timestamp":
-                    stamp = v
-                elif k == "_runtime":
-                    keys.append(k)
-                    jsons.append(v)
-                    rows.append(row)
-                continue
-            if k == wc.STEP_AXIS:
-                axis = json.loads(v)
-                continue
-            keys.append(k)
+            keys.append(path[0])
             jsons.append(v)
             rows.append(row)
-        self.row_step.append(step if axis is None else int(axis))
-        self.row_time.append(stamp)
+        self.row_step.append(step)
+        self.row_time.append(None)
         if nested is not None:
             self.nested.append((row, nested))
 
@@ -512,58 +787,77 @@ class _Parser:
         self._config = None
 
     def set_summary(self, summary: dict[str, Any]) -> None:
+        self._flush_shapes()
         for path, v in wc.flatten(summary):
             self._summary_ops[tuple(path)] = schema.dumps_value(v)
 
     # -- results
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
-        values = json.loads("[" + ",".join(self.item_json) + "]") if self.item_json else []
-        times = [float(t) if t is not None else None for t in self.row_time]
-        if times:
-            known = [t for t in times if t is not None]
-            if known:
-                self.last_time = max(known)
-        m_idx: list[int] = []
-        m_val: list[float] = []
+        """The metrics and series tables, built column-wise from the flat item lists."""
+        keys = pa.array(self.item_key, pa.string())
+        values = pa.array(self.item_json, pa.string())
+        rows = pa.array(self.item_row, pa.int64())
+        n_rows = len(self.row_step)
+        # each row's time: stats rows carry it; history rows have a _timestamp item
+        times = np.array([np.nan if t is None else float(t) for t in self.row_time], dtype=np.float64)
+        is_ts = pc.equal(keys, "_timestamp")
+        if n_rows and pc.any(is_ts).as_py():
+            times[rows.filter(is_ts).to_numpy()] = _floats(values.filter(is_ts)).to_numpy(
+                zero_copy_only=False
+            )
+        steps = np.array(self.row_step, dtype=np.int64)
+        is_axis = pc.equal(keys, wc.STEP_AXIS)
+        if pc.any(is_axis).as_py():  # a run trackbridge wrote on a row counter
+            steps[rows.filter(is_axis).to_numpy()] = (
+                _floats(values.filter(is_axis)).to_numpy().astype(np.int64)
+            )
+        self.steps_final = steps
+        drop = pc.or_(pc.or_(is_ts, is_axis), pc.equal(keys, "_step"))
+        if isinstance(self.config.get(wc.META_KEY), dict):
+            drop = pc.or_(drop, pc.equal(keys, "_runtime"))  # our own import's clock
+        keep = pc.invert(drop)
+        keys, values, rows = keys.filter(keep), values.filter(keep), rows.filter(keep)
+        first = pc.utf8_slice_codeunits(values, 0, 1)
+        numeric = pc.is_in(first, value_set=pa.array(list("-0123456789NI")))
+        known = times[~np.isnan(times)]
+        self.last_time = float(known.max()) if known.size else None
+
         s_rows: list[dict[str, Any]] = []
-        step, rowi, keyl = self.row_step, self.item_row, self.item_key
-        meta = self.config.get(wc.META_KEY)
-        ours = isinstance(meta, dict)
-        for i, v in enumerate(values):
-            if type(v) is float or type(v) is int:
-                if ours and keyl[i] == "_runtime":
-                    continue  # the clock of our own import; the source's is in the kept file
-                m_idx.append(i)
-                m_val.append(v)
-            else:
-                self._series(s_rows, keyl[i], rowi[i], v, times)
+        other = pc.invert(numeric)
+        for k, v, r in zip(
+            keys.filter(other).to_pylist(),
+            values.filter(other).to_pylist(),
+            rows.filter(other).to_pylist(),
+            strict=True,
+        ):
+            self._series(s_rows, k, r, json.loads(v), times)
+        m_keys, m_vals, m_rows = keys.filter(numeric), _floats(values.filter(numeric)), rows.filter(numeric)
+        extra_k, extra_v, extra_r = [], [], []
         for row, tree in self.nested:
             for path, leaf in wc.flatten(tree):
-                if isinstance(leaf, dict):
-                    self._series(s_rows, ".".join(path), row, leaf, times)
-                elif type(leaf) is float or type(leaf) is int:
-                    keyl.append(".".join(path))
-                    rowi.append(row)
-                    m_idx.append(len(keyl) - 1)
-                    m_val.append(leaf)
+                if type(leaf) is float or type(leaf) is int:
+                    extra_k.append(".".join(path))
+                    extra_v.append(float(leaf))
+                    extra_r.append(row)
                 else:
                     self._series(s_rows, ".".join(path), row, leaf, times)
-        idx = pa.array(m_idx, pa.int64())
-        rows = pc.take(pa.array(rowi, pa.int64()), idx)
-        keys = pc.take(pa.array(keyl, pa.string()), idx)
-        steps = pc.take(pa.array(step, pa.int64()), rows)
-        us = pa.array([None if t is None else round(t * 1_000_000) for t in times], pa.int64())
-        stamps = pc.take(us, rows).cast(schema.TS)
-        n = len(m_idx)
+        if extra_k:
+            m_keys = pa.concat_arrays([m_keys, pa.array(extra_k, pa.string())])
+            m_vals = pa.concat_arrays([m_vals, pa.array(extra_v, pa.float64())])
+            m_rows = pa.concat_arrays([m_rows, pa.array(extra_r, pa.int64())])
+        idx = m_rows.to_numpy()
+        us = np.round(times[idx] * 1_000_000)
+        stamps = pa.array(us, pa.float64(), from_pandas=True).cast(pa.int64()).cast(schema.TS)
+        n = len(m_keys)
         none = pa.nulls(n, pa.string())
         tbl = pa.table(
             [
-                pa.array([self.run_key] * n, pa.string()) if n else pa.array([], pa.string()),
-                keys,
-                steps,
+                pa.array([self.run_key] * n, pa.string()),
+                m_keys,
+                pa.array(steps[idx], pa.int64()),
                 stamps,
-                pa.array(m_val, pa.float64()),
+                m_vals,
                 none,
                 none,
                 none,
@@ -574,7 +868,7 @@ class _Parser:
             tbl = tbl.take(pc.sort_indices(tbl, [("key", "ascending"), ("step", "ascending")]))
         return tbl, schema.table("series", s_rows)
 
-    def _series(self, out: list[dict[str, Any]], key: str, row: int, v: Any, times: list[Any]) -> None:
+    def _series(self, out: list[dict[str, Any]], key: str, row: int, v: Any, times: np.ndarray) -> None:
         if isinstance(v, dict) and "_type" in v:
             kind = str(v["_type"])
             path = v.get("path") if isinstance(v.get("path"), str) else None
@@ -582,13 +876,13 @@ class _Parser:
         else:
             kind = {bool: "bool", str: "string", type(None): "null"}.get(type(v), "json")
             path = sha = None
-        t = times[row]
+        t = float(times[row])
         out.append(
             {
                 "run_key": self.run_key,
                 "key": key,
-                "step": self.row_step[row],
-                "timestamp": wc.seconds_to_dt(t),
+                "step": int(self.steps_final[row]),
+                "timestamp": None if math.isnan(t) else wc.seconds_to_dt(t),
                 "kind": kind,
                 "value_json": schema.dumps_value(v),
                 "file_path": path,
