@@ -79,6 +79,20 @@ def status_from_exit(exit_code: int | None, truncated: bool) -> str:
     return "finished" if exit_code == 0 else "failed"
 
 
+def apply_meta(row: dict[str, Any], meta: Any) -> None:
+    """For a run trackbridge wrote: its source's run fields, which the SDK could not set."""
+    if not isinstance(meta, dict):
+        return
+    for k in ("start_time", "end_time"):
+        if meta.get(k) is not None:
+            row[k] = seconds_to_dt(meta[k])
+    for k in META_RUN_FIELDS:
+        if k in meta:
+            row[k] = meta[k]
+    if "labels" in meta:
+        row["labels"] = list(meta["labels"])
+
+
 def flatten(config: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[list[str], Any]]:
     """Leaves of a nested config as (path, value).
 
@@ -109,17 +123,12 @@ def unflatten(rows: Iterable[tuple[list[str], Any]]) -> dict[str, Any]:
     """Rebuild a nested config from (path, value) leaves."""
     out: dict[str, Any] = {}
     for path, value in rows:
-        node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = node[part] = {}
-            node = nxt
-        node[path[-1]] = value
+        set_path(out, path, value)
     return out
 
 
 def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``tree[a][b]… = value``; a non-dict on the way is replaced, as W&B's config does."""
     node = tree
     for part in path[:-1]:
         nxt = node.get(part)

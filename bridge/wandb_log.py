@@ -116,17 +116,3 @@ class RecordLog:
                     parts = []
             pos = end
 
-
-def records(path: str | os.PathLike[str]) -> Iterator[tuple[int, object]]:
-    """Yield (offset, parsed ``Record``); a payload that does not parse is an error."""
-    from google.protobuf.message import DecodeError
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    log = RecordLog(path)
-    for offset, payload in log.payloads():
-        rec = pb.Record()
-        try:
-            rec.ParseFromString(payload)
-        except DecodeError as e:
-            raise BadInputError(f"{path}: byte {offset}: record does not decode ({e})") from e
-        yield offset, rec

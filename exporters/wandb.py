@@ -153,7 +153,7 @@ class WandbOfflineSource:
 
     def read_run(self, run: dict[str, Any]) -> RunPayload:
         rf = self._runs[run["run_key"]]
-        parsed = _Parser(run["run_key"])
+        parsed = RunBuilder(run["run_key"])
         for log in rf.logs:
             parsed.read(log)
         metrics_tbl, series_tbl = parsed.tables()
@@ -168,50 +168,25 @@ class WandbOfflineSource:
             {"run_key": row["run_key"], "artifact_key": a.row["artifact_key"], "direction": "output"}
             for a in artifacts[1:]
         ]
-        params = wc.param_rows(row["run_key"], parsed.config)
-        datasets: list[dict[str, Any]] = []
-        if isinstance(meta, dict) and meta.get("source_key"):
-            # a run trackbridge wrote: put back what W&B could not hold
-            usage = [{"run_key": row["run_key"], **u} for u in meta.get("usage", [])]
-            params += [{**p, "run_key": row["run_key"]} for p in meta.get("params", [])]
-            datasets = [
-                {**d, "run_key": row["run_key"], "tags": [tuple(kv) for kv in d.get("tags") or []]}
-                for d in meta.get("dataset_inputs", [])
-            ]
-            system = next((f for f in run_files.files if f.path == wc.KEPT_METRICS_FILE), None)
-            if system is not None:
-                with system.fetch() as local:
-                    extra = pq.read_table(local).cast(schema.SCHEMAS["metrics"])
-                metrics_tbl = pa.concat_tables(
-                    [
-                        metrics_tbl,
-                        extra.set_column(
-                            0, "run_key", pa.array([row["run_key"]] * extra.num_rows, pa.string())
-                        ),
-                    ]
-                )
-            own = set(meta.get("run_files", []))
-            run_files.files = [f for f in run_files.files if f.path in own]
-            for a in artifacts[1:]:
-                _restore_artifact_row(a)
         h = hashlib.sha256()
         for log in rf.logs:
             h.update(_file_digest(log).encode())
         for f in run_files.files:
             h.update(f"{f.path}:{f.size}".encode())
-        return RunPayload(
+        payload = RunPayload(
             run=row,
-            params=schema.table("params", params),
+            params=schema.table("params", wc.param_rows(row["run_key"], parsed.config)),
             tags=schema.table("tags", parsed.tag_rows()),
             metrics=lambda: iter(metrics_tbl.to_batches(max_chunksize=100_000)),
             summary=schema.table("summary", parsed.summary_rows()),
             series=series_tbl,
             artifact_usage=schema.table("artifact_usage", usage),
-            dataset_inputs=schema.table("dataset_inputs", datasets),
             artifacts=artifacts,
             fingerprint=h.hexdigest(),
             source_notes=parsed.notes,
         )
+        restore_written(payload, meta)
+        return payload
 
     def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
         return iter(())  # every offline artifact belongs to the run that logged it
@@ -254,6 +229,49 @@ def _floats(values: pa.Array) -> pa.Array:
         return values.cast(pa.float64())
     except pa.ArrowInvalid:  # something Arrow's parser does not take: let json decide
         return pa.array([float(json.loads(v)) for v in values.to_pylist()], pa.float64())
+
+
+def restore_written(payload: RunPayload, meta: Any) -> None:
+    """Put back what W&B could not hold, for a run trackbridge wrote (``_trackbridge``).
+
+    Both readers call it, so a run written offline reads the same from its folder and,
+    after ``wandb sync``, from the API.
+    """
+    if not (isinstance(meta, dict) and meta.get("source_key")):
+        return
+    key = payload.key
+    payload.artifact_usage = schema.table(
+        "artifact_usage", [{"run_key": key, **u} for u in meta.get("usage", [])]
+    )
+    if meta.get("params"):
+        extra = schema.table("params", [{**p, "run_key": key} for p in meta["params"]])
+        payload.params = pa.concat_tables([payload.params, extra])
+    payload.dataset_inputs = schema.table(
+        "dataset_inputs",
+        [
+            {**d, "run_key": key, "tags": [tuple(kv) for kv in d.get("tags") or []]}
+            for d in meta.get("dataset_inputs", [])
+        ],
+    )
+    run_files = payload.artifacts[0]
+    kept = next((f for f in run_files.files if f.path == wc.KEPT_METRICS_FILE), None)
+    if kept is not None:
+        with kept.fetch() as local:
+            extra_points = pq.read_table(local).cast(schema.SCHEMAS["metrics"])
+        extra_points = extra_points.set_column(
+            0, "run_key", pa.array([key] * extra_points.num_rows, pa.string())
+        )
+        logged = payload.metrics
+
+        def metrics() -> Iterator[pa.RecordBatch]:
+            yield from logged()
+            yield from extra_points.to_batches()
+
+        payload.metrics = metrics
+    own = set(meta.get("run_files", []))
+    run_files.files = [f for f in run_files.files if f.path in own]
+    for a in payload.artifacts[1:]:
+        _restore_artifact_row(a)
 
 
 def _restore_artifact_row(art: ArtifactPayload) -> None:
@@ -531,8 +549,10 @@ def _flat_types() -> tuple[Any, Any, Any]:
     return tuple(get(pool.FindMessageTypeByName(f"tbflat.{n}")) for n in ("Batch", "Rec", "Items"))  # type: ignore[return-value]
 
 
-class _Parser:
-    """Accumulates one run's records; ``tables()`` turns history into Arrow at the end."""
+class RunBuilder:
+    """One W&B run's data as it arrives, record by record (``read``) or as the online
+    API's dicts (``history_row``…); ``tables()`` turns the history into Arrow at the end.
+    Both readers use it, so a run read offline and online gives the same rows."""
 
     def __init__(self, run_key: str, fast: bool = True) -> None:
         self.run_key = run_key
@@ -945,17 +965,7 @@ class _Parser:
             "source_url": None,
             "source_incomplete": self.truncated,
         }
-        meta = self.config.get(wc.META_KEY)
-        if isinstance(meta, dict):
-            # a run trackbridge wrote: its source's fields that W&B could not take
-            for k in ("start_time", "end_time"):
-                if meta.get(k) is not None:
-                    row[k] = wc.seconds_to_dt(meta[k])
-            for k in wc.META_RUN_FIELDS:
-                if k in meta:
-                    row[k] = meta[k]
-            if "labels" in meta:
-                row["labels"] = list(meta["labels"])
+        wc.apply_meta(row, self.config.get(wc.META_KEY))
         return row
 
     def artifacts(self, project_key: str) -> list[ArtifactPayload]:

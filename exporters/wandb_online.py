@@ -30,7 +30,7 @@ from bridge import wandb_common as wc
 from bridge.errors import MissingExtraError, SourceNotFoundError, first_line
 from bridge.files import temp_dir
 from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, no_local_bytes
-from exporters.wandb import _Parser
+from exporters.wandb import RunBuilder, restore_written
 
 EVENTS_FILE = "wandb-events.jsonl"
 RUN_STATES = {"finished": "finished", "failed": "failed", "crashed": "crashed", "killed": "killed"}
@@ -291,7 +291,7 @@ class WandbOnlineSource:
     def read_run(self, run: dict[str, Any]) -> RunPayload:
         key = run["run_key"]
         r = self._runs[key]
-        parsed = _Parser(key)
+        parsed = RunBuilder(key)
         parsed.set_config(dict(r.config or {}))
         parsed.set_summary(dict(r.summary_metrics or {}))
         for row in self.api.scan_history(r):
@@ -344,7 +344,7 @@ class WandbOnlineSource:
             }
             for u in self.api.used_artifacts(r)
         ]
-        return RunPayload(
+        payload = RunPayload(
             run=row,
             params=schema.table("params", wc.param_rows(key, parsed.config)),
             tags=schema.table("tags", parsed.tag_rows()),
@@ -355,8 +355,10 @@ class WandbOnlineSource:
             artifacts=artifacts,
             source_notes=parsed.notes,
         )
+        restore_written(payload, parsed.config.get(wc.META_KEY))
+        return payload
 
-    def _run_row(self, r: Any, listed: dict[str, Any], parsed: _Parser) -> dict[str, Any]:
+    def _run_row(self, r: Any, listed: dict[str, Any], parsed: RunBuilder) -> dict[str, Any]:
         state = (r.state or "").lower()
         user = getattr(r, "user", None)
         row = {
@@ -378,14 +380,7 @@ class WandbOnlineSource:
             "source_url": None,
             "source_incomplete": False,
         }
-        meta = parsed.config.get(wc.META_KEY)
-        if isinstance(meta, dict):  # a run trackbridge wrote: the source's own fields
-            for k in wc.META_RUN_FIELDS:
-                if k in meta:
-                    row[k] = meta[k]
-            for k in ("start_time", "end_time"):
-                if meta.get(k) is not None:
-                    row[k] = wc.seconds_to_dt(meta[k])
+        wc.apply_meta(row, parsed.config.get(wc.META_KEY))
         return row
 
     def _file_fetcher(self, run: Any, f: Any) -> Callable[[], contextlib.AbstractContextManager[str]]:

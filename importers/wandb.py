@@ -17,8 +17,10 @@ W&B cannot take everything through its SDK, and nothing is dropped quietly:
   turns it back into each point's step.
 - Start/end time, status, user, key/value tags, dataset inputs, lineage and the exact
   summary go into the ``_trackbridge`` config entry (``bridge.wandb_common``).
-- System metrics cannot be logged as such: they are kept in the run file
-  ``trackbridge/system-metrics.parquet``.
+- System metrics cannot be logged, and the SDK overwrites ``_runtime``: those points
+  are kept in the run file ``trackbridge/kept-metrics.parquet``.
+- W&B-reserved artifact types (``run_table``, ``job``) are written as
+  ``trackbridge-<type>``; the source row rides in the artifact's metadata.
 """
 
 from __future__ import annotations

@@ -242,18 +242,20 @@ def test_corrupt_run_fails_alone_and_is_not_marked_complete(wandb_demo: Path, tm
 
 def test_fast_path_gives_exactly_what_the_sdk_classes_give(wandb_demo: Path) -> None:
     """History and summary records take a bulk decoding path; it must change nothing."""
-    from exporters.wandb import _Parser
+    from exporters.wandb import RunBuilder
 
     logs = sorted(wandb_demo.glob("offline-run-*/run-*.wandb"))
     assert len(logs) >= 4
     for log in logs:
         got = {}
         for fast in (True, False):
-            p = _Parser("k", fast=fast)
+            p = RunBuilder("k", fast=fast)
             p.read(log)
             metrics, series = p.tables()
             # as JSON text, where NaN equals NaN
-            got[fast] = json.dumps([metrics.to_pylist(), series.to_pylist(), p.summary, p.config], default=str)
+            got[fast] = json.dumps(
+                [metrics.to_pylist(), series.to_pylist(), p.summary, p.config], default=str
+            )
             assert (p.fast_records > 0) == fast
         assert got[True] == got[False], log
         assert '"train/' in got[True] or '"val/' in got[True]  # and they did read the history
