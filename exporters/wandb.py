@@ -363,6 +363,7 @@ def _pb_items(items: Any) -> _Items:
 
 _HISTORY_TAG, _SUMMARY_TAG = 0x12, 0x1A  # Record.history = 2, Record.summary = 3
 HISTORY_BATCH = 2048
+SUMMARY_BATCH = 4096
 
 
 def _kind(payload: bytes) -> int:
@@ -411,54 +412,59 @@ class _Fast:
             return None
         return self._items(raw, counts, steps)
 
-    def summary(self, payload: bytes) -> tuple[tuple[Any, ...], Any] | None:
-        """(shape, values) of a summary record, or None for one with removals.
+    def summary_batch(self, payloads: list[bytes]) -> list[tuple[tuple[str, ...], str | bytes]] | None:
+        """The net effect of consecutive summary records: (path, value_json) for every path
+        they set, holding its last value, in the order of those last updates. None if a
+        record removes a path (then order matters record by record).
 
-        Summary records are as many as history rows. Most hold one nested key per item
-        and line up like history; the others mix shapes (``key``, two nested keys), and
-        there each item is split where its value_json field starts (field 16, tag 0x82
-        0x01, always last): the path part, the same bytes for every update of one key,
-        is decoded once and then looked up. The shape names the paths, so that of many
-        records with one shape only the last needs applying: for the common shape the
-        values are returned as the payload itself, decoded by ``values`` only then.
+        Concatenated records parse as one (protobuf merges a repeated field across
+        them), so one C call gives every update of the batch in order. Items of one
+        nested key, the common shape, are lined up in one more parse, as in history;
+        the rest (W&B's own ``_wandb.runtime`` and ``_runtime``) are split where their
+        value_json field starts, their path bytes decoded once per distinct path.
         """
         rec = self.rec
-        rec.ParseFromString(payload)
+        rec.ParseFromString(b"".join(payloads))
         s = rec.summary
         if s.remove:
             return None
         updates = list(s.update)
+        single = [
+            i
+            for i, b in enumerate(updates)
+            if len(b) > 3 and b[0] == 0x12 and b[2 + b[1] : 4 + b[1]] == b"\x82\x01"
+        ]
         its = self.items
-        its.ParseFromString(b"".join(updates))
-        keys = tuple(its.nested_key)
-        n = len(updates)
-        if len(keys) == n == len(its.value_json) and not len(its.key) and _all_start_with_nested_key(updates):
-            # as in history; the values stay in the payload until this shape's last record
-            return ("keys", keys), payload
-        paths, values = [], []
-        known = self.paths
-        for b in updates:
-            cut = _value_start(b)
-            if cut is None:
-                return None
-            head, start = cut
-            path = known.get(head)
-            if path is None:
-                its.ParseFromString(head)
-                keys, nested = list(its.key), list(its.nested_key)
-                if its.value_json or len(keys) + bool(nested) != 1:
+        its.ParseFromString(b"".join([updates[i] for i in single]))
+        keys, values = list(its.nested_key), list(its.value_json)
+        if len(keys) != len(single) or len(values) != len(single) or len(its.key):
+            return None
+        last: dict[tuple[str, ...], tuple[int, str | bytes]] = {}
+        # the last index and value of each key, built in C from the zipped lists
+        last_index = dict(zip(keys, single, strict=True))
+        last_value = dict(zip(keys, values, strict=True))
+        for k, i in last_index.items():
+            last[(k,)] = (i, last_value[k])
+        if len(single) != len(updates):
+            known = self.paths
+            chosen = set(single)
+            for i, b in enumerate(updates):
+                if i in chosen:
+                    continue
+                cut = _value_start(b)
+                if cut is None:
                     return None
-                path = known[head] = tuple(nested) if nested else (keys[0],)
-            paths.append(path)
-            values.append(b[start:])
-        return ("paths", tuple(paths)), values
-
-    def values(self, payload: bytes) -> list[str]:
-        rec = self.rec
-        rec.ParseFromString(payload)
-        its = self.items
-        its.ParseFromString(b"".join(rec.summary.update))
-        return list(its.value_json)
+                head, start = cut
+                path = known.get(head)
+                if path is None:
+                    its.ParseFromString(head)
+                    plain, nested = list(its.key), list(its.nested_key)
+                    if its.value_json or len(plain) + bool(nested) != 1:
+                        return None
+                    path = known[head] = tuple(nested) if nested else (plain[0],)
+                if path not in last or last[path][0] < i:
+                    last[path] = (i, b[start:])
+        return [(path, v) for path, (_, v) in sorted(last.items(), key=lambda kv: kv[1][0])]
 
     def _items(
         self, raw: list[bytes], counts: list[int], steps: list[int]
@@ -563,10 +569,9 @@ class RunBuilder:
         self.truncated = False
         self._config_ops: dict[tuple[str, ...], str | None] = {}
         self._summary_ops: dict[tuple[str, ...], str | bytes | None] = {}
-        # summary updates by shape (the paths they set): the last record of each shape
-        # with its order, applied to _summary_ops before anything else touches it
-        self._shapes: dict[tuple[Any, ...], tuple[int, Any]] = {}
-        self._seq = 0
+        # summary records not yet applied: applied in bulk (``_summary_flush``) before
+        # anything else touches _summary_ops
+        self._summary_batch: list[tuple[int, bytes]] = []
         self.notes: list[tuple[str, str, str]] = []
         self._artifacts: list[Any] = []
         self.last_time: float | None = None
@@ -598,15 +603,10 @@ class RunBuilder:
                     batch = []
                 continue
             if kind == _SUMMARY_TAG:
-                try:
-                    items = self._fast.summary(payload)
-                except Exception:
-                    items = None  # the SDK's classes will say what is wrong with it
-                if items is not None:
-                    self.fast_records += 1
-                    self._seq += 1
-                    self._shapes[items[0]] = (self._seq, items[1])
-                    continue
+                self._summary_batch.append((offset, payload))
+                if len(self._summary_batch) >= SUMMARY_BATCH:
+                    self._summary_flush(log_path)
+                continue
             try:
                 rec.ParseFromString(payload)
             except Exception as e:
@@ -633,6 +633,7 @@ class RunBuilder:
                 self._artifacts.append(a)
         if batch:
             self._history_batch(batch, log_path)
+        self._summary_flush(log_path)
         if log.truncated:
             self.truncated = True
             self.notes.append(
@@ -652,22 +653,33 @@ class RunBuilder:
 
     @property
     def summary(self) -> dict[str, Any]:
-        self._flush_shapes()
+        self._summary_flush()
         return self._resolve(self._summary_ops)
 
-    def _flush_shapes(self) -> None:
-        """Apply each shape's last update in record order: for every path, the value of
-        the last record that set it, exactly as replaying every record would give."""
-        ops = self._summary_ops
-        for (kind, names), (_, values) in sorted(self._shapes.items(), key=lambda kv: kv[1][0]):
-            if kind == "keys":
-                paths, values = [(k,) for k in names], self._fast.values(values)
-            else:
-                paths = names
-            for path, value in zip(paths, values, strict=True):
+    def _summary_flush(self, log_path: Path | None = None) -> None:
+        pending, self._summary_batch = self._summary_batch, []
+        if not pending:
+            return
+        try:
+            net = self._fast.summary_batch([p for _, p in pending])
+        except Exception:
+            net = None  # the SDK's classes will say what is wrong, record by record
+        if net is not None:
+            self.fast_records += len(pending)
+            ops = self._summary_ops
+            for path, value in net:
                 ops.pop(path, None)
-                ops[path] = value
-        self._shapes.clear()
+                ops[path] = value  # str or bytes; decoded once, in _resolve
+            return
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        rec = pb.Record()
+        for offset, payload in pending:
+            try:
+                rec.ParseFromString(payload)
+            except Exception as e:
+                raise BadInputError(f"{log_path}: byte {offset}: record does not decode ({e})") from e
+            self._apply(self._summary_ops, _pb_items(rec.summary.update), _pb_items(rec.summary.remove))
 
     def _run(self, r: Any) -> None:
         first = self.run
@@ -698,7 +710,7 @@ class RunBuilder:
         survivors in order gives exactly the tree the SDK built.
         """
         if ops is self._summary_ops:
-            self._flush_shapes()
+            self._summary_flush()
         for path, text in updates:
             ops.pop(path, None)
             ops[path] = text
@@ -807,7 +819,7 @@ class RunBuilder:
         self._config = None
 
     def set_summary(self, summary: dict[str, Any]) -> None:
-        self._flush_shapes()
+        self._summary_flush()
         for path, v in wc.flatten(summary):
             self._summary_ops[tuple(path)] = schema.dumps_value(v)
 
