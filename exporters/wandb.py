@@ -364,6 +364,8 @@ def _pb_items(items: Any) -> _Items:
 _HISTORY_TAG, _SUMMARY_TAG = 0x12, 0x1A  # Record.history = 2, Record.summary = 3
 HISTORY_BATCH = 2048
 SUMMARY_BATCH = 4096
+# W&B's own summary key, in every other summary record: ``nested_key: "_wandb"``
+_WANDB_KEY = b"\x12\x06_wandb"
 
 
 def _kind(payload: bytes) -> int:
@@ -414,43 +416,40 @@ class _Fast:
 
     def summary_batch(self, payloads: list[bytes]) -> list[tuple[tuple[str, ...], str | bytes]] | None:
         """The net effect of consecutive summary records: (path, value_json) for every path
-        they set, holding its last value, in the order of those last updates. None if a
-        record removes a path (then order matters record by record).
+        they set, with its last value. None when a record removes a path, or when a path
+        of one kind of record nests inside a path of the other: then order matters record
+        by record, and the caller replays them one at a time.
 
-        Concatenated records parse as one (protobuf merges a repeated field across
-        them), so one C call gives every update of the batch in order. Items of one
-        nested key, the common shape, are lined up in one more parse, as in history;
-        the rest (W&B's own ``_wandb.runtime`` and ``_runtime``) are split where their
-        value_json field starts, their path bytes decoded once per distinct path.
+        The SDK writes two summary records per ``log`` call: the logged keys, one nested
+        key per item, and W&B's own ``_wandb.runtime`` / ``_runtime``. Each kind is
+        decoded in bulk: its records concatenated parse as one (protobuf merges repeated
+        fields), giving every update in order in one C call. The first kind's items then
+        line up in one more parse, as in history; the second's are split where their
+        value_json field starts, each distinct path decoded once. A path both kinds set
+        takes the value of whichever record set it last.
         """
-        rec = self.rec
-        rec.ParseFromString(b"".join(payloads))
-        s = rec.summary
-        if s.remove:
-            return None
-        updates = list(s.update)
-        single = [
-            i
-            for i, b in enumerate(updates)
-            if len(b) > 3 and b[0] == 0x12 and b[2 + b[1] : 4 + b[1]] == b"\x82\x01"
-        ]
-        its = self.items
-        its.ParseFromString(b"".join([updates[i] for i in single]))
-        keys, values = list(its.nested_key), list(its.value_json)
-        if len(keys) != len(single) or len(values) != len(single) or len(its.key):
-            return None
-        last: dict[tuple[str, ...], tuple[int, str | bytes]] = {}
-        # the last index and value of each key, built in C from the zipped lists
-        last_index = dict(zip(keys, single, strict=True))
-        last_value = dict(zip(keys, values, strict=True))
-        for k, i in last_index.items():
-            last[(k,)] = (i, last_value[k])
-        if len(single) != len(updates):
+        rec, its = self.rec, self.items
+        kinds = [_WANDB_KEY in p for p in payloads]
+        plain = [p for p, own in zip(payloads, kinds, strict=True) if not own]
+        other = [p for p, own in zip(payloads, kinds, strict=True) if own]
+        first: dict[tuple[str, ...], str | bytes] = {}
+        if plain:
+            rec.ParseFromString(b"".join(plain))
+            if rec.summary.remove:
+                return None
+            updates = list(rec.summary.update)
+            got = self._items(updates, [], [])
+            if got is None:
+                other, first = payloads, {}  # all of them item by item
+            else:
+                first = {(k,): v for k, v in dict(zip(got[2], got[3], strict=True)).items()}
+        second: dict[tuple[str, ...], str | bytes] = {}
+        if other:
+            rec.ParseFromString(b"".join(other))
+            if rec.summary.remove:
+                return None
             known = self.paths
-            chosen = set(single)
-            for i, b in enumerate(updates):
-                if i in chosen:
-                    continue
+            for b in rec.summary.update:
                 cut = _value_start(b)
                 if cut is None:
                     return None
@@ -458,13 +457,35 @@ class _Fast:
                 path = known.get(head)
                 if path is None:
                     its.ParseFromString(head)
-                    plain, nested = list(its.key), list(its.nested_key)
-                    if its.value_json or len(plain) + bool(nested) != 1:
+                    keys, nested = list(its.key), list(its.nested_key)
+                    if its.value_json or len(keys) + bool(nested) != 1:
                         return None
-                    path = known[head] = tuple(nested) if nested else (plain[0],)
-                if path not in last or last[path][0] < i:
-                    last[path] = (i, b[start:])
-        return [(path, v) for path, (_, v) in sorted(last.items(), key=lambda kv: kv[1][0])]
+                    path = known[head] = tuple(nested) if nested else (keys[0],)
+                second[path] = b[start:]
+        for path in second.keys() & first.keys():
+            if self._last_sets_in(payloads, kinds, path) is False:
+                second.pop(path)  # a record of the first kind set it last
+            else:
+                first.pop(path)
+        for a in first:
+            for b in second:
+                if a[: len(b)] == b or b[: len(a)] == a:
+                    return None  # one nests in the other: order decides
+        return [*first.items(), *second.items()]
+
+    def _last_sets_in(self, payloads: list[bytes], kinds: list[bool], path: tuple[str, ...]) -> bool | None:
+        """Whether the last record that sets ``path`` is of the second kind (checked with
+        the SDK's classes: it takes a record or two, from the end)."""
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        rec = pb.Record()
+        needle = path[-1].encode()
+        for i in range(len(payloads) - 1, -1, -1):
+            if needle in payloads[i]:
+                rec.ParseFromString(payloads[i])
+                if any(p == path for p, _ in _pb_items(rec.summary.update)):
+                    return kinds[i]
+        return None
 
     def _items(
         self, raw: list[bytes], counts: list[int], steps: list[int]
@@ -927,10 +948,11 @@ class RunBuilder:
         if isinstance(meta, dict) and "summary" in meta:  # the source's exact summary
             return [{"run_key": self.run_key, **r} for r in meta["summary"]]
         tree = {k: v for k, v in self.summary.items() if k not in wc.SUMMARY_INTERNAL}
-        return [
+        rows = [
             {"run_key": self.run_key, "path": path, "value_json": schema.dumps_value(v)}
             for path, v in wc.flatten(tree)
         ]
+        return sorted(rows, key=lambda r: r["path"])  # one order, however the records were read
 
     def tag_rows(self) -> list[dict[str, Any]]:
         meta = self.config.get(wc.META_KEY) or {}

@@ -254,7 +254,7 @@ def test_fast_path_gives_exactly_what_the_sdk_classes_give(wandb_demo: Path) -> 
             metrics, series = p.tables()
             # as JSON text, where NaN equals NaN
             got[fast] = json.dumps(
-                [metrics.to_pylist(), series.to_pylist(), p.summary, p.config], default=str
+                [metrics.to_pylist(), series.to_pylist(), p.summary_rows(), p.config], default=str
             )
             assert (p.fast_records > 0) == fast
         assert got[True] == got[False], log
