@@ -13,8 +13,8 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from bridge.errors import BadInputError
@@ -96,3 +96,16 @@ def temp_dir(prefix: str = "trackbridge-") -> Iterator[Path]:
 
 def _ignore_missing() -> contextlib.suppress:
     return contextlib.suppress(FileNotFoundError)
+
+
+def download_fetch(download: Callable[[str], str]) -> Callable[[], AbstractContextManager[str]]:
+    """A ``FileRef.fetch`` for bytes that must be downloaded: ``download(folder)`` puts
+    the file in a temporary folder and returns its path; the folder goes when the caller
+    is done, so only one file at a time sits on local disk."""
+
+    @contextmanager
+    def fetch() -> Iterator[str]:
+        with temp_dir() as d:
+            yield download(str(d))
+
+    return fetch

@@ -120,6 +120,20 @@ class Selection:
         return row["name"] in self.projects or row["source_id"] in self.projects
 
 
+class TrackerSource:
+    """What the tracker exporters share: nothing to close, and a map from the keys of
+    objects trackbridge itself imported to the source keys they carry, for verify."""
+
+    _origin: dict[str, str]
+
+    def close(self) -> None:
+        pass
+
+    def origin_of(self, kind: str, key: str) -> str:
+        """The source key of an object that trackbridge imported; its own key otherwise."""
+        return self._origin.get(key, key)
+
+
 class Source(Protocol):
     """What every exporter (and the bundle reader) offers."""
 

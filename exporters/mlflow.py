@@ -11,7 +11,6 @@ run's ``trackbridge/mapping.json``, so MLflow → MLflow → anything is lossles
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -24,14 +23,22 @@ import pyarrow as pa
 from bridge import mlflow_common as mc
 from bridge import schema
 from bridge.errors import BadInputError, SourceNotFoundError, first_line
-from bridge.files import temp_dir
-from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, no_local_bytes
+from bridge.files import download_fetch, temp_dir
+from bridge.model import (
+    ArtifactPayload,
+    FileRef,
+    RegistryPayload,
+    RunPayload,
+    Selection,
+    TrackerSource,
+    no_local_bytes,
+)
 
 PAGE = 1000
 HISTORY_PAGE = 25000
 
 
-class MlflowSource:
+class MlflowSource(TrackerSource):
     def __init__(self, tracking_uri: str, safe: str | None = None) -> None:
         self.uri = tracking_uri
         self.safe = safe or tracking_uri
@@ -47,13 +54,6 @@ class MlflowSource:
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"
-
-    def close(self) -> None:
-        pass
-
-    def origin_of(self, kind: str, key: str) -> str:
-        """The source key of an object that trackbridge imported; its own key otherwise."""
-        return self._origin.get(key, key)
 
     def _remember(self, key: str, tags: Any) -> None:
         src = dict(tags).get(mc.TAG_SOURCE_KEY)
@@ -393,24 +393,15 @@ class MlflowSource:
         return ArtifactPayload(row=row, files=files)
 
     def _run_fetcher(self, run_id: str, path: str):
-        @contextlib.contextmanager
-        def fetch() -> Iterator[str]:
-            with temp_dir() as d:
-                yield self.client.download_artifacts(run_id, path, str(d))
-
-        return fetch
+        return download_fetch(lambda d: self.client.download_artifacts(run_id, path, d))
 
     def _uri_fetcher(self, uri: str):
-        @contextlib.contextmanager
-        def fetch() -> Iterator[str]:
+        def download(d: str) -> str:
             import mlflow.artifacts
 
-            with temp_dir() as d:
-                yield mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=str(d), tracking_uri=self.uri
-                )
+            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=d, tracking_uri=self.uri)
 
-        return fetch
+        return download_fetch(download)
 
     # -- MLflow 3 logged models
 

@@ -33,7 +33,15 @@ import pyarrow.parquet as pq
 from bridge import schema
 from bridge import wandb_common as wc
 from bridge.errors import BadInputError, SourceNotFoundError
-from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, no_local_bytes
+from bridge.model import (
+    ArtifactPayload,
+    FileRef,
+    RegistryPayload,
+    RunPayload,
+    Selection,
+    TrackerSource,
+    no_local_bytes,
+)
 from bridge.wandb_log import RecordLog
 
 RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
@@ -65,7 +73,7 @@ class _RunFiles:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class WandbOfflineSource:
+class WandbOfflineSource(TrackerSource):
     def __init__(self, path: str, safe: str | None = None) -> None:
         self.root = Path(path).expanduser()
         self.safe = safe or str(self.root)
@@ -76,12 +84,6 @@ class WandbOfflineSource:
 
     def describe(self) -> str:
         return f"wandb+offline://{self.safe}"
-
-    def close(self) -> None:
-        pass
-
-    def origin_of(self, kind: str, key: str) -> str:
-        return self._origin.get(key, key)
 
     # -- discovery
 

@@ -16,7 +16,6 @@ Data rules:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -28,8 +27,16 @@ from typing import Any, Protocol
 from bridge import schema
 from bridge import wandb_common as wc
 from bridge.errors import MissingExtraError, SourceNotFoundError, first_line
-from bridge.files import temp_dir
-from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, no_local_bytes
+from bridge.files import download_fetch, temp_dir
+from bridge.model import (
+    ArtifactPayload,
+    FileRef,
+    RegistryPayload,
+    RunPayload,
+    Selection,
+    TrackerSource,
+    no_local_bytes,
+)
 from exporters.wandb import RunBuilder, restore_written
 
 EVENTS_FILE = "wandb-events.jsonl"
@@ -230,7 +237,7 @@ class SdkApi:
 # -- the exporter
 
 
-class WandbOnlineSource:
+class WandbOnlineSource(TrackerSource):
     def __init__(self, entity_project: str, api: WandbApi | None = None) -> None:
         entity, _, project = entity_project.strip("/").partition("/")
         if not entity or not project or "/" in project:
@@ -253,12 +260,6 @@ class WandbOnlineSource:
 
     def describe(self) -> str:
         return f"wandb://{self.entity}/{self.project}"
-
-    def close(self) -> None:
-        pass
-
-    def origin_of(self, kind: str, key: str) -> str:
-        return self._origin.get(key, key)
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
         row = {
@@ -324,7 +325,7 @@ class WandbOnlineSource:
                 "producer_run_key": key,
             },
             files=[
-                FileRef(f.name, f.size, None, self._file_fetcher(r, f))
+                FileRef(f.name, f.size, None, download_fetch(lambda d, f=f: self.api.download_file(r, f, d)))
                 for f in files
                 if f.name != EVENTS_FILE
             ],
@@ -383,29 +384,13 @@ class WandbOnlineSource:
         wc.apply_meta(row, parsed.config.get(wc.META_KEY))
         return row
 
-    def _file_fetcher(self, run: Any, f: Any) -> Callable[[], contextlib.AbstractContextManager[str]]:
-        @contextlib.contextmanager
-        def fetch() -> Iterator[str]:
-            with temp_dir() as d:
-                yield self.api.download_file(run, f, str(d))
-
-        return fetch
-
-    def _entry_fetcher(
-        self, a: ArtifactInfo, path: str
-    ) -> Callable[[], contextlib.AbstractContextManager[str]]:
-        @contextlib.contextmanager
-        def fetch() -> Iterator[str]:
-            with temp_dir() as d:
-                yield self.api.download_entry(a, path, str(d))
-
-        return fetch
-
     def _artifact(self, a: ArtifactInfo, producer: str) -> ArtifactPayload:
         files = [
             FileRef(e.path, e.size, None, no_local_bytes, uri=e.ref)
             if e.ref
-            else FileRef(e.path, e.size, None, self._entry_fetcher(a, e.path))
+            else FileRef(
+                e.path, e.size, None, download_fetch(lambda d, p=e.path: self.api.download_entry(a, p, d))
+            )
             for e in a.entries
         ]
         return ArtifactPayload(
