@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from bridge import schema
 from bridge import wandb_common as wc
-from bridge.errors import BadInputError, SourceNotFoundError
+from bridge.errors import BadInputError, MissingExtraError, SourceNotFoundError
 from bridge.model import (
     ArtifactPayload,
     FileRef,
@@ -75,6 +75,10 @@ class _RunFiles:
 
 class WandbOfflineSource(TrackerSource):
     def __init__(self, path: str, safe: str | None = None) -> None:
+        try:
+            from wandb.proto import wandb_internal_pb2  # noqa: F401  (the record classes)
+        except ImportError as e:  # pragma: no cover - depends on the installed extras
+            raise MissingExtraError("wandb", "wandb") from e
         self.root = Path(path).expanduser()
         self.safe = safe or str(self.root)
         if not self.root.exists():
