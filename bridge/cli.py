@@ -73,6 +73,12 @@ def selection_options(f: Any) -> Any:
         click.option("--until", metavar="DATE", help="Only runs started before DATE."),
         click.option("--skip-deleted", is_flag=True, help="Leave out deleted runs and experiments."),
         click.option("--no-registry", is_flag=True, help="Leave out the model registry."),
+        click.option(
+            "--register-models",
+            is_flag=True,
+            help="W&B sources: make every artifact of type 'model' a registered model version "
+            "(named after the artifact, its aliases kept), on top of any registry links.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -87,6 +93,7 @@ def _selection(kw: dict[str, Any]) -> Selection:
         until=_when(kw.pop("until", None)),
         include_deleted=not kw.pop("skip_deleted", False),
         registry=not kw.pop("no_registry", False),
+        register_models=kw.pop("register_models", False),
     )
 
 

@@ -33,6 +33,7 @@ TAG_MAPPED = "trackbridge.mapped"  # set when mapping.json holds originals to re
 TAG_SOURCE_STATUS = "trackbridge.source_status"
 TAG_SOURCE_CREATED = "trackbridge.source_created_at"
 TAG_SOURCE_VERSION = "trackbridge.source_version"
+TAG_SOURCE_ARTIFACT = "trackbridge.source_artifact"  # on a version made from a source artifact
 MAPPING_ARTIFACT = "trackbridge/mapping.json"
 MAPPING_DIR = "trackbridge"
 TAG_INCOMPLETE = "trackbridge.source_incomplete"

@@ -103,6 +103,8 @@ class Selection:
     until: datetime | None = None  # start time before
     include_deleted: bool = True
     registry: bool = True
+    # W&B: every artifact of type "model" becomes a registered model version too
+    register_models: bool = False
 
     def wants_run(self, row: dict[str, Any]) -> bool:
         if self.runs and row["source_id"] not in self.runs and row["run_key"] not in self.runs:

@@ -211,7 +211,9 @@ def _compare_registry(a: Source, b: Source, sel: Selection, diff: Any, stats: Co
             diff(f"{label}: missing in destination")
             continue
         for f in ("model_name", "stage", "status", "description", "source_subpath"):
-            if (v[f] or None) != (w[f] or None):
+            if f == "source_subpath" and not v[f]:
+                continue  # the source left the place of the files to the destination
+            if _none(v[f]) != _none(w[f]):
                 diff(f"{label}: {f} {v[f]!r} != {w[f]!r}")
         if sorted(v["aliases"] or []) != sorted(w["aliases"] or []):
             diff(f"{label}: aliases {v['aliases']} != {w['aliases']}")
@@ -226,6 +228,11 @@ def _compare_registry(a: Source, b: Source, sel: Selection, diff: Any, stats: Co
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _none(v: Any) -> Any:
+    """Empty, and MLflow's stage "None", mean no value."""
+    return None if v in (None, "", "None") else v
 
 
 def _norm(v: Any) -> Any:

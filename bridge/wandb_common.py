@@ -65,6 +65,44 @@ def files_key(project: str, run_id: str) -> str:
     return f"{run_key(project, run_id)}#files"
 
 
+def model_versions(
+    artifacts: list[tuple[dict[str, Any], datetime | None]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Registered models and versions for ``--register-models``: one version per logged
+    artifact of type "model", keyed by its artifact key (name and digest), so the same
+    bytes are never registered twice. ``artifacts`` are (artifact row, producing run's
+    start) pairs; versions come out in that order, so where two versions claim one
+    alias (offline runs cannot see an alias move), the later run's version keeps it."""
+    models: dict[str, dict[str, Any]] = {}
+    versions: list[dict[str, Any]] = []
+    holder: dict[tuple[str, str], dict[str, Any]] = {}  # (model, alias) -> the version that has it
+    ordered = sorted(artifacts, key=lambda a: (a[1] is None, a[1] or datetime.min.replace(tzinfo=UTC)))
+    for row, _ in ordered:
+        if row.get("type") != "model":
+            continue
+        name = row["name"]
+        models.setdefault(name, {"name": name, "description": None, "tags": [("wandb.artifact", name)]})
+        version = {
+            "version_key": row["artifact_key"],
+            "model_name": name,
+            "version": (row.get("version") or "").removeprefix("v"),
+            "run_key": row["producer_run_key"],
+            "artifact_key": row["artifact_key"],
+            "aliases": list(row.get("aliases") or []),
+            "status": "READY",
+            "description": row.get("description"),
+            "tags": [("wandb.digest", row.get("digest") or "")],
+            "created_at": row.get("created_at"),
+        }
+        versions.append(version)
+        for alias in version["aliases"]:
+            earlier = holder.get((name, alias))
+            if earlier is not None:  # an alias is on one version at a time: it moved
+                earlier["aliases"] = [a for a in earlier["aliases"] if a != alias]
+            holder[(name, alias)] = version
+    return list(models.values()), versions
+
+
 def seconds_to_dt(seconds: float | None) -> datetime | None:
     if seconds is None:
         return None

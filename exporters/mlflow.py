@@ -553,7 +553,9 @@ class MlflowSource(TrackerSource):
             "model_name": v.name,
             "version": str(v.version),
             "run_key": mc.run_key(v.run_id) if v.run_id else None,
-            "artifact_key": mc.model_key(model_id) if model_id else None,
+            # a version made from a source artifact (W&B) names it; else its logged model
+            "artifact_key": v.tags.get(mc.TAG_SOURCE_ARTIFACT)
+            or (mc.model_key(model_id) if model_id else None),
             "source": v.source,
             "source_subpath": subpath,
             "aliases": sorted(v.aliases or []),

@@ -84,6 +84,7 @@ class WandbOfflineSource(TrackerSource):
         if not self.root.exists():
             raise SourceNotFoundError(f"wandb+offline://{self.safe}: no such folder {self.root}")
         self._origin: dict[str, str] = {}
+        self._artifact_rows: dict[str, list[tuple[dict[str, Any], Any]]] = {}
         self._runs = self._discover()
 
     def describe(self) -> str:
@@ -192,14 +193,26 @@ class WandbOfflineSource(TrackerSource):
             source_notes=parsed.notes,
         )
         restore_written(payload, meta)
+        self._artifact_rows[run["run_key"]] = [(a.row, row["start_time"]) for a in payload.artifacts[1:]]
         return payload
 
     def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
         return iter(())  # every offline artifact belongs to the run that logged it
 
     def registry(self, sel: Selection) -> RegistryPayload:
-        # Registry links need the server; offline runs cannot carry them.
-        return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
+        """Registry links need the server, so offline runs have none; with
+        ``register_models`` their model artifacts become versions."""
+        if not sel.register_models:
+            return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
+        arts = []
+        for row in self.runs(sel, self.projects(sel)):
+            if row["run_key"] not in self._artifact_rows:
+                self.read_run(row)
+            arts += self._artifact_rows[row["run_key"]]
+        models, versions = wc.model_versions(arts)
+        return RegistryPayload(
+            schema.table("registered_models", models), schema.table("model_versions", versions)
+        )
 
 
 def _head(log: Path) -> _Head:

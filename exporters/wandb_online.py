@@ -442,6 +442,16 @@ class WandbOnlineSource(TrackerSource):
                             "created_at": link.created_at or a.created_at,
                         }
                     )
+        if sel.register_models:
+            rows = [
+                (self._artifact(a, row["run_key"]).row, row["start_time"])
+                for row in self.runs(sel, self.projects(Selection()))
+                for a in self._arts[row["run_key"]]
+            ]
+            more_models, more_versions = wc.model_versions(rows)
+            for m in more_models:
+                models.setdefault(m["name"], m)
+            versions += more_versions
         return RegistryPayload(
             schema.table("registered_models", sorted(models.values(), key=lambda m: m["name"])),
             schema.table("model_versions", versions),

@@ -95,6 +95,7 @@ class MlflowSink:
         self._model_index: dict[str, dict[str, Any]] = {}
         self._run_ids: dict[str, str] = {}
         self._model_ids: dict[str, str] = {}
+        self._artifact_dirs: dict[str, tuple[str, str]] = {}  # artifact key -> (run id, folder)
         self._exp_locks: dict[str, threading.Lock] = {}
         self._creds = (
             self.client._tracking_client.store.get_host_creds()
@@ -230,6 +231,7 @@ class MlflowSink:
             with self._lock:
                 self._run_ids[key] = existing.info.run_id
             report.destination_id = existing.info.run_id
+            self._remember_artifact_dirs(payload, existing.info.run_id)
             for a in payload.artifacts:
                 if a.row["type"] == "mlflow.logged_model":
                     m = self._models_index(exp_id).get(a.row["artifact_key"])
@@ -267,6 +269,7 @@ class MlflowSink:
         with self._lock:
             self._run_ids[key] = run_id
         report.destination_id = run_id
+        self._remember_artifact_dirs(payload, run_id)
 
         parent = run.get("parent_run_key")
         if parent:
@@ -324,6 +327,13 @@ class MlflowSink:
             # is caught by the lifecycle check in the unchanged test above.
             self.client.delete_run(run_id)
         return outcome
+
+    def _remember_artifact_dirs(self, payload: RunPayload, run_id: str) -> None:
+        """Where each source artifact's files go in the run, for model versions made from them."""
+        with self._lock:
+            for a in payload.artifacts:
+                if a.row["type"] not in ("run-files", "mlflow.logged_model"):
+                    self._artifact_dirs[a.row["artifact_key"]] = (run_id, mc.artifact_dir(a.row))
 
     def _write_extras(self, run_id: str, payload: RunPayload, report: RunReport) -> None:
         """Keep what MLflow has no field for in run files the exporter reads back."""
@@ -563,7 +573,9 @@ class MlflowSink:
                     warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still used
                     self.client.transition_model_version_stage(name, dv.version, stage)
             for a in sv["aliases"] or []:
-                wanted_aliases[a] = str(dv.version)
+                fitted = _fit_alias(a, f"{name}: alias {a!r}", report)
+                if fitted:
+                    wanted_aliases[fitted] = str(dv.version)
         if not ours:
             return
         current = self.client.get_registered_model(name).aliases or {}
@@ -577,9 +589,14 @@ class MlflowSink:
     def _create_version(self, name: str, sv: dict[str, Any], report: Any) -> Any:
         run_id = self._find_run_id(sv["run_key"]) if sv["run_key"] else None
         model_id = self._model_ids.get(sv["artifact_key"]) if sv["artifact_key"] else None
+        placed = self._artifact_dirs.get(sv["artifact_key"] or "")
         source = sv["source"]
         if model_id and (source or "").startswith("models:/"):
             source = f"models:/{model_id}"
+        elif placed and not sv["source_subpath"]:
+            # a W&B model artifact: its files, uploaded to the run that logged it
+            run_id = placed[0]
+            source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{placed[1]}"
         elif run_id and sv["source_subpath"]:
             source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{sv['source_subpath']}"
         else:
@@ -593,6 +610,8 @@ class MlflowSink:
             mc.TAG_SOURCE_KEY: sv["version_key"],
             mc.TAG_SOURCE_VERSION: sv["version"],
         }
+        if placed and not sv["source_subpath"]:
+            tags[mc.TAG_SOURCE_ARTIFACT] = sv["artifact_key"]
         if sv.get("created_at") is not None:
             tags[mc.TAG_SOURCE_CREATED] = sv["created_at"].isoformat()
         with mc.global_tracking_uri(self.uri):
@@ -836,6 +855,18 @@ def _upload_one(local: str, rel: str, log: Any) -> None:
 
             shutil.copyfile(local, link)
         log(str(link), folder or None)
+
+
+def _fit_alias(alias: str, where: str, report: Any) -> str | None:
+    """MLflow's alias rules: ``[\\w-]``, at most 255 characters, not ``latest`` or ``v<N>``
+    (those name versions). W&B allows more; what cannot be kept is reported."""
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        report.mapped("alias-skipped", where, "MLflow reserves it for versions")
+        return None
+    fitted = re.sub(r"[^\w-]", "_", alias)[:255]
+    if fitted != alias:
+        report.mapped("alias-renamed", where, f"written as {fitted!r}")
+    return fitted or None
 
 
 def _quote(s: str) -> str:
