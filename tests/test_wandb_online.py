@@ -435,3 +435,14 @@ def test_runs_written_offline_read_back_online_after_sync(demo_store: dict, tmp_
     diffs, stats = verify(MlflowSource(demo_store["uri"]), src, sel)
     assert stats["runs"] >= 1 and stats["points"] > 0
     assert diffs == []
+
+
+def test_register_models_adds_model_artifacts_to_registry_links() -> None:
+    src = WandbOnlineSource("acme/vision", api=FakeApi())
+    reg = src.registry(Selection(register_models=True))
+    names = sorted(m["name"] for m in reg.registered_models.to_pylist())
+    assert names == ["resnet", "vision-classifier"]  # the artifact itself, and its registry link
+    by_model = {v["model_name"]: v for v in reg.model_versions.to_pylist()}
+    assert by_model["resnet"]["version"] == "3" and by_model["resnet"]["aliases"] == ["candidate"]
+    assert by_model["resnet"]["version_key"] == by_model["resnet"]["artifact_key"]
+    assert src.registry(Selection()).registered_models.num_rows == 1  # links only, by default
