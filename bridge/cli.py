@@ -405,8 +405,9 @@ def quickstart_cmd(folder: str, source: str) -> None:
     The default demo is a set of W&B offline runs written by the wandb SDK, with no
     account and no network: config, history with NaN, images, a histogram, a table,
     a model artifact with aliases, a failed run and a resumed one. They land in a local
-    SQLite MLflow store; no server is needed. Run it twice: the second run copies
-    nothing new.
+    SQLite MLflow store, the model artifact as a registered model version with its
+    aliases (as --register-models does); no server is needed. Run it twice: the second
+    run copies nothing new.
     """
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -434,9 +435,11 @@ def quickstart_cmd(folder: str, source: str) -> None:
     bundle = root / f"bundle-{source}"
     click.echo(f"2/3 migrating it into {dest_db} (through {bundle})")
     dest = f"mlflow+sqlite:///{dest_db}"
-    code = run_migrate(src, dest, Selection(), bundle_path=str(bundle), do_verify=False)
+    # the nightly-sync case: W&B model artifacts are promoted into the Model Registry
+    sel = Selection(register_models=source == "wandb")
+    code = run_migrate(src, dest, sel, bundle_path=str(bundle), do_verify=False)
     click.echo("3/3 verifying every field")
-    vcode = run_verify(src, dest, Selection())
+    vcode = run_verify(src, dest, sel)
     code = code or vcode
     click.echo("\nOpen the result in the MLflow UI:")
     click.echo(f"  mlflow ui --backend-store-uri sqlite:///{dest_db} --port 5000")

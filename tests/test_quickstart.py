@@ -15,11 +15,13 @@ def test_quickstart_wandb_twice(tmp_path):
     p = run_cli("quickstart", "--dir", str(folder))
     assert "writing demo W&B offline runs with the wandb SDK" in p.stdout
     assert "runs: 3 new, 0 updated, 0 unchanged, 0 failed" in p.stdout
-    assert "verify: identical (1 projects, 3 runs, 213 points, 0 model versions)" in p.stdout
+    assert "model versions: 1 new, 0 unchanged" in p.stdout  # the W&B model artifact
+    assert "verify: identical (1 projects, 3 runs, 213 points, 1 model versions)" in p.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{folder / 'dest.db'}" in p.stdout
     assert "Traceback" not in p.stderr
     p = run_cli("quickstart", "--dir", str(folder))
     assert "runs: 0 new, 0 updated, 3 unchanged, 0 failed" in p.stdout
+    assert "model versions: 0 new, 1 unchanged" in p.stdout
     assert "metric points written: 0" in p.stdout and "verify: identical" in p.stdout
     with sqlite3.connect(folder / "dest.db") as c:
         assert c.execute("select count(*) from runs").fetchone()[0] == 3
