@@ -230,7 +230,12 @@ class MlflowSource(TrackerSource):
             for d in (r.inputs.dataset_inputs if r.inputs else [])
         ]
         source_arts = [self._source_artifact(run_id, a) for a in extras.get("artifacts", [])]
-        skip = (mc.MAPPING_DIR + "/", *(mc.artifact_dir(a.row) + "/" for a in source_arts))
+        # our own files, only where the tags say we wrote them: a user's are theirs
+        ours = [mc.MAPPING_ARTIFACT] if mc.TAG_MAPPED in tags else []
+        if mc.TAG_EXTRAS in tags:
+            ours += [mc.EXTRAS_ARTIFACT, mc.SERIES_ARTIFACT]
+            ours += [mc.artifact_dir(a.row) + "/" for a in source_arts]
+        skip = tuple(ours)
         artifacts = [self._run_files(r, skip), *source_arts]
         artifacts += [self._logged_model_artifact(m, run["project_key"]) for m in models]
         usage = [
@@ -375,7 +380,7 @@ class MlflowSource(TrackerSource):
         run_id = r.info.run_id
         files = []
         for fi in mc.walk_artifacts(lambda p: self.client.list_artifacts(run_id, p)):
-            if fi.path.startswith(skip):
+            if skip and fi.path.startswith(skip):
                 continue
             files.append(
                 FileRef(
