@@ -29,7 +29,6 @@ from bridge.errors import BadInputError
 IDENT = b":W&B"
 MAGIC = 0xBEE1
 VERSION = 0
-FILE_HEADER = struct.pack("<4sHB", IDENT, MAGIC, VERSION)
 BLOCK = 32768
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4

@@ -40,7 +40,8 @@ from bridge.model import (
 from exporters.wandb import RunBuilder, restore_written
 
 EVENTS_FILE = "wandb-events.jsonl"
-RUN_STATES = {"finished": "finished", "failed": "failed", "crashed": "crashed", "killed": "killed"}
+# W&B run states that are also neutral ones; anything else (running, pending…) is running
+ENDED_STATES = frozenset({"finished", "failed", "crashed", "killed"})
 
 
 @dataclass
@@ -367,11 +368,11 @@ class WandbOnlineSource(TrackerSource):
             "project_key": listed["project_key"],
             "source_id": r.id,
             "name": r.display_name,
-            "status": RUN_STATES.get(state, "running"),
+            "status": state if state in ENDED_STATES else "running",
             "lifecycle": "active",
             "start_time": _dt(r.created_at),
             # W&B's last heartbeat is when a finished run stopped reporting
-            "end_time": _dt(getattr(r, "heartbeat_at", None)) if state in RUN_STATES else None,
+            "end_time": _dt(getattr(r, "heartbeat_at", None)) if state in ENDED_STATES else None,
             "user": getattr(user, "username", None) if user else None,
             "group": getattr(r, "group", None) or None,
             "job_type": getattr(r, "job_type", None) or None,

@@ -131,6 +131,13 @@ class WandbOfflineSink:
         if payload.run["project_key"] not in self._projects:
             raise DestinationError(f"run {key}: its project {payload.run['project_key']} was not imported")
         project, kept = self._projects[payload.run["project_key"]]
+        if project != kept["name"]:
+            report.mapped(
+                "project-renamed",
+                "projects.name",
+                f"{kept['name']!r} written as W&B project {project!r}; the name is kept in "
+                "config._trackbridge.project",
+            )
         with self._lock:
             for d in have["dirs"] if have else []:
                 shutil.rmtree(d)  # the whole run is written again; never two copies
@@ -351,9 +358,10 @@ def _history(
         values = batch.column("value").to_pylist()
         for k, s, t, v in zip(keys, steps, stamps, values, strict=True):
             put(s, t, k, v)
-    for r in payload.series.to_pylist():
-        ts = r["timestamp"]
-        us = None if ts is None else int(ts.timestamp() * 1_000_000)
+    series = payload.series
+    # µs as integers, as for the metrics above: a float round trip could split a row
+    series_us = series.column("timestamp").cast(pa.int64()).to_pylist()
+    for r, us in zip(series.select(["step", "key", "value_json"]).to_pylist(), series_us, strict=True):
         put(r["step"], us, r["key"], json.loads(r["value_json"]))
     ordered = sorted(rows.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))
     out = [

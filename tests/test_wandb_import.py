@@ -89,3 +89,20 @@ def test_half_written_run_is_written_again_once(wandb_demo: Path, tmp_path: Path
     run_cli("migrate", f"wandb+offline://{wandb_demo}", dest, "--report", str(tmp_path / "r.json"))
     assert _outcomes(tmp_path / "r.json") == ["unchanged", "unchanged", "updated"]
     assert len(list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}*"))) == 1
+
+
+def test_project_name_w_and_b_cannot_take_is_reported_and_read_back(tmp_path: Path) -> None:
+    from tests import factories as f
+
+    bundle = f.write_bundle(
+        tmp_path / "b",
+        [f.project(name="team/vision: v2")],
+        [f.payload(f.run("test:run/a"), points=[("loss", 0, 1.0), ("loss", 1, 0.5)])],
+    )
+    p = run_cli(
+        "migrate", str(bundle), f"wandb+offline://{tmp_path / 'wb'}", "--report", str(tmp_path / "r.json")
+    )
+    assert "verify: identical (1 projects, 1 runs, 2 points" in p.stdout, p.stdout
+    (run,) = json.loads((tmp_path / "r.json").read_text())["runs"]
+    (renamed,) = [m for m in run["mappings"] if m["kind"] == "project-renamed"]
+    assert "'team-vision- v2'" in renamed["detail"]
