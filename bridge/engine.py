@@ -12,10 +12,11 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
+from bridge import schema
 from bridge.errors import TrackbridgeError, UsageError, first_line
-from bridge.model import Selection, Sink, Source
+from bridge.model import TOKEN, RegistryPayload, RunPayload, Selection, Sink, Source
 from bridge.progress import Bar
-from bridge.report import Report
+from bridge.report import Report, RunReport
 
 
 def waves(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -39,6 +40,34 @@ def waves(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [out[k] for k in sorted(out)]
 
 
+class Plan:
+    """The hooks ``sync`` (bridge.sync) uses to make a copy incremental; the default plan
+    copies everything, which is what ``migrate``, ``export`` and ``import`` want."""
+
+    def project(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The project row as the destination should name it."""
+        return row
+
+    def select(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return runs
+
+    def skip(self, row: dict[str, Any]) -> tuple[str, str | None] | None:
+        """Decide a run without reading it: ("unchanged", destination id) or ("filtered",
+        reason); None reads it."""
+        return None
+
+    def keep(self, payload: RunPayload) -> str | None:
+        """After reading: a reason to leave the run out (a filter), else None."""
+        return None
+
+    def done(self, row: dict[str, Any], rr: RunReport) -> None:
+        """Called once per run with its final outcome."""
+
+    def registry_selection(self, sel: Selection, read: list[str]) -> Selection | None:
+        """The selection to read the registry with (None: leave the registry out)."""
+        return sel
+
+
 def copy(
     source: Source,
     sink: Sink,
@@ -47,33 +76,53 @@ def copy(
     workers: int = 1,
     bar: Bar | None = None,
     label: str = "runs",
+    plan: Plan | None = None,
 ) -> Report:
     bar = bar or Bar(None)
+    plan = plan or Plan()
     report = Report(source=source.describe(), destination=getattr(sink, "describe", str)())
     sink.begin(source.describe())
     projects = source.projects(sel)
     if sel.projects and not projects:
         raise UsageError(f"no project/experiment matches {', '.join(sel.projects)} in {source.describe()}")
     for p in projects:
-        sink.write_project(p)
+        sink.write_project(plan.project(p))
     runs = source.runs(sel, projects)
     if sel.runs and not runs:
         raise UsageError(f"no run matches {', '.join(sel.runs)} in {source.describe()}")
+    runs = plan.select(runs)
     task = bar.add(label, len(runs))
+    read: list[str] = []
 
     def one(row: dict[str, Any]) -> None:
         rr = report.run(row["run_key"], row.get("name"))
         try:
-            payload = source.read_run(row)
-            for note in payload.source_notes:
-                rr.mapped(*note)
-            rr.outcome = sink.write_run(payload, rr)
+            decided = plan.skip(row)
+            if decided is not None:
+                rr.outcome = decided[0]
+                if rr.outcome == "filtered":
+                    rr.reason = decided[1]
+                else:
+                    rr.destination_id = decided[1]
+            else:
+                payload = source.read_run(row)
+                with report._lock:
+                    read.append(row["run_key"])
+                why = plan.keep(payload)
+                if why is not None:
+                    rr.outcome, rr.reason = "filtered", why
+                else:
+                    payload.token = row.get(TOKEN)
+                    for note in payload.source_notes:
+                        rr.mapped(*note)
+                    rr.outcome = sink.write_run(payload, rr)
         except TrackbridgeError as e:
             rr.outcome, rr.error = "failed", str(e)
         except Exception as e:
             rr.outcome = "failed"
             rr.error = f"{type(e).__name__}: {first_line(e)}"
             rr._traceback = traceback.format_exc()  # type: ignore[attr-defined]
+        plan.done(row, rr)
         bar.advance(task, 1, rr.points)
 
     for wave in waves(runs):
@@ -87,10 +136,33 @@ def copy(
 
     for art in source.artifacts(sel, projects):
         _guard(report, f"artifact {art.row['artifact_key']}", sink.write_artifact, art, report)
-    if sel.registry:
-        _guard(report, "registry", lambda: sink.write_registry(source.registry(sel), report))
+    reg_sel = plan.registry_selection(sel, read) if sel.registry else None
+    if reg_sel is not None:
+        failed = {r.run_key for r in report.runs if r.outcome == "failed"}
+        _guard(
+            report,
+            "registry",
+            lambda: sink.write_registry(_without(source.registry(reg_sel), failed, report), report),
+        )
     sink.finish()
     return report
+
+
+def _without(reg: RegistryPayload, failed: set[str], report: Report) -> RegistryPayload:
+    """Leave out the versions of runs that failed: registering one would point it at files
+    that never arrived. The next run of the command registers them once the run is in."""
+    if not failed or reg.model_versions.num_rows == 0:
+        return reg
+    keep = []
+    for v in reg.model_versions.to_pylist():
+        if v.get("run_key") in failed:
+            report.errors.append(
+                f"model version {v['model_name']} v{v['version']}: "
+                f"not registered, its run {v['run_key']} failed"
+            )
+        else:
+            keep.append(v)
+    return RegistryPayload(reg.registered_models, schema.table("model_versions", keep))
 
 
 def _guard(report: Report, what: str, fn: Any, *args: Any) -> None:

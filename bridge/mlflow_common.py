@@ -18,17 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import MissingExtraError
+from bridge.retry import POLICY, HttpStatusError, RetryingProxy
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # trackbridge draws its own progress; MLflow's per-file bars would flood the terminal.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # ...and its "View run at" line per terminated run would bury the summary.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# trackbridge retries itself (bridge.retry): MLflow's urllib3 retries would repeat a
+# create-run whose response was lost and so make a duplicate run, and they hide the
+# status and Retry-After of the failure from us.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 # Tags the importer owns. Anything under this prefix is bookkeeping, not user data.
 TB_PREFIX = "trackbridge."
 TAG_SOURCE_KEY = "trackbridge.source_key"
 TAG_FINGERPRINT = "trackbridge.fingerprint"
+# The source's change token (bridge.model.TOKEN), written with the fingerprint: a sync
+# that lists the same token skips the run without reading it.
+TAG_SOURCE_TOKEN = "trackbridge.source_token"
 TAG_MAPPED = "trackbridge.mapped"  # set when mapping.json holds originals to restore
 TAG_SOURCE_STATUS = "trackbridge.source_status"
 TAG_SOURCE_CREATED = "trackbridge.source_created_at"
@@ -91,7 +99,47 @@ def client(tracking_uri: str):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     _create_sqlite_store(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return RetryingProxy(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), POLICY)
+
+
+def rest(creds: Any, endpoint: str, method: str, **kw: Any) -> Any:
+    """One REST call we make ourselves (the bulk metric paths), retried under POLICY.
+
+    Unlike MlflowClient's calls, these see the response, so a 429/503's Retry-After is
+    obeyed exactly.
+    """
+    from mlflow.utils.rest_utils import http_request
+
+    def once() -> Any:
+        resp = http_request(creds, endpoint, method, max_retries=0, raise_on_status=False, **kw)
+        if resp.status_code != 200:
+            raise HttpStatusError(
+                resp.status_code, f"{endpoint}: {resp.text[:200]}", resp.headers.get("Retry-After")
+            )
+        return resp
+
+    return POLICY.call(once)
+
+
+def create_once(create: Callable[[], Any], find: Callable[[], Any]) -> Any:
+    """Create something exactly once although the call is retried.
+
+    A request whose response is lost (a dropped connection) may still have been applied.
+    Before each retry we therefore look for the object by its source key (``find``), and
+    only create it if it is not there: a retried create never makes a duplicate.
+    """
+    tries = 0
+
+    def go() -> Any:
+        nonlocal tries
+        tries += 1
+        if tries > 1:
+            found = find()
+            if found is not None:
+                return found
+        return create()
+
+    return POLICY.call(go)
 
 
 def paged(search: Callable[[str | None], Any]) -> Iterator[Any]:

@@ -63,6 +63,9 @@ class RunPayload:
     # What the source could not give in full (kind, where, detail): a truncated log, a
     # file already gone. The engine copies these into the run's report.
     source_notes: list[tuple[str, str, str]] = field(default_factory=list)
+    # The source's cheap change token from its listing (see ``TOKEN``); importers store
+    # it with their completion marker so the next sync can skip the run unread.
+    token: str | None = None
 
     @property
     def key(self) -> str:
@@ -93,6 +96,31 @@ class RegistryPayload:
     model_versions: pa.Table
 
 
+@dataclass(frozen=True)
+class ModelRule:
+    """Which source artifacts become registered model versions, and under what name.
+
+    ``artifact`` and ``type`` are globs (fnmatch) on the artifact's name and type;
+    ``model`` is the registered model's name, with ``{artifact}`` and ``{project}``
+    filled in; ``aliases`` keeps only the listed aliases (empty: all of them).
+    """
+
+    artifact: str = "*"
+    type: str = "model"
+    model: str = "{artifact}"
+    aliases: tuple[str, ...] = ()
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        from fnmatch import fnmatchcase
+
+        return fnmatchcase(row.get("name") or "", self.artifact) and fnmatchcase(
+            row.get("type") or "", self.type
+        )
+
+    def model_name(self, row: dict[str, Any], project: str) -> str:
+        return self.model.format(artifact=row["name"], project=project, type=row.get("type") or "")
+
+
 @dataclass
 class Selection:
     """Filters every source honours. Empty means everything."""
@@ -105,6 +133,13 @@ class Selection:
     registry: bool = True
     # W&B: every artifact of type "model" becomes a registered model version too
     register_models: bool = False
+    # ...and every artifact a rule names (sync's config file)
+    model_rules: tuple[ModelRule, ...] = ()
+
+    @property
+    def rules(self) -> tuple[ModelRule, ...]:
+        """The model rules in force: the config's, then ``--register-models``'s."""
+        return self.model_rules + ((ModelRule(),) if self.register_models else ())
 
     def wants_run(self, row: dict[str, Any]) -> bool:
         if self.runs and row["source_id"] not in self.runs and row["run_key"] not in self.runs:
@@ -120,6 +155,14 @@ class Selection:
         if not self.projects:
             return True
         return row["name"] in self.projects or row["source_id"] in self.projects
+
+
+# A listed run row may carry these keys besides the ``runs`` table's columns, when the
+# source knows them without reading the run. ``sync`` uses them to skip and to filter.
+TOKEN = "_token"  # changes whenever anything in the run changes (sizes+mtimes, heartbeat…)
+UPDATED = "_updated"  # when the run last changed (datetime), if the source can tell
+LABELS = "_labels"  # the run's labels (W&B tags), if listed
+STATUS = "_status"  # the run's neutral status, if listed
 
 
 class TrackerSource:

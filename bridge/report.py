@@ -8,6 +8,7 @@ whole report as JSON for monitoring.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,13 +29,14 @@ class Mapping:
 class RunReport:
     run_key: str
     name: str | None = None
-    outcome: str = "pending"  # new | updated | unchanged | failed | skipped
+    outcome: str = "pending"  # new | updated | unchanged | filtered | failed
     destination_id: str | None = None
     points: int = 0
     files: int = 0
     bytes: int = 0
     mappings: list[Mapping] = field(default_factory=list)
     error: str | None = None
+    reason: str | None = None  # why a run was filtered out
 
     def mapped(self, kind: str, where: str, detail: str) -> None:
         self.mappings.append(Mapping(kind, where, detail))
@@ -77,9 +79,10 @@ class Report:
         return out
 
     def summary_lines(self) -> list[str]:
+        filtered = f", {self.count('filtered')} filtered out" if self.count("filtered") else ""
         lines = [
             f"runs: {self.count('new')} new, {self.count('updated')} updated, "
-            f"{self.count('unchanged')} unchanged, {self.count('failed')} failed",
+            f"{self.count('unchanged')} unchanged, {self.count('failed')} failed{filtered}",
             f"metric points written: {self.points:,}; artifact files written: "
             f"{sum(r.files for r in self.runs):,} ({sum(r.bytes for r in self.runs):,} bytes)",
             f"model versions: {self.models.get('new', 0)} new, {self.models.get('unchanged', 0)} unchanged",
@@ -94,7 +97,7 @@ class Report:
             if r.outcome == "failed":
                 lines.append(f"FAILED {r.run_key} ({r.name}): {r.error}")
         lines += [f"ERROR {e}" for e in self.errors]
-        return lines
+        return [scrub(line) for line in lines]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class Report:
                 "updated": self.count("updated"),
                 "unchanged": self.count("unchanged"),
                 "failed": self.count("failed"),
+                "filtered": self.count("filtered"),
                 "points": self.points,
                 "models": self.models,
             },
@@ -114,4 +118,18 @@ class Report:
         }
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2, default=str))
+        Path(path).write_text(scrub(json.dumps(self.to_json(), indent=2, default=str)))
+
+
+_USERINFO = re.compile(r"(?<=://)[^/\s@'\"]+@")
+_SECRET = re.compile(
+    r"(?i)((?:token|password|api[_-]?key|secret|authorization)[\"']?\s*[:=]\s*[\"']?)[^\s,\"'&]+"
+)
+
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+
+
+def scrub(text: str) -> str:
+    """Credentials out of any text we print or write: user:password@ in URLs, and
+    token=/password=/api_key= style values that a library put into an error message."""
+    return _SECRET.sub(r"\1***", _BEARER.sub(r"\1 ***", _USERINFO.sub("***@", text)))

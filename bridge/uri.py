@@ -117,6 +117,13 @@ def open_sink(uri: str, **options: object):
     raise AssertionError(t.scheme)
 
 
+def default_workers(*uris: str) -> int:
+    """Runs in parallel: 4 when every side is a server, 1 when one is a local store or
+    folder (SQLite allows one writer; a disk gains nothing from more)."""
+    local = ("mlflow+sqlite", "mlflow+file", "wandb+offline", "neptune")
+    return 4 if all(not u.startswith(local) for u in uris) else 1
+
+
 def _path_of(rest: str) -> str:
     """``wandb+offline:///abs`` and ``wandb+offline://rel/path`` both name a local folder."""
     return str(Path(rest).expanduser()) if rest.startswith("/") else str(Path.cwd() / rest)

@@ -62,12 +62,17 @@ def verify(
     a_projects = a.projects(sel)
     b_projects = b.projects(Selection())
     b_by_name = {p["name"]: p for p in b_projects}
+    # A project trackbridge imported carries its source key, so it is found even when a
+    # naming template (sync's experiment = "...") gave it another name.
+    b_by_origin = {origin(b, "project", q["project_key"]): q for q in b_projects}
+    found: dict[str, dict[str, Any]] = {}
     for p in a_projects:
-        q = b_by_name.get(p["name"])
+        q = b_by_origin.get(p["project_key"]) or b_by_name.get(p["name"])
         stats["projects"] += 1
         if q is None:
             diff(f"project {p['name']!r}: missing in destination")
             continue
+        found[p["project_key"]] = q
         for f in ("description", "lifecycle"):
             if p.get(f) != q.get(f):
                 diff(f"project {p['name']!r}: {f} {p.get(f)!r} != {q.get(f)!r}")
@@ -76,7 +81,7 @@ def verify(
             diff(f"project {p['name']!r}: tags differ: {_dict_diff(ta, tb)}")
 
     a_runs = a.runs(sel, a_projects)
-    matched = [q for q in b_projects if q["name"] in {p["name"] for p in a_projects}]
+    matched = list({q["project_key"]: q for q in found.values()}.values())
     b_runs = b.runs(Selection(), matched)
     b_origin = {r["run_key"]: origin(b, "run", r["run_key"]) for r in b_runs}
     b_by_origin = {b_origin[r["run_key"]]: r for r in b_runs}

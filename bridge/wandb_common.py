@@ -67,28 +67,34 @@ def files_key(project: str, run_id: str) -> str:
 
 def model_versions(
     artifacts: list[tuple[dict[str, Any], datetime | None]],
+    rules: tuple[Any, ...],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Registered models and versions for ``--register-models``: one version per logged
-    artifact of type "model", keyed by its artifact key (name and digest), so the same
-    bytes are never registered twice. ``artifacts`` are (artifact row, producing run's
-    start) pairs; versions come out in that order, so where two versions claim one
-    alias (offline runs cannot see an alias move), the later run's version keeps it."""
+    """Registered models and versions for the artifacts that ``rules`` (bridge.model.
+    ModelRule) name: one version per logged artifact, keyed by its artifact key (name and
+    digest), so the same bytes are never registered twice. ``artifacts`` are (artifact
+    row, producing run's start) pairs; versions come out in that order, so where two
+    versions claim one alias (offline runs cannot see an alias move), the later run's
+    version keeps it. The first rule that matches an artifact decides."""
     models: dict[str, dict[str, Any]] = {}
     versions: list[dict[str, Any]] = []
     holder: dict[tuple[str, str], dict[str, Any]] = {}  # (model, alias) -> the version that has it
     ordered = sorted(artifacts, key=lambda a: (a[1] is None, a[1] or datetime.min.replace(tzinfo=UTC)))
     for row, _ in ordered:
-        if row.get("type") != "model":
+        rule = next((r for r in rules if r.matches(row)), None)
+        if rule is None:
             continue
-        name = row["name"]
-        models.setdefault(name, {"name": name, "description": None, "tags": [("wandb.artifact", name)]})
+        name = rule.model_name(row, (row.get("project_key") or "").rpartition("/")[2])
+        models.setdefault(
+            name, {"name": name, "description": None, "tags": [("wandb.artifact", row["name"])]}
+        )
+        aliases = [a for a in row.get("aliases") or [] if not rule.aliases or a in rule.aliases]
         version = {
-            "version_key": row["artifact_key"],
+            "version_key": row["artifact_key"] if name == row["name"] else f"{row['artifact_key']}->{name}",
             "model_name": name,
             "version": (row.get("version") or "").removeprefix("v"),
             "run_key": row["producer_run_key"],
             "artifact_key": row["artifact_key"],
-            "aliases": list(row.get("aliases") or []),
+            "aliases": aliases,
             "status": "READY",
             "description": row.get("description"),
             "tags": [("wandb.digest", row.get("digest") or "")],

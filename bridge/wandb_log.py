@@ -114,4 +114,3 @@ class RecordLog:
                     yield start, b"".join(parts)
                     parts = []
             pos = end
-

@@ -88,6 +88,7 @@ class MlflowSource(TrackerSource):
                 # the note is the description; keep it in one place only
                 "tags": sorted((k, v) for k, v in mc.user_tags(tags).items() if k != mc.TAG_NOTE),
             }
+            self._remember(row["project_key"], tags)
             if sel.wants_project(row) and (sel.include_deleted or e.lifecycle_stage != "deleted"):
                 out.append(row)
         return out
@@ -269,8 +270,6 @@ class MlflowSource(TrackerSource):
             return [m.step for m in hist], [m.timestamp for m in hist], [m.value for m in hist]
         # Over REST, skip MlflowClient's per-point entity objects: the server is the
         # bottleneck and shares the CPU with us, so every client cycle saved is speed.
-        from mlflow.utils.rest_utils import http_request, verify_rest_response
-
         creds = self.client._tracking_client.store.get_host_creds()
         steps: list[int] = []
         stamps: list[int] = []
@@ -280,8 +279,7 @@ class MlflowSource(TrackerSource):
             params = {"run_id": run_id, "metric_key": key, "max_results": HISTORY_PAGE}
             if token:
                 params["page_token"] = token
-            resp = http_request(creds, "/api/2.0/mlflow/metrics/get-history", "GET", params=params)
-            verify_rest_response(resp, "/api/2.0/mlflow/metrics/get-history")
+            resp = mc.rest(creds, "/api/2.0/mlflow/metrics/get-history", "GET", params=params)
             body = json.loads(resp.content)
             s, t, v = _parse_points(body.get("metrics", []))
             steps += s

@@ -21,7 +21,7 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ from bridge import schema
 from bridge import wandb_common as wc
 from bridge.errors import BadInputError, MissingExtraError, SourceNotFoundError
 from bridge.model import (
+    TOKEN,
+    UPDATED,
     ArtifactPayload,
     FileRef,
     RegistryPayload,
@@ -151,6 +153,7 @@ class WandbOfflineSource(TrackerSource):
                 "name": rf.name,
                 "start_time": wc.seconds_to_dt(start),
                 "lifecycle": rf.meta.get("lifecycle") or "active",
+                **_change_token(rf.logs),
             }
             if sel.wants_run(row):
                 out.append(row)
@@ -202,17 +205,27 @@ class WandbOfflineSource(TrackerSource):
     def registry(self, sel: Selection) -> RegistryPayload:
         """Registry links need the server, so offline runs have none; with
         ``register_models`` their model artifacts become versions."""
-        if not sel.register_models:
+        if not sel.rules:
             return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
         arts = []
         for row in self.runs(sel, self.projects(sel)):
             if row["run_key"] not in self._artifact_rows:
                 self.read_run(row)
             arts += self._artifact_rows[row["run_key"]]
-        models, versions = wc.model_versions(arts)
+        models, versions = wc.model_versions(arts, sel.rules)
         return RegistryPayload(
             schema.table("registered_models", models), schema.table("model_versions", versions)
         )
+
+
+def _change_token(logs: list[Path]) -> dict[str, Any]:
+    """A run changes only by its logs growing or being rewritten, so their sizes and
+    modification times tell a changed run from an unchanged one without reading it."""
+    stats = [log.stat() for log in logs]
+    return {
+        TOKEN: "wandb-offline:" + ",".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats),
+        UPDATED: datetime.fromtimestamp(max(st.st_mtime for st in stats), tz=UTC) if stats else None,
+    }
 
 
 def _head(log: Path) -> _Head:

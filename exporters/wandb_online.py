@@ -16,9 +16,9 @@ Data rules:
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,10 @@ from bridge import wandb_common as wc
 from bridge.errors import MissingExtraError, SourceNotFoundError, first_line
 from bridge.files import download_fetch, temp_dir
 from bridge.model import (
+    LABELS,
+    STATUS,
+    TOKEN,
+    UPDATED,
     ArtifactPayload,
     FileRef,
     RegistryPayload,
@@ -37,6 +41,7 @@ from bridge.model import (
     TrackerSource,
     no_local_bytes,
 )
+from bridge.retry import RetryPolicy
 from exporters.wandb import RunBuilder, restore_written
 
 EVENTS_FILE = "wandb-events.jsonl"
@@ -101,67 +106,6 @@ class WandbApi(Protocol):
     def used_artifacts(self, run: Any) -> list[ArtifactInfo]: ...
 
     def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str: ...
-
-
-# -- retries
-
-
-def retry_after(exc: BaseException) -> float | None:
-    """Seconds the server asked us to wait (``Retry-After``, in seconds), if it said."""
-    for obj in (exc, getattr(exc, "exc", None)):
-        headers = getattr(getattr(obj, "response", None), "headers", None)
-        value = headers.get("Retry-After") if headers is not None else None
-        if value is not None:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None  # an HTTP date: W&B sends seconds; fall back to our backoff
-    return None
-
-
-def status_of(exc: BaseException) -> int | None:
-    for obj in (exc, getattr(exc, "exc", None)):
-        response = getattr(obj, "response", None)
-        code = getattr(response, "status_code", None) or getattr(obj, "status_code", None)
-        if isinstance(code, int):
-            return code
-    return None
-
-
-def retryable(exc: BaseException) -> bool:
-    """429 and 5xx, timeouts and dropped connections; never a 4xx like 401 or 404."""
-    code = status_of(exc)
-    if code is not None:
-        return code == 429 or code >= 500
-    return isinstance(exc, TimeoutError | ConnectionError)
-
-
-@dataclass
-class RetryPolicy:
-    attempts: int = 8
-    initial: float = 1.0
-    maximum: float = 60.0
-
-    def retrying(self) -> Any:
-        """A tenacity ``Retrying``: the server's Retry-After, else backoff with full jitter."""
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt
-
-        def wait(state: Any) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            asked = retry_after(exc) if exc else None
-            if asked is not None:
-                return min(asked, self.maximum)
-            return random.uniform(0, min(self.maximum, self.initial * 2 ** (state.attempt_number - 1)))
-
-        return Retrying(
-            retry=retry_if_exception(retryable),
-            stop=stop_after_attempt(self.attempts),
-            wait=wait,
-            reraise=True,
-        )
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return self.retrying()(fn, *args, **kw)
 
 
 class SdkApi:
@@ -285,6 +229,10 @@ class WandbOnlineSource(TrackerSource):
                 "name": r.display_name,
                 "start_time": _dt(r.created_at),
                 "lifecycle": "active",
+                TOKEN: _change_token(r),
+                UPDATED: _dt(getattr(r, "heartbeat_at", None)) or _dt(r.created_at),
+                LABELS: list(getattr(r, "tags", None) or []),
+                STATUS: _status(r),
             }
             if sel.wants_run(row):
                 out.append(row)
@@ -361,14 +309,14 @@ class WandbOnlineSource(TrackerSource):
         return payload
 
     def _run_row(self, r: Any, listed: dict[str, Any], parsed: RunBuilder) -> dict[str, Any]:
-        state = (r.state or "").lower()
+        state = _status(r)
         user = getattr(r, "user", None)
         row = {
             "run_key": listed["run_key"],
             "project_key": listed["project_key"],
             "source_id": r.id,
             "name": r.display_name,
-            "status": state if state in ENDED_STATES else "running",
+            "status": state,
             "lifecycle": "active",
             "start_time": _dt(r.created_at),
             # W&B's last heartbeat is when a finished run stopped reporting
@@ -443,13 +391,13 @@ class WandbOnlineSource(TrackerSource):
                             "created_at": link.created_at or a.created_at,
                         }
                     )
-        if sel.register_models:
+        if sel.rules:
             rows = [
                 (self._artifact(a, row["run_key"]).row, row["start_time"])
                 for row in self.runs(sel, self.projects(Selection()))
                 for a in self._arts[row["run_key"]]
             ]
-            more_models, more_versions = wc.model_versions(rows)
+            more_models, more_versions = wc.model_versions(rows, sel.rules)
             for m in more_models:
                 models.setdefault(m["name"], m)
             versions += more_versions
@@ -457,6 +405,30 @@ class WandbOnlineSource(TrackerSource):
             schema.table("registered_models", sorted(models.values(), key=lambda m: m["name"])),
             schema.table("model_versions", versions),
         )
+
+
+def _status(r: Any) -> str:
+    state = (r.state or "").lower()
+    return state if state in ENDED_STATES else "running"
+
+
+def _change_token(r: Any) -> str:
+    """What the listing already says about a run, hashed: a new history row, a heartbeat,
+    an edited summary, config, name, tag or note all change it."""
+    attrs = getattr(r, "_attrs", None) or {}
+    parts = [
+        r.state,
+        getattr(r, "heartbeat_at", None) or attrs.get("heartbeatAt"),
+        attrs.get("historyLineCount"),
+        r.display_name,
+        sorted(getattr(r, "tags", None) or []),
+        getattr(r, "notes", None),
+        getattr(r, "group", None),
+        getattr(r, "job_type", None),
+        dict(r.config or {}),
+        dict(r.summary_metrics or {}),
+    ]
+    return "wandb:" + hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _dt(value: Any) -> datetime | None:

@@ -134,10 +134,14 @@ class MlflowSink:
             self._exp_ids[row["project_key"]] = exp.experiment_id if exp else None
             return
         if exp is None:
-            exp_id = self.client.create_experiment(
-                name,
-                artifact_location=mc.experiment_artifact_location(self.uri, name),
-                tags={**tags, mc.TAG_SOURCE_KEY: row["project_key"]},
+            raw = self.client.unwrapped
+            exp_id = mc.create_once(
+                lambda: raw.create_experiment(
+                    name,
+                    artifact_location=mc.experiment_artifact_location(self.uri, name),
+                    tags={**tags, mc.TAG_SOURCE_KEY: row["project_key"]},
+                ),
+                lambda: getattr(raw.get_experiment_by_name(name), "experiment_id", None),
             )
         else:
             exp_id = exp.experiment_id
@@ -231,6 +235,14 @@ class MlflowSink:
             with self._lock:
                 self._run_ids[key] = existing.info.run_id
             report.destination_id = existing.info.run_id
+            if (
+                payload.token
+                and existing.data.tags.get(mc.TAG_SOURCE_TOKEN) != payload.token
+                and not self.dry_run
+            ):
+                # the same content under a new token (a file touched): remember it, so the
+                # next sync skips this run without reading it again
+                self.client.set_tag(existing.info.run_id, mc.TAG_SOURCE_TOKEN, payload.token)
             self._remember_artifact_dirs(payload, existing.info.run_id)
             for a in payload.artifacts:
                 if a.row["type"] == "mlflow.logged_model":
@@ -248,12 +260,16 @@ class MlflowSink:
             return outcome
 
         if existing is None:
-            created = self.client.create_run(
-                exp_id,
-                start_time=mc.dt_to_ms(run.get("start_time")),
-                # an empty user, not the importing account's: MLflow fills in the OS user otherwise
-                tags={mc.TAG_USER: run.get("user") or "", mc.TAG_SOURCE_KEY: key},
-                run_name=run.get("name"),
+            raw = self.client.unwrapped
+            created = mc.create_once(
+                lambda: raw.create_run(
+                    exp_id,
+                    start_time=mc.dt_to_ms(run.get("start_time")),
+                    # an empty user, not the importing account's: MLflow fills in the OS user otherwise
+                    tags={mc.TAG_USER: run.get("user") or "", mc.TAG_SOURCE_KEY: key},
+                    run_name=run.get("name"),
+                ),
+                lambda: self._search_run(raw, exp_id, key),
             )
             run_id = created.info.run_id
             have_params: dict[str, str] = {}
@@ -321,12 +337,49 @@ class MlflowSink:
             self.client.set_terminated(run_id, status, end_time=mc.dt_to_ms(run.get("end_time")))
         else:
             self.client.update_run(run_id, status=status)
-        self.client.set_tag(run_id, mc.TAG_FINGERPRINT, fp)
+        self._forget_stale_tags(run_id, have_tags, tags)
+        marker = {mc.TAG_FINGERPRINT: fp}
+        if payload.token:
+            marker[mc.TAG_SOURCE_TOKEN] = payload.token
+        self._log_params_tags(run_id, {}, marker)  # one request: the token never outlives its marker
         if run.get("lifecycle") == "deleted":
             # After the marker: MLflow refuses writes to a deleted run. A kill in between
             # is caught by the lifecycle check in the unchanged test above.
             self.client.delete_run(run_id)
         return outcome
+
+    def _search_run(self, client: Any, exp_id: str, key: str) -> Any:
+        """The run carrying ``key`` (deleted ones too), for a retried create_run."""
+        from mlflow.entities import ViewType
+
+        page = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` = '{_quote(key)}'",
+            run_view_type=ViewType.ALL,
+            max_results=1,
+        )
+        return page[0] if page else None
+
+    def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]:
+        """Runs a completed import left in the project's experiment: source key ->
+        (source token, run id). One paged search, so a sync knows what it may skip
+        without a local cache: identity lives in the destination."""
+        exp_id = self._exp_ids.get(project_key)
+        if not exp_id:
+            return {}
+        out = {}
+        for k, r in self._runs_index(exp_id).items():
+            if mc.TAG_FINGERPRINT in r.data.tags:
+                out[k] = (r.data.tags.get(mc.TAG_SOURCE_TOKEN), r.info.run_id)
+        return out
+
+    def _forget_stale_tags(self, run_id: str, have: dict[str, str], wanted: dict[str, str]) -> None:
+        """Tags an earlier import set from run state the source no longer has: a run no
+        longer incomplete or crashed, a W&B tag removed. Left alone, they would lie."""
+        derived = (mc.TAG_INCOMPLETE, mc.TAG_SOURCE_STATUS)
+        for k in have:
+            if k not in wanted and (k in derived or k.startswith(mc.LABEL_PREFIX)):
+                self.client.delete_tag(run_id, k)
 
     def _remember_artifact_dirs(self, payload: RunPayload, run_id: str) -> None:
         """Where each source artifact's files go in the run, for model versions made from them."""
@@ -422,11 +475,9 @@ class MlflowSink:
         if self._creds is not None:
             # REST: post the JSON ourselves. MLflow's client would build an entity and a
             # protobuf per point first, CPU the server (often on the same box) needs more.
-            from mlflow.utils.rest_utils import http_request, verify_rest_response
-
+            # A repeated batch is harmless: the store's primary key drops identical points.
             body = {"run_id": run_id, "metrics": [_json_point(r) for r in recs]}
-            resp = http_request(self._creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=body)
-            verify_rest_response(resp, "/api/2.0/mlflow/runs/log-batch")
+            mc.rest(self._creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=body)
             return
         from mlflow.entities import Metric
 
@@ -481,13 +532,26 @@ class MlflowSink:
             tags[mc.TAG_SOURCE_KEY] = key
             if meta.get("creation_timestamp") is not None:
                 tags[mc.TAG_SOURCE_CREATED] = str(meta["creation_timestamp"])
-            m = self.client.create_logged_model(
-                exp_id,
-                name=art.row["name"],
-                source_run_id=run_id,
-                tags=tags,
-                params=meta.get("params") or None,
-                model_type=meta.get("model_type"),
+            raw = self.client.unwrapped
+            m = mc.create_once(
+                lambda: raw.create_logged_model(
+                    exp_id,
+                    name=art.row["name"],
+                    source_run_id=run_id,
+                    tags=tags,
+                    params=meta.get("params") or None,
+                    model_type=meta.get("model_type"),
+                ),
+                lambda: next(
+                    (
+                        x
+                        for x in mc.paged(
+                            lambda t: raw.search_logged_models([exp_id], max_results=100, page_token=t)
+                        )
+                        if x.tags.get(mc.TAG_SOURCE_KEY) == key
+                    ),
+                    None,
+                ),
             )
             with self._lock:
                 index[key] = m
@@ -538,7 +602,12 @@ class MlflowSink:
                 have = None
             tags = dict(rm["tags"] or [])
             if have is None:
-                self.client.create_registered_model(name, tags=tags, description=rm["description"])
+                try:
+                    self.client.create_registered_model(name, tags=tags, description=rm["description"])
+                except MlflowException as e:
+                    # another shard, or a retried request whose answer was lost, made it
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
             else:
                 if (have.description or None) != rm["description"]:
                     self.client.update_registered_model(name, description=rm["description"] or "")
@@ -614,15 +683,25 @@ class MlflowSink:
             tags[mc.TAG_SOURCE_ARTIFACT] = sv["artifact_key"]
         if sv.get("created_at") is not None:
             tags[mc.TAG_SOURCE_CREATED] = sv["created_at"].isoformat()
-        with mc.global_tracking_uri(self.uri):
-            return self.client.create_model_version(
-                name,
-                source,
-                run_id=run_id,
-                tags=tags,
-                description=sv["description"],
-                model_id=model_id,
+        raw = self.client.unwrapped
+
+        def create() -> Any:
+            with mc.global_tracking_uri(self.uri):
+                return raw.create_model_version(
+                    name, source, run_id=run_id, tags=tags, description=sv["description"], model_id=model_id
+                )
+
+        def find() -> Any:
+            return next(
+                (
+                    v
+                    for v in raw.search_model_versions(f"name='{_quote(name)}'", max_results=10000)
+                    if v.tags.get(mc.TAG_SOURCE_KEY) == sv["version_key"]
+                ),
+                None,
             )
+
+        return mc.create_once(create, find)
 
 
 class _Plan:

@@ -20,8 +20,6 @@ os.environ["HOME"] = str(_SANDBOX / "home")
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SANDBOX / 'unused-default.db'}"
-os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
-os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
 for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
     os.environ[var] = str(_SANDBOX / var.lower())
 os.environ["WANDB_MODE"] = "offline"

@@ -27,16 +27,15 @@ from wandb.apis import public
 from bridge import engine
 from bridge.model import Selection
 from bridge.report import Report
+from bridge.retry import RetryPolicy, retryable
 from bridge.verify import verify
 from exporters.mlflow import MlflowSource
 from exporters.wandb_online import (
     ArtifactInfo,
     Entry,
     Link,
-    RetryPolicy,
     SdkApi,
     WandbOnlineSource,
-    retryable,
 )
 from importers.mlflow import MlflowSink
 
