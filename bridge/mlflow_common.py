@@ -184,11 +184,19 @@ def _create_sqlite_store(tracking_uri: str) -> None:
     ./mlruns relative to wherever the command happened to run.
     """
     root = sqlite_artifact_root(tracking_uri)
-    if root is None or Path(tracking_uri[len("sqlite:///") :]).exists():
+    db = Path(tracking_uri[len("sqlite:///") :])
+    if root is None or db.exists():
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    SqlAlchemyStore(tracking_uri, root.as_uri()).engine.dispose()
+    # Build it under a temporary name, then rename: MLflow's schema migrations are not
+    # atomic in SQLite, and a store killed half-way through them never opens again.
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    try:
+        SqlAlchemyStore(f"sqlite:///{tmp}", root.as_uri()).engine.dispose()
+        os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def ms_to_dt(ms: int | None) -> datetime | None:

@@ -275,8 +275,9 @@ def experiment_name(template: str, row: dict[str, Any]) -> str:
 class State:
     """One pair's state folder: its lock, remembered filter decisions and history."""
 
-    def __init__(self, root: Path, pair: Pair) -> None:
-        self.dir = root / pair.pair_id
+    def __init__(self, root: Path, pair: Pair, shard: tuple[int, int] | None = None) -> None:
+        # each shard its own lock: the N shards of one pair run at the same time
+        self.dir = root / (pair.pair_id + (f"-shard{shard[0]}of{shard[1]}" if shard else ""))
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -579,7 +580,7 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
     parse(pair.destination)
     if pair.experiment:
         check_template(pair.experiment, f"pair {pair.name}")
-    state = State(opts.state_dir, pair)
+    state = State(opts.state_dir, pair, opts.shard)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     retries0 = POLICY.retries

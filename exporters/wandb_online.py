@@ -183,6 +183,10 @@ class SdkApi:
 
 
 class WandbOnlineSource(TrackerSource):
+    # W&B moves an alias without touching the run that logged the artifact, so a sync
+    # must look at every run's artifacts, not only at the runs that changed.
+    aliases_move_without_runs = True
+
     def __init__(self, entity_project: str, api: WandbApi | None = None) -> None:
         entity, _, project = entity_project.strip("/").partition("/")
         if not entity or not project or "/" in project:
