@@ -502,11 +502,13 @@ def run_sync(src: str | None, dest: str | None, config_path: str | None, **kw: A
             with progress(False if opts.quiet else None) as bar:
                 res = sy.sync_pair(pair, opts, bar=bar)
         except TrackbridgeError as e:
-            if len(pairs) == 1:
-                raise
-            # one pair's bad configuration or lock must not stop the others
+            # one pair's lock, bad configuration or unreachable server must not stop the
+            # others, and the report must still say what happened
+            if _State.debug:
+                traceback.print_exc()
             res = sy.PairResult(pair, None, 0.0, error=str(e), exit_code=e.exit_code)
-            click.echo(scrub(f"trackbridge: pair {pair.name}: {e}"), err=True)
+            where = f"pair {pair.name}: " if len(pairs) > 1 else ""
+            click.echo(scrub(f"trackbridge: error: {where}{e}"), err=True)
         if res.report is not None:
             _print_sync(res, opts.quiet)
             if opts.verify:

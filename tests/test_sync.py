@@ -282,7 +282,12 @@ def test_unreachable_destination_fails_in_one_line_without_credentials(
     )
     assert p.returncode == 5, p.stderr
     assert "hunter2" not in p.stdout + p.stderr
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.startswith(
+        "trackbridge: error: mlflow+http://127.0.0.1:9"
+    )
+    doc = json.loads((tmp_path / "r.json").read_text())  # monitoring still gets a report
+    assert doc["exit_code"] == 5 and "cannot write" in doc["pairs"][0]["error"]
+    assert "hunter2" not in json.dumps(doc)
 
 
 def test_a_permanent_error_on_one_run_leaves_the_others_and_exits_partial(
@@ -385,3 +390,32 @@ def test_sync_through_a_proxy_failing_10_percent_of_requests(
     assert len(runs) == 3  # no retried create made a second copy
     versions = [v for v in client.search_model_versions("name='faults-demo-classifier'")]
     assert len({v.tags[mc.TAG_SOURCE_KEY] for v in versions}) == len(versions) == 1
+
+
+def test_online_registry_links_sync_and_an_alias_moved_in_wandb_moves_in_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B moves an alias without touching the run, so the runs are skipped unread and
+    the registry is still asked: the alias moves in MLflow on the next sync."""
+    import mlflow
+
+    import exporters.wandb_online as online
+    from tests.test_wandb_online import FakeApi
+
+    api = FakeApi()
+    monkeypatch.setattr(online, "SdkApi", lambda *a, **k: api)
+    db = tmp_path / "dest.db"
+    pair = sy.Pair("wandb://acme/vision", f"mlflow+sqlite:///{db}")
+    first = sy.sync_pair(pair, _opts(tmp_path))
+    assert sorted(r.outcome for r in first.report.runs) == ["new", "new"]
+    client = mlflow.MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    aliases = client.get_registered_model("vision-classifier").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"production": "1", "staging": "1"}
+
+    (model,) = api.logged["run001"]
+    model.links[0].aliases = ["production"]  # "staging" removed in the W&B Registry
+    second = sy.sync_pair(pair, _opts(tmp_path))
+    assert [r.outcome for r in second.report.runs] == ["unchanged", "unchanged"]
+    assert second.report.models == {"new": 0, "unchanged": 1}
+    aliases = client.get_registered_model("vision-classifier").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"production": "1"}
