@@ -419,3 +419,29 @@ def test_online_registry_links_sync_and_an_alias_moved_in_wandb_moves_in_mlflow(
     assert second.report.models == {"new": 0, "unchanged": 1}
     aliases = client.get_registered_model("vision-classifier").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"production": "1"}
+
+
+def test_offline_alias_moved_by_a_new_run_moves_on_the_next_sync(wandb_demo: Path, tmp_path: Path) -> None:
+    """The next night reads only the new run; its version takes "production" in MLflow,
+    while the earlier version, skipped unread, keeps "candidate"."""
+    import mlflow
+
+    from bridge import wandb_common as wc
+    from tests.test_register_models import NEW_VERSION
+
+    src = tmp_path / "src"
+    shutil.copytree(wandb_demo.parent, src, symlinks=True)
+    uri = f"wandb+offline://{src / 'wandb'}"
+    db = tmp_path / "dest.db"
+    pair = sy.Pair(uri, f"mlflow+sqlite:///{db}", register_models=True)
+    assert sy.sync_pair(pair, _opts(tmp_path)).report.models == {"new": 1, "unchanged": 0}
+
+    env = {**os.environ, **wc.sandbox_env(src), "HOME": str(src / "home"), "WANDB_SILENT": "true"}
+    subprocess.run([sys.executable, "-c", NEW_VERSION, str(src)], env=env, check=True, timeout=300)
+    res = sy.sync_pair(pair, _opts(tmp_path))
+    assert sorted(r.outcome for r in res.report.runs) == ["new", "unchanged", "unchanged", "unchanged"]
+    assert res.report.models == {"new": 1, "unchanged": 0}
+    client = mlflow.MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    aliases = client.get_registered_model("demo-classifier").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"candidate": "1", "production": "2"}
+    assert _verify(uri, f"mlflow+sqlite:///{db}") == []
