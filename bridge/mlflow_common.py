@@ -99,7 +99,41 @@ def client(tracking_uri: str):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     _create_sqlite_store(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        _see_error_responses()
     return RetryingProxy(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), POLICY)
+
+
+def _see_error_responses() -> None:
+    """Let our retries see the status and Retry-After of MLflow's failed requests.
+
+    With its own retries off, MLflow's REST layer turns a 429/503 into an error whose
+    text has the status but not the Retry-After header. This wraps the one function it
+    sends every request through so that, in exactly that case (no retries of its own,
+    a status it would retry), the error raised carries the response's headers; MLflow
+    still wraps it in an MlflowException, which keeps it as ``__context__`` for
+    bridge.retry to read. With MLflow's retries on, nothing changes.
+    """
+    from mlflow.utils import rest_utils
+
+    original = getattr(rest_utils, "_get_http_response_with_retries", None)
+    if original is None or getattr(original, "_trackbridge", False):
+        return  # another MLflow version, or done already: plain backoff still applies
+
+    def send(
+        method, url, max_retries, backoff_factor, backoff_jitter, retry_codes, raise_on_status=True, **kw
+    ):
+        if max_retries != 0 or not raise_on_status:
+            return original(
+                method, url, max_retries, backoff_factor, backoff_jitter, retry_codes, raise_on_status, **kw
+            )
+        resp = original(method, url, max_retries, backoff_factor, backoff_jitter, retry_codes, False, **kw)
+        if resp.status_code in retry_codes:
+            raise HttpStatusError(resp.status_code, f"{method} {url}", resp.headers.get("Retry-After"))
+        return resp
+
+    send._trackbridge = True  # type: ignore[attr-defined]
+    rest_utils._get_http_response_with_retries = send
 
 
 def rest(creds: Any, endpoint: str, method: str, **kw: Any) -> Any:

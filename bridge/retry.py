@@ -43,9 +43,20 @@ class HttpStatusError(Exception):
         self.headers = {"Retry-After": retry_after} if retry_after is not None else {}
 
 
+def _chain(exc: BaseException) -> list[Any]:
+    """The error and what it wraps: ``.exc`` (W&B), ``__cause__``/``__context__`` (an
+    MlflowException raised while handling the HTTP error that has the headers)."""
+    out: list[Any] = []
+    cur: Any = exc
+    while cur is not None and len(out) < 6:
+        out += [cur, getattr(cur, "exc", None)]
+        cur = cur.__cause__ or cur.__context__
+    return [o for o in out if o is not None]
+
+
 def retry_after(exc: BaseException) -> float | None:
     """Seconds the server asked us to wait (``Retry-After``, in seconds), if it said."""
-    for obj in (exc, getattr(exc, "exc", None), getattr(exc, "response", None)):
+    for obj in [x for e in _chain(exc) for x in (e, getattr(e, "response", None))]:
         headers = getattr(obj, "headers", None)
         if headers is None:
             headers = getattr(getattr(obj, "response", None), "headers", None)
@@ -59,7 +70,7 @@ def retry_after(exc: BaseException) -> float | None:
 
 
 def status_of(exc: BaseException) -> int | None:
-    for obj in (exc, getattr(exc, "exc", None)):
+    for obj in _chain(exc):
         response = getattr(obj, "response", None)
         code = getattr(response, "status_code", None) or getattr(obj, "status_code", None)
         if isinstance(code, int):
@@ -93,11 +104,14 @@ class RetryPolicy:
     initial: float = 1.0  # seconds before the first retry (then doubling), before jitter
     maximum: float = 60.0  # no single wait is longer, even when Retry-After asks for more
     retries: int = field(default=0, compare=False)
+    obeyed: int = field(default=0, compare=False)  # waits a server's Retry-After decided
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def wait_for(self, exc: BaseException | None, attempt: int) -> float:
         asked = retry_after(exc) if exc else None
         if asked is not None:
+            with self._lock:
+                self.obeyed += 1
             return min(asked, self.maximum)
         return random.uniform(0, min(self.maximum, self.initial * 2 ** (attempt - 1)))
 
