@@ -516,7 +516,7 @@ def run_sync(src: str | None, dest: str | None, config_path: str | None, **kw: A
                     r.run_key for r in res.report.runs if r.outcome in ("new", "updated", "unchanged")
                 )
                 if keys:
-                    vsel = replace(pair.selection(), runs=keys, projects=())
+                    vsel = replace(pair.selection(), runs=frozenset(keys), projects=())
                     res.verify_code = run_verify(pair.source, pair.destination, vsel)
         results.append(res)
         code = max(code, res.exit_code, res.verify_code or 0)

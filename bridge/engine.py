@@ -63,7 +63,7 @@ class Plan:
     def done(self, row: dict[str, Any], rr: RunReport) -> None:
         """Called once per run with its final outcome."""
 
-    def registry_selection(self, sel: Selection, read: list[str]) -> Selection | None:
+    def registry_selection(self, sel: Selection, report: Report, read: list[str]) -> Selection | None:
         """The selection to read the registry with (None: leave the registry out)."""
         return sel
 
@@ -136,7 +136,7 @@ def copy(
 
     for art in source.artifacts(sel, projects):
         _guard(report, f"artifact {art.row['artifact_key']}", sink.write_artifact, art, report)
-    reg_sel = plan.registry_selection(sel, read) if sel.registry else None
+    reg_sel = plan.registry_selection(sel, report, read) if sel.registry else None
     if reg_sel is not None:
         failed = {r.run_key for r in report.runs if r.outcome == "failed"}
         _guard(

@@ -126,7 +126,7 @@ class Selection:
     """Filters every source honours. Empty means everything."""
 
     projects: tuple[str, ...] = ()  # names or source ids
-    runs: tuple[str, ...] = ()  # source ids or run keys
+    runs: tuple[str, ...] | frozenset[str] = ()  # source ids or run keys (a set when many)
     since: datetime | None = None  # start time at or after
     until: datetime | None = None  # start time before
     include_deleted: bool = True

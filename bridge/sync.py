@@ -439,15 +439,16 @@ class SyncPlan(engine.Plan):
         elif rr.outcome in ("new", "updated", "unchanged"):
             self.state.remember_filtered(row["run_key"], None, None)
 
-    def registry_selection(self, sel: Selection, read: list[str]) -> Selection | None:
-        """Register the versions of the runs read this time: a run skipped unread has not
-        changed, so neither have its artifacts or, offline, their aliases. A source whose
-        aliases move on their own (W&B online) is asked about every selected run."""
-        if self.opts.full or getattr(self.source, "aliases_move_without_runs", False):
-            return sel
-        if not read:
-            return None
-        return replace(sel, runs=tuple(read))
+    def registry_selection(self, sel: Selection, report: Report, read: list[str]) -> Selection | None:
+        """Register the versions of the runs this sync put in the destination, never of a
+        run a filter left out. A run skipped unread has not changed, so neither have its
+        artifacts nor, offline, their aliases: only the runs read are asked. A source
+        whose aliases move on their own (W&B online) is asked about every synced run."""
+        synced = [r.run_key for r in report.runs if r.outcome in ("new", "updated", "unchanged")]
+        if not (self.opts.full or getattr(self.source, "aliases_move_without_runs", False)):
+            was_read = set(read)
+            synced = [k for k in synced if k in was_read]
+        return replace(sel, runs=frozenset(synced)) if synced else None
 
 
 def _label_filter(f: Filters, labels: list[str]) -> str | None:

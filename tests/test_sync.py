@@ -449,3 +449,19 @@ def test_offline_alias_moved_by_a_new_run_moves_on_the_next_sync(wandb_demo: Pat
     aliases = client.get_registered_model("demo-classifier").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"candidate": "1", "production": "2"}
     assert _verify(uri, f"mlflow+sqlite:///{db}") == []
+
+
+def test_a_run_left_out_by_a_filter_registers_no_model(wandb_demo: Path, tmp_path: Path) -> None:
+    db = tmp_path / "dest.db"
+    pair = sy.Pair(
+        f"wandb+offline://{wandb_demo}",
+        f"mlflow+sqlite:///{db}",
+        register_models=True,
+        filters=sy.Filters(exclude_tags=("baseline",)),  # the run that logged the model
+    )
+    for full in (False, False, True):  # the second time from the state, unread; then read again
+        res = sy.sync_pair(pair, _opts(tmp_path, full=full))
+        (left_out,) = [r for r in res.report.runs if r.outcome == "filtered"]
+        assert left_out.reason == "has the excluded tag baseline"
+        assert res.report.models == {"new": 0, "unchanged": 0} and res.exit_code == 0
+    assert len(_runs(db)) == 2
