@@ -147,6 +147,7 @@ def cli(debug: bool) -> None:
     Typical use:
       trackbridge migrate mlflow+http://old:5000 mlflow+http://new:5000
       trackbridge verify  mlflow+http://old:5000 mlflow+http://new:5000
+      trackbridge sync    wandb://acme/research mlflow+http://prod:5000 --register-models
     Exit codes: 0 done, 1 partial (some runs failed), 2 usage, 3 bad input,
     4 verify found differences, 5 destination error, 75 sync already running,
     130 interrupted.
