@@ -41,6 +41,7 @@ from bridge.report import Report, RunReport, scrub
 from bridge.uri import redact
 
 STATES = ("running", "finished", "failed", "crashed", "killed", "scheduled")
+_OLD = "not updated since"
 
 
 class LockedError(TrackbridgeError):
@@ -328,6 +329,7 @@ class State:
         return self._db
 
     def filtered(self, run_key: str, token: str) -> str | None:
+        """Why the run was left out, if it was, with this very token (and filters)."""
         with self._lock:
             row = self.db.execute("SELECT token, reason FROM filtered WHERE run_key=?", (run_key,)).fetchone()
         return row[1] if row and row[0] == token else None
@@ -361,6 +363,10 @@ class SyncPlan(engine.Plan):
         self._names: dict[str, str] = {}
         self._synced: dict[str, dict[str, tuple[str | None, str]]] = {}
         self._lock = threading.Lock()
+        # A remembered "left out" holds only for the filters that decided it: change the
+        # tags or states in the config, and every run is judged again.
+        f = pair.filters
+        self._sig = hashlib.sha256(repr((f.tags, f.exclude_tags, f.states)).encode()).hexdigest()[:12]
 
     def project(self, row: dict[str, Any]) -> dict[str, Any]:
         if not self.pair.experiment:
@@ -388,7 +394,7 @@ class SyncPlan(engine.Plan):
             return "filtered", why
         if token is None or self.opts.full:
             return None
-        remembered = self.state.filtered(row["run_key"], token)
+        remembered = self.state.filtered(row["run_key"], f"{token}|{self._sig}")
         if remembered is not None:
             return "filtered", remembered
         have = self._dest_index(row["project_key"]).get(row["run_key"])
@@ -407,7 +413,7 @@ class SyncPlan(engine.Plan):
         """Filters the listing can decide (a run leaves out only what it surely fails)."""
         f = self.pair.filters
         if f.updated_since and row.get(UPDATED) is not None and row[UPDATED] < f.updated_since:
-            return f"not updated since {f.updated_since.isoformat()}"
+            return f"{_OLD} {f.updated_since.isoformat()}"
         if LABELS in row:
             why = _label_filter(f, row[LABELS])
             if why:
@@ -429,13 +435,14 @@ class SyncPlan(engine.Plan):
                 (t for t in (run.get("end_time"), run.get("start_time")) if t is not None), default=None
             )
             if last is not None and run.get("status") != "running" and last < f.updated_since:
-                return f"not updated since {f.updated_since.isoformat()}"
+                return f"{_OLD} {f.updated_since.isoformat()}"
         return None
 
     def done(self, row: dict[str, Any], rr: RunReport) -> None:
         token = row.get(TOKEN)
-        if rr.outcome == "filtered" and token is not None:
-            self.state.remember_filtered(row["run_key"], token, rr.reason)
+        if rr.outcome == "filtered" and token is not None and not (rr.reason or "").startswith(_OLD):
+            # (age is judged afresh every night: "updated_since = 14d" moves)
+            self.state.remember_filtered(row["run_key"], f"{token}|{self._sig}", rr.reason)
         elif rr.outcome in ("new", "updated", "unchanged"):
             self.state.remember_filtered(row["run_key"], None, None)
 

@@ -465,3 +465,8 @@ def test_a_run_left_out_by_a_filter_registers_no_model(wandb_demo: Path, tmp_pat
         assert left_out.reason == "has the excluded tag baseline"
         assert res.report.models == {"new": 0, "unchanged": 0} and res.exit_code == 0
     assert len(_runs(db)) == 2
+    # the filter changes: what it left out before is judged again, and comes in
+    pair.filters = sy.Filters(exclude_tags=("no-such-tag",))
+    res = sy.sync_pair(pair, _opts(tmp_path))
+    assert sorted(r.outcome for r in res.report.runs) == ["new", "unchanged", "unchanged"]
+    assert res.report.models == {"new": 1, "unchanged": 0} and len(_runs(db)) == 3
