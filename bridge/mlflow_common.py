@@ -155,6 +155,18 @@ def rest(creds: Any, endpoint: str, method: str, **kw: Any) -> Any:
     return POLICY.call(once)
 
 
+def change_once(change: Callable[[], Any], done: Callable[[], bool]) -> None:
+    """A state change (restore, delete) that MLflow refuses to repeat: if a retry fails
+    because the first, unanswered attempt already made it, the change is done."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        change()
+    except MlflowException:
+        if not done():
+            raise
+
+
 def create_once(create: Callable[[], Any], find: Callable[[], Any]) -> Any:
     """Create something exactly once although the call is retried.
 

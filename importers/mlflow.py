@@ -120,7 +120,10 @@ class MlflowSink:
         if self.dry_run:
             return
         for exp_id in self._deleted_projects:
-            self.client.delete_experiment(exp_id)
+            mc.change_once(
+                lambda e=exp_id: self.client.delete_experiment(e),
+                lambda e=exp_id: self.client.get_experiment(e).lifecycle_stage == "deleted",
+            )
 
     # -- projects
 
@@ -146,7 +149,10 @@ class MlflowSink:
         else:
             exp_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp_id)
+                mc.change_once(
+                    lambda: self.client.restore_experiment(exp_id),
+                    lambda: self.client.get_experiment(exp_id).lifecycle_stage == "active",
+                )
             have = dict(exp.tags)
             for k, v in tags.items():
                 if have.get(k) != v:
@@ -278,7 +284,10 @@ class MlflowSink:
         else:
             run_id = existing.info.run_id
             if existing.info.lifecycle_stage == "deleted":
-                self.client.restore_run(run_id)
+                mc.change_once(
+                    lambda: self.client.restore_run(run_id),
+                    lambda: self.client.get_run(run_id).info.lifecycle_stage == "active",
+                )
             have_params = dict(existing.data.params)
             have_tags = dict(existing.data.tags)
             have_metric_keys = set(existing.data.metrics)
@@ -345,7 +354,10 @@ class MlflowSink:
         if run.get("lifecycle") == "deleted":
             # After the marker: MLflow refuses writes to a deleted run. A kill in between
             # is caught by the lifecycle check in the unchanged test above.
-            self.client.delete_run(run_id)
+            mc.change_once(
+                lambda: self.client.delete_run(run_id),
+                lambda: self.client.get_run(run_id).info.lifecycle_stage == "deleted",
+            )
         return outcome
 
     def _search_run(self, client: Any, exp_id: str, key: str) -> Any:
@@ -376,10 +388,17 @@ class MlflowSink:
     def _forget_stale_tags(self, run_id: str, have: dict[str, str], wanted: dict[str, str]) -> None:
         """Tags an earlier import set from run state the source no longer has: a run no
         longer incomplete or crashed, a W&B tag removed. Left alone, they would lie."""
+        from mlflow.exceptions import MlflowException
+
         derived = (mc.TAG_INCOMPLETE, mc.TAG_SOURCE_STATUS)
         for k in have:
             if k not in wanted and (k in derived or k.startswith(mc.LABEL_PREFIX)):
-                self.client.delete_tag(run_id, k)
+                try:
+                    self.client.delete_tag(run_id, k)
+                except MlflowException as e:
+                    # gone already: a retried delete whose first answer was lost
+                    if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
 
     def _remember_artifact_dirs(self, payload: RunPayload, run_id: str) -> None:
         """Where each source artifact's files go in the run, for model versions made from them."""
