@@ -117,7 +117,9 @@ class BundleWriter:
         art_rows, file_rows, blobs = self._store_artifacts(payload.artifacts, report)
         tables["artifacts"] = schema.table("artifacts", art_rows)
         tables["artifact_files"] = schema.table("artifact_files", file_rows)
-        self._write_unit("run", key, tables, blobs=blobs)
+        # The source's own fingerprint travels on, so a run reaches a destination with
+        # the same fingerprint through a bundle (migrate) as directly (sync).
+        self._write_unit("run", key, tables, blobs=blobs, source_fingerprint=payload.fingerprint)
         return "updated" if existed else "new"
 
     def write_artifact(self, payload: ArtifactPayload, report: Any) -> None:
@@ -197,7 +199,12 @@ class BundleWriter:
         return digest, size
 
     def _write_unit(
-        self, kind: str, key: str, tables: dict[str, pa.Table], blobs: list[str] | None = None
+        self,
+        kind: str,
+        key: str,
+        tables: dict[str, pa.Table],
+        blobs: list[str] | None = None,
+        source_fingerprint: str | None = None,
     ) -> None:
         uid = unit_id(kind, key)
         marker = self.root / MARKERS / f"{uid}.json"
@@ -224,6 +231,8 @@ class BundleWriter:
             "tables": entries,
             "blobs": sorted(set(blobs or [])),
         }
+        if source_fingerprint:
+            body["source_fingerprint"] = source_fingerprint
         atomic_write_bytes(marker, json.dumps(body, indent=1).encode())
 
     def _write_manifest(self, complete: bool) -> None:
@@ -384,11 +393,14 @@ class BundleSource:
     def read_run(self, run: dict[str, Any]) -> RunPayload:
         m = self._run_units[run["run_key"]]
         arts = self._artifacts_of(m)
-        fp = hashlib.sha256(
-            json.dumps(
-                [{k: e["sha256"] for k, e in sorted(m["tables"].items())}, m.get("blobs", [])]
-            ).encode()
-        ).hexdigest()
+        fp = (
+            m.get("source_fingerprint")
+            or hashlib.sha256(
+                json.dumps(
+                    [{k: e["sha256"] for k, e in sorted(m["tables"].items())}, m.get("blobs", [])]
+                ).encode()
+            ).hexdigest()
+        )
         return RunPayload(
             run=run,
             params=self.read_table(m, "params"),

@@ -651,6 +651,10 @@ def quickstart_cmd(folder: str, source: str) -> None:
     click.echo("\nOpen the result in the MLflow UI:")
     click.echo(f"  mlflow ui --backend-store-uri sqlite:///{dest_db} --port 5000")
     click.echo(f"Look at the bundle: trackbridge inspect {bundle}")
+    flag = " --register-models" if sel.register_models else ""
+    click.echo(
+        f"Keep it up to date every night (only what changed moves): trackbridge sync {src} {dest}{flag}"
+    )
     sys.exit(code)
 
 

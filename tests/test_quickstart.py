@@ -25,6 +25,10 @@ def test_quickstart_wandb_twice(tmp_path):
     assert "metric points written: 0" in p.stdout and "verify: identical" in p.stdout
     with sqlite3.connect(folder / "dest.db") as c:
         assert c.execute("select count(*) from runs").fetchone()[0] == 3
+    # the nightly command it suggests works on what it made, and finds nothing to do
+    hint = next(line for line in p.stdout.splitlines() if "trackbridge sync " in line)
+    p = run_cli(*hint.split("trackbridge ", 2)[-1].split(), "--state-dir", str(tmp_path / "state"))
+    assert "runs: 0 new, 0 updated, 3 unchanged, 0 failed" in p.stdout
 
 
 def test_quickstart_mlflow_twice(tmp_path):
