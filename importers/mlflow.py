@@ -96,6 +96,8 @@ class MlflowSink:
         self._run_ids: dict[str, str] = {}
         self._model_ids: dict[str, str] = {}
         self._artifact_dirs: dict[str, tuple[str, str]] = {}  # artifact key -> (run id, folder)
+        self._tokens: dict[str, str] = {}  # run id -> source change token, written in finish()
+        self._registry_failed = False
         self._exp_locks: dict[str, threading.Lock] = {}
         self._creds = (
             self.client._tracking_client.store.get_host_creds()
@@ -116,9 +118,20 @@ class MlflowSink:
         except (MlflowException, OSError) as e:
             raise DestinationError(f"{self.describe()}: cannot write ({first_line(e)})") from e
 
+    def _token_later(self, run_id: str, payload: RunPayload) -> None:
+        """Keep the run's change token for ``finish``: written only once the registry
+        step is through, so that a sync killed before it reads the run again next time
+        and registers its models then, instead of skipping it for good."""
+        if payload.token and not self.dry_run and payload.run.get("lifecycle") != "deleted":
+            with self._lock:
+                self._tokens[run_id] = payload.token
+
     def finish(self) -> None:
         if self.dry_run:
             return
+        if not self._registry_failed:
+            for run_id, token in self._tokens.items():
+                self.client.set_tag(run_id, mc.TAG_SOURCE_TOKEN, token)
         for exp_id in self._deleted_projects:
             mc.change_once(
                 lambda e=exp_id: self.client.delete_experiment(e),
@@ -241,14 +254,10 @@ class MlflowSink:
             with self._lock:
                 self._run_ids[key] = existing.info.run_id
             report.destination_id = existing.info.run_id
-            if (
-                payload.token
-                and existing.data.tags.get(mc.TAG_SOURCE_TOKEN) != payload.token
-                and not self.dry_run
-            ):
-                # the same content under a new token (a file touched): remember it, so the
-                # next sync skips this run without reading it again
-                self.client.set_tag(existing.info.run_id, mc.TAG_SOURCE_TOKEN, payload.token)
+            if existing.data.tags.get(mc.TAG_SOURCE_TOKEN) != payload.token:
+                # the same content under a new token (a file touched, or imported by
+                # migrate): remember it, so the next sync skips this run unread
+                self._token_later(existing.info.run_id, payload)
             self._remember_artifact_dirs(payload, existing.info.run_id)
             for a in payload.artifacts:
                 if a.row["type"] == "mlflow.logged_model":
@@ -347,10 +356,8 @@ class MlflowSink:
         else:
             self.client.update_run(run_id, status=status)
         self._forget_stale_tags(run_id, have_tags, tags)
-        marker = {mc.TAG_FINGERPRINT: fp}
-        if payload.token:
-            marker[mc.TAG_SOURCE_TOKEN] = payload.token
-        self._log_params_tags(run_id, {}, marker)  # one request: the token never outlives its marker
+        self.client.set_tag(run_id, mc.TAG_FINGERPRINT, fp)
+        self._token_later(run_id, payload)
         if run.get("lifecycle") == "deleted":
             # After the marker: MLflow refuses writes to a deleted run. A kill in between
             # is caught by the lifecycle check in the unchanged test above.
@@ -605,6 +612,13 @@ class MlflowSink:
     # -- registry
 
     def write_registry(self, payload: RegistryPayload, report: Any) -> None:
+        try:
+            self._write_registry(payload, report)
+        except BaseException:
+            self._registry_failed = True
+            raise
+
+    def _write_registry(self, payload: RegistryPayload, report: Any) -> None:
         from mlflow.exceptions import MlflowException
 
         versions = payload.model_versions.to_pylist()

@@ -470,3 +470,34 @@ def test_a_run_left_out_by_a_filter_registers_no_model(wandb_demo: Path, tmp_pat
     res = sy.sync_pair(pair, _opts(tmp_path))
     assert sorted(r.outcome for r in res.report.runs) == ["new", "unchanged", "unchanged"]
     assert res.report.models == {"new": 1, "unchanged": 0} and len(_runs(db)) == 3
+
+
+def test_a_sync_stopped_before_the_registry_registers_the_models_next_time(
+    wandb_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the kill trials: runs complete, registry not reached. Their change
+    tokens are written only after the registry step, so the next sync reads them
+    again (writing nothing) and registers what is missing."""
+    from importers.mlflow import MlflowSink
+
+    src = f"wandb+offline://{wandb_demo}"
+    db = tmp_path / "dest.db"
+    pair = sy.Pair(src, f"mlflow+sqlite:///{db}", register_models=True)
+    real = MlflowSink._write_registry
+
+    def dies(self, payload, report):  # as if the process died here
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(MlflowSink, "_write_registry", dies)
+    first = sy.sync_pair(pair, _opts(tmp_path))
+    assert [r.outcome for r in first.report.runs] == ["new"] * 3 and first.exit_code == 1
+    assert all(mc.TAG_SOURCE_TOKEN not in r.data.tags for r in _runs(db))
+
+    monkeypatch.setattr(MlflowSink, "_write_registry", real)
+    second = sy.sync_pair(pair, _opts(tmp_path))
+    assert [r.outcome for r in second.report.runs] == ["unchanged"] * 3 and second.report.points == 0
+    assert second.report.models == {"new": 1, "unchanged": 0} and second.exit_code == 0
+    assert all(mc.TAG_SOURCE_TOKEN in r.data.tags for r in _runs(db))
+    third = sy.sync_pair(pair, _opts(tmp_path))
+    assert third.report.models == {"new": 0, "unchanged": 0}  # skipped unread now
+    assert _verify(src, f"mlflow+sqlite:///{db}") == []
