@@ -155,6 +155,18 @@ def rest(creds: Any, endpoint: str, method: str, **kw: Any) -> Any:
     return POLICY.call(once)
 
 
+def first_contact(client: Any) -> None:
+    """One cheap request that proves the server answers, retried only briefly.
+
+    A wrong host or port should fail in seconds, not after the whole retry budget that
+    a server restarting in the middle of a long sync deserves.
+    """
+    from bridge.retry import RetryPolicy
+
+    quick = RetryPolicy(attempts=min(3, POLICY.attempts), initial=0.5, maximum=2.0)
+    quick.call(client.unwrapped.search_experiments, max_results=1)
+
+
 def change_once(change: Callable[[], Any], done: Callable[[], bool]) -> None:
     """A state change (restore, delete) that MLflow refuses to repeat: if a retry fails
     because the first, unanswered attempt already made it, the change is done."""

@@ -65,7 +65,7 @@ class MlflowSource(TrackerSource):
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.search_experiments(max_results=1)
+            mc.first_contact(self.client)
         except MlflowException as e:
             raise SourceNotFoundError(f"{self.describe()}: cannot read ({first_line(e)})") from e
         except OSError as e:

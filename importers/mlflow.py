@@ -114,7 +114,7 @@ class MlflowSink:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.search_experiments(max_results=1)
+            mc.first_contact(self.client)
         except (MlflowException, OSError) as e:
             raise DestinationError(f"{self.describe()}: cannot write ({first_line(e)})") from e
 
