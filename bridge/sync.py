@@ -579,7 +579,9 @@ class PairResult:
 
 
 def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
-    """One pair, under its lock. Raises LockedError/UsageError; all else is reported."""
+    """One pair, under its lock. What stops the whole pair (the lock, its configuration,
+    a side that cannot be reached) raises a TrackbridgeError; a run's failure is in the
+    report and the pair goes on."""
     from bridge.bundle import BundleWriter
     from bridge.retry import POLICY
     from bridge.uri import default_workers, open_sink, open_source, parse
@@ -593,6 +595,7 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
     t0 = time.perf_counter()
     retries0 = POLICY.retries
     delta_path = None
+    source = None
     with state.locked():
         try:
             source = open_source(pair.source)
@@ -614,6 +617,8 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
                 prune_deltas(delta_path.parent if delta_path else root, opts.keep_deltas)
         finally:
             state.close()
+            if source is not None:
+                source.close()
     result = PairResult(pair, report, time.perf_counter() - t0, delta=str(delta_path) if delta_path else None)
     result.retries = POLICY.retries - retries0
     result.exit_code = 1 if report.failed else 0
