@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import operator
+import os
 import re
 import shlex
 from collections.abc import Iterable, Iterator
@@ -97,7 +98,12 @@ class WandbOfflineSource(TrackerSource):
     def _discover(self) -> dict[str, _RunFiles]:
         found: list[tuple[str, Path]] = []
         candidates = [self.root] if RUN_DIR.match(self.root.name) else []
-        candidates += [p for p in self.root.rglob("*") if p.is_dir() and RUN_DIR.match(p.name)]
+        if not candidates:
+            # walk folders only, and never into a run folder (its files/ may be huge)
+            for parent, dirs, _ in os.walk(self.root):
+                runs = sorted(d for d in dirs if RUN_DIR.match(d))
+                candidates += [Path(parent) / d for d in runs]
+                dirs[:] = sorted(d for d in dirs if not RUN_DIR.match(d))
         for d in candidates:
             m = RUN_DIR.match(d.name)
             assert m
