@@ -187,6 +187,30 @@ def load_config(path: str | Path) -> tuple[list[Pair], dict[str, Any], dict[str,
     )
     retry = doc.get("retry", {})
     _check_keys(retry, {"attempts", "initial_wait", "max_wait"}, f"{p}: [retry]")
+    types: dict[str, tuple[type, ...]] = {
+        "state_dir": (str,),
+        "delta_dir": (str,),
+        "report": (str,),
+        "workers": (int,),
+        "keep_deltas": (int,),
+        "deltas": (bool,),
+        "verify": (bool,),
+        "attempts": (int,),
+        "initial_wait": (int, float),
+        "max_wait": (int, float),
+    }
+    for table, where in ((settings, "[sync]"), (retry, "[retry]")):
+        for k, v in table.items():
+            # bool is an int in Python; a count of True workers is still a mistake
+            if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
+                names = " or ".join(t.__name__ for t in types[k])
+                raise UsageError(f"{p}: {where} {k} = {v!r}: expected {names}")
+            if (
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and v < (1 if k in ("workers", "attempts") else 0)
+            ):
+                raise UsageError(f"{p}: {where} {k} = {v!r}: too small")
     pairs = []
     raw_pairs = doc.get("pair", [])
     if not raw_pairs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -501,3 +502,26 @@ def test_a_sync_stopped_before_the_registry_registers_the_models_next_time(
     third = sy.sync_pair(pair, _opts(tmp_path))
     assert third.report.models == {"new": 0, "unchanged": 0}  # skipped unread now
     assert _verify(src, f"mlflow+sqlite:///{db}") == []
+
+
+PAIR = '[[pair]]\nsource = "a"\ndestination = "b"\n'
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[sync]\nworkers = "4"\n' + PAIR, "[sync] workers = '4': expected int"),
+        ("[retry]\nattempts = 0\n" + PAIR, "[retry] attempts = 0: too small"),
+        ('[[pair]]\nsource = "wandb://a/b"\n', "destination is required"),
+        (PAIR + '[pair.filter]\nstates = ["done"]\n', "'done' is not one of"),
+        (PAIR + 'experiment = "x/{proj}"\n', "experiment template"),
+        ("[sync]\n", "no [[pair]]"),
+    ],
+)
+def test_config_mistakes_are_one_clear_line(tmp_path: Path, body: str, message: str) -> None:
+    from bridge.errors import UsageError
+
+    cfg = tmp_path / "sync.toml"
+    cfg.write_text(body)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        sy.load_config(cfg)
