@@ -41,7 +41,6 @@ from bridge.report import Report, RunReport, scrub
 from bridge.uri import redact
 
 STATES = ("running", "finished", "failed", "crashed", "killed", "scheduled")
-_OLD = "not updated since"
 
 
 class LockedError(TrackbridgeError):
@@ -296,6 +295,12 @@ def experiment_name(template: str, row: dict[str, Any]) -> str:
 
 # -- the state folder
 
+_STATE_SCHEMA = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE IF NOT EXISTS filtered (run_key TEXT PRIMARY KEY, token TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS history (started TEXT, finished TEXT, summary TEXT);
+"""
+
 
 class State:
     """One pair's state folder: its lock, remembered filter decisions and history."""
@@ -339,16 +344,14 @@ class State:
             path = self.dir / "state.sqlite"
             try:
                 db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS filtered (run_key TEXT PRIMARY KEY, token TEXT, reason TEXT)"
-                )
-                db.execute("CREATE TABLE IF NOT EXISTS history (started TEXT, finished TEXT, summary TEXT)")
+                db.executescript(_STATE_SCHEMA)
             except sqlite3.DatabaseError:
-                # only a cache: a damaged one is rebuilt, not fatal
+                # only a cache: a damaged one is rebuilt, not fatal (once: a folder we
+                # cannot write then fails with its own error instead of looping)
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
-                return self.db
+                db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                db.executescript(_STATE_SCHEMA)
             self._db = db
         return self._db
 
@@ -387,6 +390,7 @@ class SyncPlan(engine.Plan):
         self._names: dict[str, str] = {}
         self._synced: dict[str, dict[str, tuple[str | None, str]]] = {}
         self._lock = threading.Lock()
+        self._read_to_decide: set[str] = set()
         # A remembered "left out" holds only for the filters that decided it: change the
         # tags or states in the config, and every run is judged again.
         f = pair.filters
@@ -437,7 +441,7 @@ class SyncPlan(engine.Plan):
         """Filters the listing can decide (a run leaves out only what it surely fails)."""
         f = self.pair.filters
         if f.updated_since and row.get(UPDATED) is not None and row[UPDATED] < f.updated_since:
-            return f"{_OLD} {f.updated_since.isoformat()}"
+            return f"not updated since {f.updated_since.isoformat()}"
         if LABELS in row:
             why = _label_filter(f, row[LABELS])
             if why:
@@ -450,22 +454,25 @@ class SyncPlan(engine.Plan):
         f = self.pair.filters
         run = payload.run
         why = _label_filter(f, run.get("labels") or [])
+        if not why and f.states and (run.get("status") or "finished") not in f.states:
+            why = f"state {run.get('status')} not in {', '.join(f.states)}"
         if why:
+            # worth remembering: the run had to be read to decide, and only the run or
+            # the filters changing can change the answer (unlike its age, which moves)
+            with self._lock:
+                self._read_to_decide.add(payload.key)
             return why
-        if f.states and (run.get("status") or "finished") not in f.states:
-            return f"state {run.get('status')} not in {', '.join(f.states)}"
         if f.updated_since:
             last = max(
                 (t for t in (run.get("end_time"), run.get("start_time")) if t is not None), default=None
             )
             if last is not None and run.get("status") != "running" and last < f.updated_since:
-                return f"{_OLD} {f.updated_since.isoformat()}"
+                return f"not updated since {f.updated_since.isoformat()}"
         return None
 
     def done(self, row: dict[str, Any], rr: RunReport) -> None:
         token = row.get(TOKEN)
-        if rr.outcome == "filtered" and token is not None and not (rr.reason or "").startswith(_OLD):
-            # (age is judged afresh every night: "updated_since = 14d" moves)
+        if rr.outcome == "filtered" and token is not None and row["run_key"] in self._read_to_decide:
             self.state.remember_filtered(row["run_key"], f"{token}|{self._sig}", rr.reason)
         elif rr.outcome in ("new", "updated", "unchanged"):
             self.state.remember_filtered(row["run_key"], None, None)

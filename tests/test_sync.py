@@ -529,3 +529,11 @@ def test_config_mistakes_are_one_clear_line(tmp_path: Path, body: str, message: 
     cfg.write_text(body)
     with pytest.raises(UsageError, match=re.escape(message)):
         sy.load_config(cfg)
+
+
+def test_a_damaged_state_cache_is_rebuilt(tmp_path: Path) -> None:
+    state = sy.State(tmp_path, sy.Pair("wandb+offline:///a", "mlflow+sqlite:///b.db"))
+    (state.dir / "state.sqlite").write_bytes(b"not a database" * 100)
+    state.remember_filtered("wandb:run/p/r", "tok", "has none of the tags x")
+    assert state.filtered("wandb:run/p/r", "tok") == "has none of the tags x"
+    assert state.filtered("wandb:run/p/r", "other") is None
