@@ -350,6 +350,11 @@ class BundleSource:
 
     def _conform(self, tbl: pa.Table, name: str, path: Path) -> pa.Table:
         want = schema.SCHEMAS[name]
+        added = schema.ADDED_COLUMNS.get(name, ())
+        if tbl.schema.names != want.names and tbl.schema.names == [n for n in want.names if n not in added]:
+            for n in added:
+                tbl = tbl.append_column(want.field(n), pa.nulls(tbl.num_rows, want.field(n).type))
+            tbl = tbl.select(want.names)
         if tbl.schema.names != want.names:
             raise BadInputError(
                 f"{path}: columns {tbl.schema.names} do not match schema v{schema.SCHEMA_VERSION} "

@@ -298,6 +298,7 @@ def run_migrate(
             )
         report.source = source.describe()
         report.runs += failed_exports
+        report.errors[:0] = [f"export: {e}" for e in exp.errors]
         code = _finish(report, report_path)
         if dry_run:
             click.echo("dry run: nothing was written to the destination")

@@ -41,6 +41,19 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def local_fetch(path: Path) -> Callable[[], AbstractContextManager[str]]:
+    """``FileRef.fetch`` for a file already on local disk: no copy, just a check that it
+    is still there when its turn comes."""
+
+    @contextmanager
+    def fetch() -> Iterator[str]:
+        if not path.exists():
+            raise BadInputError(f"{path}: the file disappeared while reading")
+        yield str(path)
+
+    return fetch
+
+
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place only on success."""

@@ -45,6 +45,7 @@ TAG_SOURCE_ARTIFACT = "trackbridge.source_artifact"  # on a version made from a 
 MAPPING_ARTIFACT = "trackbridge/mapping.json"
 MAPPING_DIR = "trackbridge"
 TAG_INCOMPLETE = "trackbridge.source_incomplete"
+TAG_STEP_SCALE = "trackbridge.step_scale"  # metric steps are the exact step × this
 # What MLflow has no field for (summary, series, non-MLflow artifacts and lineage, fork
 # points) travels in these run files, which the exporter reads back.
 TAG_EXTRAS = "trackbridge.extras"

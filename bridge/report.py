@@ -50,6 +50,9 @@ class Report:
     models: dict[str, int] = field(default_factory=lambda: {"new": 0, "unchanged": 0})
     other_mappings: list[Mapping] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # files of artifacts that no run owns (a Neptune model version's)
+    files: int = 0
+    bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def run(self, run_key: str, name: str | None = None) -> RunReport:
@@ -84,7 +87,8 @@ class Report:
             f"runs: {self.count('new')} new, {self.count('updated')} updated, "
             f"{self.count('unchanged')} unchanged, {self.count('failed')} failed{filtered}",
             f"metric points written: {self.points:,}; artifact files written: "
-            f"{sum(r.files for r in self.runs):,} ({sum(r.bytes for r in self.runs):,} bytes)",
+            f"{self.files + sum(r.files for r in self.runs):,} "
+            f"({self.bytes + sum(r.bytes for r in self.runs):,} bytes)",
             f"model versions: {self.models.get('new', 0)} new, {self.models.get('unchanged', 0)} unchanged",
         ]
         maps = self.all_mappings()

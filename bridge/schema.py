@@ -68,6 +68,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("host", STR),
             ("source_url", STR),
             ("source_incomplete", pa.bool_()),
+            # Neptune's decimal steps: this run's metric and series ``step`` is the exact
+            # step × step_scale (a power of ten); null means 1, integer steps as logged.
+            ("step_scale", pa.int64()),
         ]
     ),
     "params": pa.schema(
@@ -173,6 +176,10 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 TABLES = tuple(SCHEMAS)
+
+# Nullable columns added to schema v1 after its first bundles were written. A bundle
+# without them still reads: they come back null, which is what the older writer meant.
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"runs": ("step_scale",)}
 
 # Run states in the neutral schema. Adapters map their own vocabulary onto these.
 RUN_STATUSES = ("running", "scheduled", "finished", "failed", "killed", "crashed")

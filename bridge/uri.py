@@ -64,6 +64,8 @@ def parse(uri: str) -> Target:
         return Target("wandb+offline", _path_of(rest), uri)
     if scheme == "wandb":
         return Target("wandb", rest, uri)
+    if scheme in ("neptune+offline", "neptune-exporter"):
+        return Target(scheme, _path_of(rest), uri)
     if scheme in KNOWN:
         raise UsageError(f"{redact(uri)}: the {scheme!r} adapter is not available in this version yet")
     raise UsageError(
@@ -92,6 +94,14 @@ def open_source(uri: str, **options: object):
         from exporters.wandb_online import WandbOnlineSource
 
         return WandbOnlineSource(t.inner)
+    if t.scheme == "neptune+offline":
+        from exporters.neptune import NeptuneOfflineSource
+
+        return NeptuneOfflineSource(t.inner)
+    if t.scheme == "neptune-exporter":
+        from exporters.neptune_exporter import NeptuneExporterSource
+
+        return NeptuneExporterSource(t.inner)
     raise AssertionError(t.scheme)
 
 
@@ -113,6 +123,11 @@ def open_sink(uri: str, **options: object):
         raise UsageError(
             f"{t.safe}: writing to W&B online is not available in this version yet; write "
             "wandb+offline://PATH instead and upload it with `wandb sync PATH/wandb/offline-run-*`"
+        )
+    if t.scheme in ("neptune+offline", "neptune-exporter"):
+        raise UsageError(
+            f"{t.safe}: Neptune is a source only: its hosted service shut down on 2026-03-05, "
+            "so there is no Neptune to write to; migrate into mlflow+… or wandb+offline://…"
         )
     raise AssertionError(t.scheme)
 

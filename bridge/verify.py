@@ -37,6 +37,7 @@ RUN_FIELDS = (
     "host",
     "labels",
     "source_incomplete",
+    "step_scale",
 )
 # Tags a tracker manages itself, or that trackbridge compares through another field.
 IGNORED_TAGS = (mc.TAG_PARENT, mc.TAG_USER, mc.TAG_RUN_NAME)
@@ -183,8 +184,10 @@ def _compare_artifact(label: str, x: ArtifactPayload, y: ArtifactPayload, diff: 
 
 
 def _compare_standalone(a: Source, b: Source, sel: Selection, ap: list, bp: list, diff: Any) -> None:
-    xa = {_art_identity(x): x for x in a.artifacts(sel, ap)}
-    xb = {_art_identity(x): x for x in b.artifacts(Selection(), bp)}
+    # by identity: a destination's copy carries its source's key (a Neptune model version
+    # becomes an MLflow logged model, of another type and sharing its name with others)
+    xa = {origin(a, "artifact", x.row["artifact_key"]): x for x in a.artifacts(sel, ap)}
+    xb = {origin(b, "artifact", x.row["artifact_key"]): x for x in b.artifacts(Selection(), bp)}
     for ident, x in xa.items():
         if ident not in xb:
             diff(f"artifact {ident}: missing in destination")

@@ -41,6 +41,7 @@ META_RUN_FIELDS = (
     "source_incomplete",
     "fork_parent_run_key",
     "fork_step",
+    "step_scale",
 )
 # Points the SDK cannot log as history (system metrics, the source's own ``_runtime``):
 # the importer keeps them in this run file.

@@ -12,7 +12,6 @@ building a Python object per point.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 from bridge import schema
 from bridge import wandb_common as wc
 from bridge.errors import BadInputError, MissingExtraError, SourceNotFoundError
+from bridge.files import local_fetch, sha256_file
 from bridge.model import (
     TOKEN,
     UPDATED,
@@ -186,7 +186,7 @@ class WandbOfflineSource(TrackerSource):
         ]
         h = hashlib.sha256()
         for log in rf.logs:
-            h.update(_file_digest(log).encode())
+            h.update(sha256_file(log).encode())
         for f in run_files.files:
             h.update(f"{f.path}:{f.size}".encode())
         payload = RunPayload(
@@ -283,7 +283,9 @@ def restore_written(payload: RunPayload, meta: Any) -> None:
     )
     if meta.get("params"):
         extra = schema.table("params", [{**p, "run_key": key} for p in meta["params"]])
-        payload.params = pa.concat_tables([payload.params, extra])
+        kept = {tuple(p["path"]) for p in meta["params"]}
+        rows = [p for p in payload.params.to_pylist() if tuple(p["path"]) not in kept]
+        payload.params = pa.concat_tables([schema.table("params", rows), extra])
     payload.dataset_inputs = schema.table(
         "dataset_inputs",
         [
@@ -326,21 +328,6 @@ def _restore_artifact_row(art: ArtifactPayload) -> None:
     art.row = original
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _local_fetch(path: Path):
-    @contextlib.contextmanager
-    def fetch() -> Iterator[str]:
-        if not path.exists():
-            raise BadInputError(f"{path}: the file disappeared while reading")
-        yield str(path)
-
-    return fetch
-
-
 def _run_files(rf: _RunFiles, dirs: list[Path]) -> ArtifactPayload:
     """The run's ``files/`` folder (media, saved files): a later segment's copy wins."""
     by_path: dict[str, Path] = {}
@@ -350,7 +337,7 @@ def _run_files(rf: _RunFiles, dirs: list[Path]) -> ArtifactPayload:
                 if p.is_file():
                     by_path[p.relative_to(d).as_posix()] = p
     files = [
-        FileRef(path=rel, size=p.stat().st_size, sha256=None, fetch=_local_fetch(p))
+        FileRef(path=rel, size=p.stat().st_size, sha256=None, fetch=local_fetch(p))
         for rel, p in sorted(by_path.items())
     ]
     row = {
@@ -1061,7 +1048,7 @@ class RunBuilder:
                         )
                     )
                     continue
-                files.append(FileRef(entry.path, entry.size, None, _local_fetch(local)))
+                files.append(FileRef(entry.path, entry.size, None, local_fetch(local)))
             aliases = sorted(x for x in a.aliases if x != "latest")
             out.append(
                 ArtifactPayload(

@@ -76,7 +76,7 @@ class _KeySpace:
 
 
 def _param_text(value_json: str, value_type: str) -> str:
-    if value_type == "str":
+    if value_type in ("str", "datetime"):
         v = schema.loads_value(value_json)
         return v if isinstance(v, str) else value_json
     return value_json
@@ -597,16 +597,25 @@ class MlflowSink:
         return m.model_id
 
     def write_artifact(self, payload: ArtifactPayload, report: Any) -> None:
-        if payload.row["type"] != "mlflow.logged_model":
-            report.mapped(
-                "artifact-skipped",
-                payload.row["artifact_key"],
-                f"standalone artifacts of type {payload.row['type']!r} have no MLflow home",
-            )
-            return
+        """An artifact no run owns (a Neptune model version's files) has one home in
+        MLflow 3: a logged model, which needs no run; its type becomes the model type."""
         exp_id = self._exp_ids.get(payload.row["project_key"])
         if exp_id is None or self.dry_run:
             return
+        if payload.row["type"] != "mlflow.logged_model":
+            meta = {"model_type": payload.row["type"], "tags": {}}
+            if payload.row.get("version"):
+                meta["tags"][mc.TAG_SOURCE_VERSION] = str(payload.row["version"])
+            payload = dataclasses.replace(
+                payload,
+                row={**payload.row, "metadata_json": json.dumps(meta)},
+                files=_sendable(payload.files),
+            )
+            report.mapped(
+                "artifact-as-logged-model",
+                payload.row["artifact_key"],
+                f"{payload.row['type']!r} artifact {payload.row['name']!r} written as an MLflow logged model",
+            )
         self._write_logged_model(payload, exp_id, None, None)
 
     # -- registry
@@ -808,6 +817,14 @@ class _Plan:
             out[key] = ""
         if run.get("source_incomplete"):
             out[mc.TAG_INCOMPLETE] = "true"
+        if run.get("step_scale"):
+            out[mc.TAG_STEP_SCALE] = str(run["step_scale"])
+            self.report.mapped(
+                "step-scaled",
+                "metrics.step",
+                f"decimal steps written × {run['step_scale']} as MLflow's integer steps; "
+                f"divide by tag {mc.TAG_STEP_SCALE} for the exact step",
+            )
         if run.get("status") == "crashed":
             out[mc.TAG_SOURCE_STATUS] = "crashed"
             self.report.mapped(
@@ -909,7 +926,11 @@ def extras_of(payload: RunPayload) -> dict[str, Any] | None:
     arts = [a for a in payload.artifacts if a.row["type"] not in ("run-files", "mlflow.logged_model")]
     own = {a.row["artifact_key"] for a in payload.artifacts if a.row["type"] == "mlflow.logged_model"}
     usage = [u for u in payload.artifact_usage.to_pylist() if u["artifact_key"] not in own]
-    run = {k: payload.run[k] for k in ("fork_parent_run_key", "fork_step") if payload.run.get(k) is not None}
+    run = {
+        k: payload.run[k]
+        for k in ("fork_parent_run_key", "fork_step", "step_scale")
+        if payload.run.get(k) is not None
+    }
     if not (arts or usage or run or payload.summary.num_rows):
         return None
     return {
@@ -929,13 +950,14 @@ def extras_of(payload: RunPayload) -> dict[str, Any] | None:
     }
 
 
+def _sendable(files: list[Any]) -> list[Any]:
+    """Files with bytes to upload; references (s3://…) stay where they are."""
+    return [f for f in files if not (f.uri and f.sha256 is None)]
+
+
 def _under(art: ArtifactPayload, folder: str) -> ArtifactPayload:
     """The same artifact with its files placed under ``folder`` (references stay out)."""
-    files = [
-        dataclasses.replace(f, path=f"{folder}/{f.path}")
-        for f in art.files
-        if not (f.uri and f.sha256 is None)
-    ]
+    files = [dataclasses.replace(f, path=f"{folder}/{f.path}") for f in _sendable(art.files)]
     return ArtifactPayload(row=art.row, files=files)
 
 

@@ -175,7 +175,14 @@ class WandbOfflineSink:
             ],
             "dataset_inputs": payload.dataset_inputs.to_pylist(),
             "usage": payload.artifact_usage.select(["artifact_key", "direction"]).to_pylist(),
-            "params": [p for p in payload.params.to_pylist() if tuple(p["path"]) in conflicts],
+            # params W&B's config cannot hold as they are: a path that is also a namespace,
+            # or a type JSON does not tell (Neptune's datetime, string_set)
+            "params": [
+                p
+                for p in payload.params.to_pylist()
+                if tuple(p["path"]) in conflicts
+                or p["value_type"] != schema.value_type(schema.loads_value(p["value_json"]))
+            ],
             # the run files that are the source's; the SDK adds its own (requirements.txt…)
             "run_files": sorted(
                 f.path for a in payload.artifacts if a.row["type"] == "run-files" for f in a.files
