@@ -34,6 +34,9 @@ Sources and destinations:
   mlflow+postgresql://…        an MLflow database store, used in-process
   wandb+offline:///ABS/PATH    W&B offline run folders (read, or written for wandb sync)
   wandb://ENTITY/PROJECT       W&B online (read; WANDB_API_KEY from the environment)
+  neptune+offline:///ABS/PATH  a .neptune folder of neptune 1.x or neptune-scale (read
+                               only; add ?project=WS/NAME for 1.x runs, which lack it)
+  neptune-exporter:///ABS/PATH Parquet + files written by Neptune's exporter (read only)
   PATH or bundle:///PATH       a trackbridge bundle folder
 Credentials come from the environment (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, …),
 never from a URI.

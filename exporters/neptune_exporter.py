@@ -80,6 +80,9 @@ _VERSION_NO = re.compile(r"-(\d+)$")
 
 
 class NeptuneExporterSource(TrackerSource):
+    # model versions belong to no run, so a sync looks at the whole registry each time
+    aliases_move_without_runs = True
+
     def __init__(self, path: str) -> None:
         self.root = Path(path).expanduser()
         self.safe = str(self.root)

@@ -219,6 +219,22 @@ def test_neptune_to_wandb_offline_field_by_field_and_again(
     assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == len(orig)
 
 
+def test_nightly_sync_of_an_export_skips_unchanged_runs_unread(
+    neptune_data: dict[str, Path], tmp_path: Path
+) -> None:
+    src = _uri("exporter", neptune_data["exporter"])
+    dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
+    state = ("--state-dir", str(tmp_path / "state"))
+    run_cli("sync", src, dest, *state, "--report", str(tmp_path / "r1.json"))
+    first = json.loads((tmp_path / "r1.json").read_text())["pairs"][0]["summary"]
+    assert (first["new"], first["models"]["new"]) == (2, 2)
+    run_cli("sync", src, dest, *state, "--report", str(tmp_path / "r2.json"))
+    again = json.loads((tmp_path / "r2.json").read_text())["pairs"][0]
+    assert again["summary"]["unchanged"] == 2 and again["summary"]["points"] == 0
+    assert again["summary"]["models"] == {"new": 0, "unchanged": 2}
+    assert {r["outcome"] for r in again["runs"]} == {"unchanged"}
+
+
 def test_neptune_is_a_source_only(neptune_data: dict[str, Path], tmp_path: Path) -> None:
     p = run_cli("migrate", _uri("legacy", neptune_data["legacy"]), f"neptune+offline://{tmp_path}", check=2)
     assert "shut down on 2026-03-05" in p.stderr + p.stdout
