@@ -270,14 +270,18 @@ class NeptuneRun:
         if metrics.num_rows:
             steps = pc.divide(metrics.column("micro"), pa.scalar(div, pa.int64()))
             metrics = metrics.append_column("step", steps).drop_columns(["micro"])
+        # notes of this reading only: payload() may be called more than once
+        notes = list(self.notes)
         if self.rounded:
-            self.note(
-                "step-rounded",
-                "metrics.step",
-                f"{self.rounded} step(s) had more than six decimals and were rounded to six, "
-                "as Neptune stores them",
+            notes.append(
+                (
+                    "step-rounded",
+                    "metrics.step",
+                    f"{self.rounded} step(s) had more than six decimals and were rounded to six, "
+                    "as Neptune stores them",
+                )
             )
-        files = self._run_files()
+        files = self._run_files(notes)
         series = self._series(div, files)
         run = self._run_row(scale)
         key = self.key
@@ -298,7 +302,7 @@ class NeptuneRun:
             artifacts=artifacts,
             artifact_usage=schema.table("artifact_usage", usage),
             fingerprint=fingerprint,
-            source_notes=list(self.notes),
+            source_notes=notes,
             token=token,
         )
 
@@ -387,17 +391,20 @@ class NeptuneRun:
             out["sys/experiment/name"] = self.experiment
         return out
 
-    def _run_files(self) -> ArtifactPayload:
+    def _run_files(self, notes: list[tuple[str, str, str]]) -> ArtifactPayload:
         refs: dict[str, FileRef] = {}
 
         def put(path: str, src: FileSource, attr: str) -> None:
             if src.exists():
                 refs[path] = src.ref(path)
             else:
-                self.note(
-                    "source-file-missing",
-                    f"files.{attr}",
-                    f"{src.where or src.name} no longer exists; the attribute's other data moved without it",
+                notes.append(
+                    (
+                        "source-file-missing",
+                        f"files.{attr}",
+                        f"{src.where or src.name} no longer exists; the attribute's other data moved "
+                        "without it",
+                    )
                 )
 
         for attr, src in self.files.items():

@@ -85,8 +85,8 @@ class NeptuneOfflineSource(TrackerSource):
             else sorted(self.root.glob(f"*/{SCALE_DB}"))
         )
         for db in dbs:
-            project, run_id = _scale_head(db)
-            self._add(_Found("scale", project, run_id, db.parent, [db], None))
+            project, run_id, created = _scale_head(db)
+            self._add(_Found("scale", project, run_id, db.parent, [db], created))
 
     def _add(self, f: _Found) -> None:
         key = nc.run_key(f.project, f.run_id)
@@ -284,8 +284,10 @@ def _apply(nr: nc.NeptuneRun, op: dict[str, Any], log: Path, lineno: int, folder
         t = nr.tracked.setdefault(path, {"files": []})
         for entry in o.get("entries", []):
             where, dest = entry[0], entry[1] if len(entry) > 1 else None
-            local = Path(where) if "://" not in where else None
-            uri = local.resolve().as_uri() if local is not None else where
+            # a relative path was relative to the logging process's folder, unknown here:
+            # it is kept as written rather than guessed
+            local = Path(where) if "://" not in where and Path(where).is_absolute() else None
+            uri = local.as_uri() if local is not None else where
             name = dest or (local.name if local is not None else where.rstrip("/").rsplit("/", 1)[-1])
             t["files"].append((name, uri, nc.file_size(local) if local is not None else None))
     elif kind == "ClearArtifact":
@@ -348,17 +350,28 @@ def _db_error(db: Path, e: sqlite3.Error) -> BadInputError:
     return BadInputError(f"{db}: not a readable neptune-scale database ({text})")
 
 
-def _scale_head(db: Path) -> tuple[str, str]:
+def _scale_head(db: Path) -> tuple[str, str, datetime | None]:
+    """Project, run id and creation time: enough to list and filter without a full read."""
     con = _connect(db)
     try:
         row = con.execute("SELECT project, run_id FROM metadata ORDER BY id LIMIT 1").fetchone()
+        first = con.execute(
+            "SELECT operation FROM run_operations WHERE operation_type = 1 ORDER BY sequence_id LIMIT 1"
+        ).fetchone()
     except sqlite3.Error as e:
         raise _db_error(db, e) from e
     finally:
         con.close()
     if row is None:
         raise BadInputError(f"{db}: no run metadata (was the run ever started?)")
-    return str(row[0]), str(row[1])
+    created = None
+    if first is not None:
+        try:
+            r = _proto().Run.FromString(first[0])
+        except Exception as e:
+            raise BadInputError(f"{db}: the run's first operation does not decode ({first_line(e)})") from e
+        created = _ts(r.creation_time) if r.HasField("creation_time") else None
+    return str(row[0]), str(row[1]), created
 
 
 def _proto():

@@ -95,6 +95,7 @@ class NeptuneExporterSource(TrackerSource):
         self._origin: dict[str, str] = {}
         # (scope, project, id) -> the Parquet files holding its rows
         self._parts: dict[tuple[str, str, str], list[Path]] = {}
+        self._created: dict[tuple[str, str], datetime] = {}  # for --since at listing time
         self._discover()
         if not self._parts:
             raise SourceNotFoundError(
@@ -117,6 +118,17 @@ class NeptuneExporterSource(TrackerSource):
                 )
             except (pa.ArrowException, OSError) as e:
                 raise BadInputError(f"{f}: not a readable Parquet file ({first_line(e)})") from e
+            try:
+                created = pq.read_table(
+                    f,
+                    columns=["project_id", "run_id", "datetime_value"],
+                    filters=[("attribute_path", "=", "sys/creation_time")],
+                ).to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise BadInputError(f"{f}: not a readable Parquet file ({first_line(e)})") from e
+            for c in created:
+                if c["datetime_value"] is not None:
+                    self._created[(c["project_id"], c["run_id"])] = c["datetime_value"]
             for project, rid in zip(
                 ids.column("project_id").to_pylist(), ids.column("run_id").to_pylist(), strict=True
             ):
@@ -151,6 +163,7 @@ class NeptuneExporterSource(TrackerSource):
                 "project_key": nc.project_key(project),
                 "source_id": rid,
                 "name": rid,
+                "start_time": self._created.get((project, rid)),
                 "lifecycle": "active",
                 TOKEN: "neptune-exporter:" + ",".join(f"{s.st_size}:{s.st_mtime_ns}" for s in stats),
                 UPDATED: datetime.fromtimestamp(max(s.st_mtime for s in stats), tz=UTC),

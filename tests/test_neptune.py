@@ -163,6 +163,20 @@ def test_exporter_parquet_reads_every_field_and_the_registry(neptune_data: dict[
     assert dict(versions[1]["tags"])["validation/acc"] == "0.92"
 
 
+def test_since_filters_at_listing_time(neptune_data: dict[str, Path]) -> None:
+    from datetime import UTC, datetime
+
+    def listed(kind: str, since: datetime) -> list[str]:
+        src = open_source(_uri(kind, neptune_data[kind]))
+        sel = Selection(since=since)
+        return sorted(r["source_id"] for r in src.runs(sel, src.projects(sel)))
+
+    assert listed("scale", datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)) == ["base-1", "fork-1"]
+    assert listed("scale", datetime(2025, 2, 1, tzinfo=UTC)) == ["fork-1"]  # made today
+    assert listed("exporter", datetime(2025, 3, 1, 10, 0, 10, tzinfo=UTC)) == ["RUN-2"]
+    assert listed("legacy", datetime(2100, 1, 1, tzinfo=UTC)) == []
+
+
 # -- end to end
 
 
