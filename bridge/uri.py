@@ -21,7 +21,7 @@ MLFLOW_SCHEMES = (
     "mlflow+mysql",
     "mlflow+file",
 )
-KNOWN = (*MLFLOW_SCHEMES, "bundle", "wandb", "wandb+offline", "neptune+offline", "neptune-exporter")
+KNOWN = (*MLFLOW_SCHEMES, "bundle", "wandb", "wandb+offline", "neptune+offline", "neptune-exporter", "spool")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def parse(uri: str) -> Target:
         return Target("wandb+offline", _path_of(rest), uri)
     if scheme == "wandb":
         return Target("wandb", rest, uri)
-    if scheme in ("neptune+offline", "neptune-exporter"):
+    if scheme in ("neptune+offline", "neptune-exporter", "spool"):
         return Target(scheme, _path_of(rest), uri)
     if scheme in KNOWN:
         raise UsageError(f"{redact(uri)}: the {scheme!r} adapter is not available in this version yet")
@@ -102,6 +102,10 @@ def open_source(uri: str, **options: object):
         from exporters.neptune_exporter import NeptuneExporterSource
 
         return NeptuneExporterSource(t.inner)
+    if t.scheme == "spool":
+        from exporters.spool import SpoolSource
+
+        return SpoolSource(t.inner)
     raise AssertionError(t.scheme)
 
 
@@ -124,6 +128,8 @@ def open_sink(uri: str, **options: object):
             f"{t.safe}: writing to W&B online is not available in this version yet; write "
             "wandb+offline://PATH instead and upload it with `wandb sync PATH/wandb/offline-run-*`"
         )
+    if t.scheme == "spool":
+        raise UsageError(f"{t.safe}: a spool is written by bridge.init() in training code, not by a copy")
     if t.scheme in ("neptune+offline", "neptune-exporter"):
         raise UsageError(
             f"{t.safe}: Neptune is a source only: its hosted service shut down on 2026-03-05, "
@@ -135,7 +141,7 @@ def open_sink(uri: str, **options: object):
 def default_workers(*uris: str) -> int:
     """Runs in parallel: 4 when every side is a server, 1 when one is a local store or
     folder (SQLite allows one writer; a disk gains nothing from more)."""
-    local = ("mlflow+sqlite", "mlflow+file", "wandb+offline", "neptune")
+    local = ("mlflow+sqlite", "mlflow+file", "wandb+offline", "neptune", "spool")
     return 4 if all(not u.startswith(local) for u in uris) else 1
 
 

@@ -472,6 +472,14 @@ class MlflowSink:
             self._send_metrics(run_id, pending)
             report.points += len(pending)
 
+    def append_points(self, run_id: str, batch: pa.RecordBatch) -> None:
+        """Points for a run being logged right now (the dual-logging shim): fitted to
+        MLflow as an import fits them, sent at once, never diffed."""
+        plan = _Plan(RunReport(run_key=""))
+        recs = _records(batch, plan, self._model_ids)
+        for i in range(0, len(recs), MAX_METRICS_PER_BATCH):
+            self._send_metrics(run_id, recs[i : i + MAX_METRICS_PER_BATCH])
+
     def _missing(
         self,
         run_id: str,

@@ -53,8 +53,15 @@ _BAD_PROJECT = re.compile(r"[/\\#?%:]")
 _BAD_ARTIFACT = re.compile(r"[^\w.-]")
 
 
-def derived_run_id(run_key: str) -> str:
-    """A W&B run id from the source key: stable, so a second import finds the same run."""
+def derived_run_id(run_key: str, project: str | None = None) -> str:
+    """A W&B run id from the source key: stable, so a second import finds the same run.
+
+    A W&B key of the same project keeps its own id (the dual-logging shim's runs are
+    keyed so), so the run is the one a nightly sync of W&B reads back under that key."""
+    if project and run_key.startswith(f"wandb:run/{project}/"):
+        own = run_key[len(f"wandb:run/{project}/") :]
+        if re.fullmatch(r"[a-z0-9]{1,64}", own):
+            return own
     return hashlib.sha256(run_key.encode()).hexdigest()[:16]
 
 
@@ -118,7 +125,8 @@ class WandbOfflineSink:
 
     def write_run(self, payload: RunPayload, report: RunReport) -> str:
         key = payload.key
-        run_id = derived_run_id(key)
+        kept_project = self._projects.get(payload.run["project_key"], ("", {}))[1].get("name")
+        run_id = derived_run_id(key, kept_project)
         fp = f"{payload.content_digest()[:40]}.w{FORMAT}"
         have = self._runs_index().get(run_id)
         report.destination_id = run_id
