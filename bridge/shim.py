@@ -154,6 +154,8 @@ class Run:
         self._backlog = backlog
         self._q: collections.deque[tuple[int, int | None, str, Any, Any]] = collections.deque()
         self._step = 0
+        self._enqueued = 0  # records put on the queue, and written to the spool (flush_spool)
+        self._spooled = 0
         self._seq = _last_seq(self.dir)
         self._lock = threading.Lock()  # config/summary/artifact records from any thread
         self._wake = threading.Event()
@@ -199,6 +201,7 @@ class Run:
         if commit:
             self._step = step + 1
         self._q.append((time.time_ns() // 1_000_000, step, "log", dict(data), None))
+        self._enqueued += 1
 
     def define_metric(self, name: str, step_metric: str | None = None, **options: Any) -> None:
         self._put("d", name, None, {"step_metric": step_metric, **options})
@@ -241,6 +244,19 @@ class Run:
 
     def _put(self, kind: str, key: str, step: int | None, value: Any) -> None:
         self._q.append((time.time_ns() // 1_000_000, step, kind, key, value))
+        self._enqueued += 1
+
+    def flush_spool(self, timeout: float = 30.0) -> bool:
+        """Wait until everything logged so far is written to the spool (not to the
+        destinations): after it returns True, a killed process loses none of it."""
+        target = self._enqueued
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self._spooled < target:
+            if time.monotonic() > deadline or not self._spooler.is_alive():
+                return False
+            time.sleep(0.001)
+        return True
 
     # -- the spooler thread
 
@@ -256,8 +272,10 @@ class Run:
     def _drain(self) -> None:
         batch = sp.Batch.empty()
         q = self._q
+        taken = 0
         while q:
             t, step, kind, a, b = q.popleft()
+            taken += 1
             if kind == "log":
                 for k, v in a.items():
                     self._seq += 1
@@ -273,6 +291,7 @@ class Run:
                 batch = sp.Batch.empty()
         if len(batch):
             self._write(batch)
+        self._spooled += taken
 
     def _write(self, batch: sp.Batch) -> None:
         rb = batch.to_arrow()

@@ -1,0 +1,206 @@
+"""The dual-logging shim: every point reaches every destination, whatever happens to one.
+
+Real destinations only: an MLflow SQLite store and server (one that a test stops
+mid-run), a fault-injecting proxy in front of the server, W&B offline runs written by
+the SDK, and a training process killed with SIGKILL. What a destination holds is read
+back through trackbridge's own readers and compared with the spool field by field.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import bridge
+from bridge.mlflow_server import LocalMlflowServer
+from bridge.model import Selection
+from bridge.uri import open_source
+from bridge.verify import verify
+from tests.conftest import run_cli
+from tests.faultproxy import FaultProxy
+
+pytest.importorskip("mlflow")
+pytest.importorskip("wandb")
+
+KEYS = [f"k{i}" for i in range(10)]
+
+
+def _row(step: int) -> dict[str, float]:
+    return {k: step + i / 10 for i, k in enumerate(KEYS)}
+
+
+def _same(spool: Path, dest: str) -> dict[str, int]:
+    diffs, stats = verify(open_source(f"spool://{spool}"), open_source(dest), Selection(registry=False))
+    assert diffs == [], diffs[:5]
+    return stats
+
+
+def test_every_point_of_a_20000_step_run_reaches_mlflow_and_wandb(tmp_path: Path) -> None:
+    mlflow_uri = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
+    wandb_uri = f"wandb+offline://{tmp_path / 'wb'}"
+    run = bridge.init(
+        project="shim",
+        name="long",
+        config={"lr": 0.01, "model": {"depth": 4}},
+        to=[mlflow_uri, wandb_uri],
+        spool=tmp_path / "spool",
+    )
+    for step in range(20_000):
+        run.log(_row(step))  # no step: numbered 0, 1, 2, … as wandb.log does
+        if step % 5000 == 0:
+            run.log({"note": f"at {step}"}, step=step)
+    run.summary["best"] = 0.5
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    run.log_artifact(tmp_path / "model.pt", name="net", type="model", aliases=["candidate"])
+    assert run.finish() == {mlflow_uri: "complete", wandb_uri: "complete"}
+    for dest in (mlflow_uri, wandb_uri):
+        assert _same(tmp_path / "spool", dest)["points"] == 200_000
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    (r,) = c.search_runs([c.get_experiment_by_name("shim").experiment_id])
+    assert r.data.tags["trackbridge.source_key"] == f"wandb:run/shim/{run.id}"
+    assert r.data.params["model.depth"] == "4" and r.info.status == "FINISHED"
+    assert len(c.get_metric_history(r.info.run_id, "k9")) == 20_000
+    folders = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run.id}"))
+    assert len(folders) == 1  # the W&B run has the shim's own id
+
+
+def test_a_server_stopped_mid_run_is_completed_from_the_spool(tmp_path: Path) -> None:
+    server = LocalMlflowServer(tmp_path / "server")
+    url = server.start()
+    dest = f"mlflow+{url}"
+    run = bridge.init(project="shim", name="outage", to=[dest], spool=tmp_path / "spool", flush_timeout=5)
+    slowest = 0.0
+    try:
+        for step in range(3000):
+            if step == 1000:
+                time.sleep(0.5)  # let the live feed deliver some
+                server.stop()
+            t = time.perf_counter()
+            run.log(_row(step), step=step)
+            slowest = max(slowest, time.perf_counter() - t)
+        outcome = run.finish()
+    finally:
+        server.stop()
+    assert slowest < 0.05  # log() never waited for the dead server
+    assert outcome[dest].startswith("behind")
+    assert f"trackbridge sync spool://{tmp_path / 'spool'} {dest}" in outcome[dest]
+    # the same store behind a new server: the replay completes it exactly
+    again = LocalMlflowServer(tmp_path / "server")
+    url2 = again.start()
+    try:
+        run_cli(
+            "sync", f"spool://{tmp_path / 'spool'}", f"mlflow+{url2}", "--state-dir", str(tmp_path / "st")
+        )
+        assert _same(tmp_path / "spool", f"mlflow+{url2}")["points"] == 30_000
+    finally:
+        again.stop()
+
+
+def test_a_flaky_server_behind_a_fault_proxy_ends_exact(mlflow_server: str, tmp_path: Path) -> None:
+    with FaultProxy(mlflow_server, rate=0.2, seed=11) as proxy:
+        dest = f"mlflow+{proxy.url}"
+        run = bridge.init(project="shim-flaky", to=[dest], spool=tmp_path / "spool", flush_timeout=120)
+        for step in range(2000):
+            run.log(_row(step), step=step)
+        outcome = run.finish()
+        assert sum(proxy.counts.values()) > 0  # faults were injected
+    if outcome[dest] != "complete":  # the retries ran out: the replay finishes it
+        run_cli(
+            "sync",
+            f"spool://{tmp_path / 'spool'}",
+            f"mlflow+{mlflow_server}",
+            "--state-dir",
+            str(tmp_path / "s"),
+        )
+    assert _same(tmp_path / "spool", f"mlflow+{mlflow_server}")["points"] == 20_000
+
+
+TRAIN = """
+import sys, bridge
+run = bridge.init(project="killed", name="k", to=[sys.argv[1]], spool=sys.argv[2], fsync="batch")
+step = 0
+while True:
+    run.log({f"k{i}": step + i / 10 for i in range(10)}, step=step)
+    step += 1
+    if step % 200 == 0:
+        assert run.flush_spool()  # what was logged is in the spool: acknowledged
+        print(step, flush=True)
+"""
+
+
+def test_kill_9_of_training_then_replay_leaves_nothing_missing(tmp_path: Path) -> None:
+    dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
+    p = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(TRAIN), dest, str(tmp_path / "spool")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    acked = 0
+    assert p.stdout is not None
+    for line in p.stdout:
+        acked = int(line)
+        if acked >= 3000:
+            break
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    run_cli("sync", f"spool://{tmp_path / 'spool'}", dest, "--state-dir", str(tmp_path / "st"))
+    stats = _same(tmp_path / "spool", dest)
+    assert stats["points"] >= acked * 10  # every step acknowledged before the kill, at least
+    src = open_source(f"spool://{tmp_path / 'spool'}")
+    (row,) = src.runs(Selection(), src.projects(Selection()))
+    payload = src.read_run(row)
+    assert payload.run["status"] == "crashed"
+    steps = sorted({s for b in payload.metrics() for s in b.column("step").to_pylist()})
+    assert steps == list(range(len(steps)))  # no hole anywhere in what was spooled
+
+
+def test_wandb_drop_in_mirrors_to_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bridge.wandb_compat as wandb
+
+    mlflow_uri = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("TRACKBRIDGE_TO", f"{mlflow_uri},wandb+offline://{tmp_path / 'wb'}")
+    monkeypatch.setenv("TRACKBRIDGE_SPOOL", str(tmp_path / "spool"))
+    wandb.init(project="drop-in", name="w", config={"epochs": 2})
+    wandb.config.batch = 32
+    wandb.define_metric("val/acc", step_metric="epoch")
+    for epoch in range(2):
+        wandb.log({"epoch": epoch, "val/acc": 0.5 + epoch / 10})
+    wandb.summary["best"] = 0.6
+    art = wandb.Artifact("weights", type="model")
+    (tmp_path / "w.bin").write_bytes(b"w")
+    art.add_file(str(tmp_path / "w.bin"))
+    wandb.log_artifact(art, aliases=["latest"])
+    wandb.finish()
+    _same(tmp_path / "spool", mlflow_uri)
+    _same(tmp_path / "spool", f"wandb+offline://{tmp_path / 'wb'}")
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    (r,) = c.search_runs([c.get_experiment_by_name("drop-in").experiment_id])
+    assert r.data.params == {"epochs": "2", "batch": "32"}
+    assert [m.value for m in c.get_metric_history(r.info.run_id, "val/acc")] == [0.5, 0.6]
+
+
+def test_a_bad_destination_fails_in_the_callers_hands(tmp_path: Path) -> None:
+    from bridge.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown URI scheme"):
+        bridge.init(project="p", to=["nosuch://x"], spool=tmp_path / "spool")
+
+
+def test_spool_is_not_a_destination(tmp_path: Path) -> None:
+    from bridge.errors import UsageError
+    from bridge.uri import open_sink
+
+    with pytest.raises(UsageError, match=r"written by bridge\.init"):
+        open_sink(f"spool://{tmp_path}")
