@@ -37,6 +37,7 @@ Sources and destinations:
   neptune+offline:///ABS/PATH  a .neptune folder of neptune 1.x or neptune-scale (read
                                only; add ?project=WS/NAME for 1.x runs, which lack it)
   neptune-exporter:///ABS/PATH Parquet + files written by Neptune's exporter (read only)
+  spool:///ABS/PATH            the dual-logging shim's spool (read only: replay it)
   PATH or bundle:///PATH       a trackbridge bundle folder
 Credentials come from the environment (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, …),
 never from a URI.

@@ -204,3 +204,26 @@ def test_spool_is_not_a_destination(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match=r"written by bridge\.init"):
         open_sink(f"spool://{tmp_path}")
+
+
+def test_hugging_face_callback_logs_what_the_trainer_logs(tmp_path: Path) -> None:
+    import transformers  # a dev dependency: real TrainingArguments, TrainerState, TrainerControl
+
+    from bridge.integrations import hf_callback
+
+    dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
+    cb = hf_callback(to=[dest], spool=tmp_path / "spool")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), run_name="hf-run", report_to=[])
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    cb.on_train_begin(args, state, control)
+    for step in range(1, 51):  # what Trainer does every logging_steps
+        state.global_step = step
+        cb.on_log(args, state, control, logs={"loss": 1 / step, "learning_rate": 1e-4, "epoch": step / 50})
+    cb.on_train_end(args, state, control)
+    _same(tmp_path / "spool", dest)
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    (r,) = c.search_runs([c.get_experiment_by_name("out").experiment_id])
+    assert r.info.run_name == "hf-run" and r.data.params["args.learning_rate"] == str(args.learning_rate)
+    assert [m.step for m in c.get_metric_history(r.info.run_id, "loss")] == list(range(1, 51))

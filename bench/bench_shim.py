@@ -1,0 +1,170 @@
+"""Training-thread cost of the shim's ``log()``, against calling the trackers directly.
+
+Targets (issue 6): ``log()`` with 10 scalars costs p50 ≤ 10 µs and p99 ≤ 100 µs on the
+training thread; the shim sustains ≥ 20,000 calls/s end to end into an MLflow SQLite
+store and a W&B offline run; memory stays flat over 1M calls.
+
+    python bench/bench_shim.py                       # 1,000,000 calls
+    python bench/bench_shim.py --calls 200000 --json bench/results/shim-200k.json
+
+Measured in one run, side by side:
+- shim:   ``run.log(10 scalars)`` with both destinations live; every call timed with
+          ``perf_counter_ns``; RSS sampled every 100,000 calls; then ``finish()`` (both
+          destinations completed from the spool) timed, for the end-to-end rate;
+- wandb:  ``wandb.log(10 scalars)`` on an offline run (the SDK's own ceiling);
+- mlflow: ``mlflow.log_metrics(10 scalars)`` into a SQLite store (the fluent API).
+The references log fewer calls (they are slow), which does not change a per-call time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work" / "shim"
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def pct(xs: list[int], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))] / 1000  # µs
+
+
+def row(i: int) -> dict[str, float]:
+    return {f"k{j}": i + j / 10 for j in range(10)}
+
+
+def bench_shim(calls: int) -> dict:
+    import bridge
+
+    run = bridge.init(
+        project="bench-shim",
+        to=[f"mlflow+sqlite:///{WORK / 'shim.db'}", f"wandb+offline://{WORK / 'wb'}"],
+        spool=WORK / "spool",
+    )
+    times = []
+    rss = [(0, rss_mib())]
+    clock = time.perf_counter_ns
+    t0 = time.perf_counter()
+    for i in range(calls):
+        a = clock()
+        run.log(row(i), step=i)
+        times.append(clock() - a)
+        if (i + 1) % 100_000 == 0:
+            rss.append((i + 1, rss_mib()))
+    logged = time.perf_counter() - t0
+    outcome = run.finish(timeout=3600, quiet=True)
+    total = time.perf_counter() - t0
+    return {
+        "calls": calls,
+        "p50_us": pct(times, 0.50),
+        "p99_us": pct(times, 0.99),
+        "p999_us": pct(times, 0.999),
+        "mean_us": statistics.fmean(times) / 1000,
+        "logging_seconds": round(logged, 2),
+        "end_to_end_seconds": round(total, 2),
+        "end_to_end_calls_per_s": round(calls / total),
+        "outcome": outcome,
+        "rss_mib": [(n, round(m, 1)) for n, m in rss],
+    }
+
+
+def bench_wandb(calls: int) -> dict:
+    import wandb
+
+    run = wandb.init(
+        project="bench-shim-ref",
+        dir=str(WORK / "wbref"),
+        settings=wandb.Settings(mode="offline", console="off", x_disable_stats=True, silent=True),
+    )
+    times = []
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        a = clock()
+        run.log(row(i), step=i)
+        times.append(clock() - a)
+    run.finish()
+    return {"calls": calls, "p50_us": pct(times, 0.5), "p99_us": pct(times, 0.99)}
+
+
+def bench_mlflow(calls: int) -> dict:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{WORK / 'ref.db'}")
+    times = []
+    clock = time.perf_counter_ns
+    with mlflow.start_run():
+        for i in range(calls):
+            a = clock()
+            mlflow.log_metrics(row(i), step=i)
+            times.append(clock() - a)
+    return {"calls": calls, "p50_us": pct(times, 0.5), "p99_us": pct(times, 0.99)}
+
+
+def bench_mlflow_ceiling(points: int) -> dict:
+    """The raw API ceiling for the MLflow side: ``MlflowClient.log_batch`` with 1,000
+    metrics a request (MLflow's maximum) into a SQLite store; nothing can feed it faster."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    c = MlflowClient(f"sqlite:///{WORK / 'ceiling.db'}")
+    run_id = c.create_run(c.create_experiment("ceiling")).info.run_id
+    now = int(time.time() * 1000)
+    t0 = time.perf_counter()
+    for start in range(0, points, 1000):
+        c.log_batch(
+            run_id, metrics=[Metric(f"k{i % 10}", float(i), now, i // 10) for i in range(start, start + 1000)]
+        )
+    dt = time.perf_counter() - t0
+    return {
+        "points": points,
+        "seconds": round(dt, 2),
+        "points_per_s": round(points / dt),
+        "calls_per_s_at_10_keys": round(points / dt / 10),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=1_000_000)
+    ap.add_argument("--json", default=str(HERE / "results" / "shim.json"))
+    args = ap.parse_args()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    for k in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        os.environ[k] = str(WORK / "wandb-home")
+    os.environ.update(WANDB_MODE="offline", MLFLOW_DISABLE_TELEMETRY="true", WANDB_SILENT="true")
+    out = {
+        "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
+        "wandb_log": bench_wandb(20_000),
+        "mlflow_log_metrics": bench_mlflow(2_000),
+        "mlflow_log_batch_ceiling": bench_mlflow_ceiling(200_000),
+        "shim_log": bench_shim(args.calls),
+    }
+    s, w, m = out["shim_log"], out["wandb_log"], out["mlflow_log_metrics"]
+    w_calls_per_s = round(1e6 / w["p50_us"])
+    out["ratios"] = {
+        "end_to_end_over_mlflow_ceiling": round(
+            s["end_to_end_calls_per_s"] / out["mlflow_log_batch_ceiling"]["calls_per_s_at_10_keys"], 2
+        ),
+        "wandb_sdk_calls_per_s_at_p50": w_calls_per_s,
+        "wandb_p50_over_shim_p50": round(w["p50_us"] / s["p50_us"], 1),
+        "mlflow_p50_over_shim_p50": round(m["p50_us"] / s["p50_us"], 1),
+    }
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
