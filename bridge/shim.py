@@ -30,6 +30,7 @@ import atexit
 import collections
 import getpass
 import json
+import numbers
 import os
 import random
 import socket
@@ -161,7 +162,10 @@ class Run:
         self._wake = threading.Event()
         self._closing = False
         self.finished = False
-        self.start_time = datetime.now(UTC).replace(microsecond=datetime.now(UTC).microsecond // 1000 * 1000)
+        now = datetime.now(UTC)
+        self.start_time = now.replace(microsecond=now.microsecond // 1000 * 1000)  # MLflow keeps ms
+        if (self.dir / sp.META).exists():  # a resumed run keeps its first start
+            self.start_time = datetime.fromisoformat(sp.read_meta(self.dir)["start_time"])
         meta = {
             "run_key": self.key,
             "project": project,
@@ -198,7 +202,7 @@ class Run:
             step = self._step
         elif step > self._step:
             self._step = step
-        if commit:
+        if commit and step >= self._step:
             self._step = step + 1
         self._q.append((time.time_ns() // 1_000_000, step, "log", dict(data), None))
         self._enqueued += 1
@@ -279,8 +283,9 @@ class Run:
             if kind == "log":
                 for k, v in a.items():
                     self._seq += 1
-                    if isinstance(v, int | float) and not isinstance(v, bool):
-                        batch.add(self._seq, t, "m", str(k), step, float(v), None)
+                    x = _number(v)
+                    if x is not None:
+                        batch.add(self._seq, t, "m", str(k), step, x, None)
                     else:
                         batch.add(self._seq, t, "s", str(k), step, None, _json(v))
             else:
@@ -476,6 +481,22 @@ def _metric_batch(key: str, rb: pa.RecordBatch) -> pa.RecordBatch:
         ],
         schema=schema.SCHEMAS["metrics"],
     )
+
+
+def _number(v: Any) -> float | None:
+    """A metric value: Python, NumPy and one-element tensor numbers (``.item()``); not bools."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    item = getattr(v, "item", None)
+    if item is not None and getattr(v, "shape", None) in ((), (1,), [1]):
+        try:
+            x = item()
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else None
+    return None
 
 
 def _json(v: Any) -> str:

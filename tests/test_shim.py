@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import bridge
@@ -174,7 +175,7 @@ def test_wandb_drop_in_mirrors_to_mlflow(tmp_path: Path, monkeypatch: pytest.Mon
     wandb.config.batch = 32
     wandb.define_metric("val/acc", step_metric="epoch")
     for epoch in range(2):
-        wandb.log({"epoch": epoch, "val/acc": 0.5 + epoch / 10})
+        wandb.log({"epoch": np.int64(epoch), "val/acc": np.float64(0.5 + epoch / 10)})  # NumPy, as often
     wandb.summary["best"] = 0.6
     art = wandb.Artifact("weights", type="model")
     (tmp_path / "w.bin").write_bytes(b"w")
