@@ -30,7 +30,7 @@ from tests.faultproxy import FaultProxy
 pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
 
-KEYS = [f"k{i}" for i in range(10)]
+KEYS = [f"k{i}" for i in range(3)]  # CI time: the benchmark logs 10
 
 
 def _row(step: int) -> dict[str, float]:
@@ -62,14 +62,14 @@ def test_every_point_of_a_20000_step_run_reaches_mlflow_and_wandb(tmp_path: Path
     run.log_artifact(tmp_path / "model.pt", name="net", type="model", aliases=["candidate"])
     assert run.finish() == {mlflow_uri: "complete", wandb_uri: "complete"}
     for dest in (mlflow_uri, wandb_uri):
-        assert _same(tmp_path / "spool", dest)["points"] == 200_000
+        assert _same(tmp_path / "spool", dest)["points"] == 60_000
     from mlflow import MlflowClient
 
     c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     (r,) = c.search_runs([c.get_experiment_by_name("shim").experiment_id])
     assert r.data.tags["trackbridge.source_key"] == f"wandb:run/shim/{run.id}"
     assert r.data.params["model.depth"] == "4" and r.info.status == "FINISHED"
-    assert len(c.get_metric_history(r.info.run_id, "k9")) == 20_000
+    assert len(c.get_metric_history(r.info.run_id, "k2")) == 20_000
     folders = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run.id}"))
     assert len(folders) == 1  # the W&B run has the shim's own id
 
@@ -101,7 +101,7 @@ def test_a_server_stopped_mid_run_is_completed_from_the_spool(tmp_path: Path) ->
         run_cli(
             "sync", f"spool://{tmp_path / 'spool'}", f"mlflow+{url2}", "--state-dir", str(tmp_path / "st")
         )
-        assert _same(tmp_path / "spool", f"mlflow+{url2}")["points"] == 30_000
+        assert _same(tmp_path / "spool", f"mlflow+{url2}")["points"] == 9_000
     finally:
         again.stop()
 
@@ -122,7 +122,7 @@ def test_a_flaky_server_behind_a_fault_proxy_ends_exact(mlflow_server: str, tmp_
             "--state-dir",
             str(tmp_path / "s"),
         )
-    assert _same(tmp_path / "spool", f"mlflow+{mlflow_server}")["points"] == 20_000
+    assert _same(tmp_path / "spool", f"mlflow+{mlflow_server}")["points"] == 6_000
 
 
 TRAIN = """
