@@ -8,6 +8,7 @@ store and a W&B offline run; memory stays flat over 1M calls.
     python bench/bench_shim.py --calls 200000 --json bench/results/shim-200k.json
 
 Measured in one run, side by side:
+- memory: ``run.log(10 scalars)`` at 20,000 calls/s for 1M calls, RSS every 100,000;
 - shim:   ``run.log(10 scalars)`` with both destinations live; every call timed with
           ``perf_counter_ns``; RSS sampled every 100,000 calls; then ``finish()`` (both
           destinations completed from the spool) timed, for the end-to-end rate;
@@ -81,6 +82,41 @@ def bench_shim(calls: int) -> dict:
     }
 
 
+def bench_paced_memory(calls: int, rate: int) -> dict:
+    """Memory while training logs at the target rate for ``calls`` calls: RSS every
+    100,000 calls. Destinations are live (MLflow fed until it falls a backlog behind);
+    the run is then left unfinished (``finish`` with no wait), since this measures the
+    training side only."""
+    import bridge
+
+    run = bridge.init(
+        project="bench-shim-paced",
+        to=[f"mlflow+sqlite:///{WORK / 'paced.db'}", f"wandb+offline://{WORK / 'wb-paced'}"],
+        spool=WORK / "spool-paced",
+    )
+    rss = [(0, rss_mib())]
+    t0 = time.perf_counter()
+    for i in range(calls):
+        run.log(row(i), step=i)
+        if i % 1000 == 999:  # keep to the rate: sleep off what is ahead of the clock
+            ahead = (i + 1) / rate - (time.perf_counter() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        if (i + 1) % 100_000 == 0:
+            rss.append((i + 1, rss_mib()))
+    secs = time.perf_counter() - t0
+    spooled = run.flush_spool(timeout=600)
+    run.finish(timeout=0, quiet=True)
+    return {
+        "calls": calls,
+        "target_rate": rate,
+        "achieved_calls_per_s": round(calls / secs),
+        "spool_kept_up": spooled,
+        "rss_mib": [(n, round(m, 1)) for n, m in rss],
+        "rss_growth_after_first_100k_mib": round(rss[-1][1] - rss[1][1], 1),
+    }
+
+
 def bench_wandb(calls: int) -> dict:
     import wandb
 
@@ -138,7 +174,8 @@ def bench_mlflow_ceiling(points: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=1_000_000)
+    ap.add_argument("--calls", type=int, default=1_000_000, help="unpaced calls (latency, end to end)")
+    ap.add_argument("--paced-calls", type=int, default=1_000_000, help="calls at 20,000/s (memory)")
     ap.add_argument("--json", default=str(HERE / "results" / "shim.json"))
     args = ap.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
@@ -151,6 +188,7 @@ def main() -> None:
         "wandb_log": bench_wandb(20_000),
         "mlflow_log_metrics": bench_mlflow(2_000),
         "mlflow_log_batch_ceiling": bench_mlflow_ceiling(200_000),
+        "shim_paced_memory": bench_paced_memory(args.paced_calls, 20_000),
         "shim_log": bench_shim(args.calls),
     }
     s, w, m = out["shim_log"], out["wandb_log"], out["mlflow_log_metrics"]

@@ -274,26 +274,59 @@ class Run:
                 return
 
     def _drain(self) -> None:
+        """Queue → one Arrow batch. Per record this is a handful of list appends (it runs
+        beside the training thread and must keep up with it): plain floats and ints skip
+        the general number test."""
         batch = sp.Batch.empty()
+        seqs, times, kinds, keys, steps, values, jsons = (
+            batch.seq,
+            batch.time,
+            batch.kind,
+            batch.key,
+            batch.step,
+            batch.value,
+            batch.json,
+        )
         q = self._q
+        seq = self._seq
         taken = 0
         while q:
             t, step, kind, a, b = q.popleft()
             taken += 1
             if kind == "log":
                 for k, v in a.items():
-                    self._seq += 1
-                    x = _number(v)
+                    seq += 1
+                    tv = type(v)
+                    x = float(v) if tv is float or tv is int else _number(v)
+                    seqs.append(seq)
+                    times.append(t)
+                    keys.append(k if type(k) is str else str(k))
+                    steps.append(step)
                     if x is not None:
-                        batch.add(self._seq, t, "m", str(k), step, x, None)
+                        kinds.append("m")
+                        values.append(x)
+                        jsons.append(None)
                     else:
-                        batch.add(self._seq, t, "s", str(k), step, None, _json(v))
+                        kinds.append("s")
+                        values.append(None)
+                        jsons.append(_json(v))
             else:
-                self._seq += 1
-                batch.add(self._seq, t, kind, a, step, None, _json(b))
-            if len(batch) >= 65536:
+                seq += 1
+                batch.add(seq, t, kind, a, step, None, _json(b))
+            if len(seqs) >= 65536:
+                self._seq = seq
                 self._write(batch)
                 batch = sp.Batch.empty()
+                seqs, times, kinds, keys, steps, values, jsons = (
+                    batch.seq,
+                    batch.time,
+                    batch.kind,
+                    batch.key,
+                    batch.step,
+                    batch.value,
+                    batch.json,
+                )
+        self._seq = seq
         if len(batch):
             self._write(batch)
         self._spooled += taken

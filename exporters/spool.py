@@ -94,7 +94,18 @@ class SpoolSource(TrackerSource):
         return iter(())
 
     def registry(self, sel: Selection) -> RegistryPayload:
-        return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
+        """As for W&B offline runs: with ``--register-models`` (or sync's rules) the
+        logged model artifacts become registered versions, aliases kept."""
+        if not sel.rules:
+            return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
+        arts = []
+        for row in self.runs(sel, self.projects(sel)):
+            payload = self.read_run(row)
+            arts += [(a.row, payload.run["start_time"]) for a in payload.artifacts[1:]]
+        models, versions = wc.model_versions(arts, sel.rules)
+        return RegistryPayload(
+            schema.table("registered_models", models), schema.table("model_versions", versions)
+        )
 
 
 def spooled_payload(run_dir: Path, meta: dict[str, Any], token: str | None = None) -> RunPayload:

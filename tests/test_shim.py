@@ -180,7 +180,7 @@ def test_wandb_drop_in_mirrors_to_mlflow(tmp_path: Path, monkeypatch: pytest.Mon
     art = wandb.Artifact("weights", type="model")
     (tmp_path / "w.bin").write_bytes(b"w")
     art.add_file(str(tmp_path / "w.bin"))
-    wandb.log_artifact(art, aliases=["latest"])
+    wandb.log_artifact(art, aliases=["candidate"])
     wandb.finish()
     _same(tmp_path / "spool", mlflow_uri)
     _same(tmp_path / "spool", f"wandb+offline://{tmp_path / 'wb'}")
@@ -190,6 +190,12 @@ def test_wandb_drop_in_mirrors_to_mlflow(tmp_path: Path, monkeypatch: pytest.Mon
     (r,) = c.search_runs([c.get_experiment_by_name("drop-in").experiment_id])
     assert r.data.params == {"epochs": "2", "batch": "32"}
     assert [m.value for m in c.get_metric_history(r.info.run_id, "val/acc")] == [0.5, 0.6]
+    # a replay into another store can promote the logged model, alias and all
+    fresh = f"mlflow+sqlite:///{tmp_path / 'reg.db'}"
+    p = run_cli("migrate", f"spool://{tmp_path / 'spool'}", fresh, "--register-models")
+    assert "verify: identical (1 projects, 1 runs, 4 points, 1 model versions)" in p.stdout, p.stdout
+    reg = MlflowClient(f"sqlite:///{tmp_path / 'reg.db'}").get_registered_model("weights")
+    assert {k: str(v) for k, v in reg.aliases.items()} == {"candidate": "1"}
 
 
 def test_a_bad_destination_fails_in_the_callers_hands(tmp_path: Path) -> None:
