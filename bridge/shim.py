@@ -269,7 +269,10 @@ class Run:
             self._wake.wait(0.01)
             self._wake.clear()
             closing = self._closing
-            self._drain()
+            try:
+                self._drain()
+            except Exception as e:  # never take training down; say it once
+                _warn_once(self, "spooler", f"could not spool some records: {first_line(e)}")
             if closing:
                 return
 
