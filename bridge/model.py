@@ -165,6 +165,30 @@ LABELS = "_labels"  # the run's labels (W&B tags), if listed
 STATUS = "_status"  # the run's neutral status, if listed
 
 
+def project_row(project_key: str, system: str, name: str) -> dict[str, Any]:
+    """A ``projects`` row for a source whose project is only a name (no description or tags)."""
+    return {
+        "project_key": project_key,
+        "system": system,
+        "source_id": name,
+        "name": name,
+        "lifecycle": "active",
+        "tags": [],
+    }
+
+
+def file_token(kind: str, paths: list[Any]) -> dict[str, Any]:
+    """``TOKEN`` and ``UPDATED`` for a run kept in local files that only grow or are
+    rewritten: their sizes and modification times tell a changed run without reading it."""
+    from datetime import UTC
+
+    stats = [p.stat() for p in paths]
+    return {
+        TOKEN: f"{kind}:" + ",".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats),
+        UPDATED: datetime.fromtimestamp(max(st.st_mtime for st in stats), tz=UTC) if stats else None,
+    }
+
+
 class TrackerSource:
     """What the tracker exporters share: nothing to close, and a map from the keys of
     objects trackbridge itself imported to the source keys they carry, for verify."""

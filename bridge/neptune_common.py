@@ -548,18 +548,6 @@ def _without_superseded_previews(pts: _Points) -> list[int]:
 def _metric_batches(key: str, metrics: pa.Table) -> list[pa.RecordBatch]:
     if metrics.num_rows == 0:
         return []
-    n = metrics.num_rows
-    tbl = pa.table(
-        {
-            "run_key": pa.array([key] * n, pa.string()),
-            "key": metrics.column("key"),
-            "step": metrics.column("step"),
-            "timestamp": metrics.column("ts").cast(pa.timestamp("us", tz="UTC")),
-            "value": metrics.column("value"),
-            "model_key": pa.nulls(n, pa.string()),
-            "dataset_name": pa.nulls(n, pa.string()),
-            "dataset_digest": pa.nulls(n, pa.string()),
-        },
-        schema=schema.SCHEMAS["metrics"],
-    )
+    c = metrics.column
+    tbl = schema.metrics_table(key, c("key"), c("step"), c("ts"), c("value"))
     return tbl.to_batches(max_chunksize=100_000)

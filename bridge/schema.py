@@ -202,6 +202,25 @@ def table(name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def metrics_table(run_key: str, key: Any, step: Any, timestamp: Any, value: Any) -> pa.Table:
+    """A run's points as a ``metrics`` table from columns (Arrow arrays), the MLflow 3
+    model and dataset links null: what every source without those links builds."""
+    n = len(key)
+    return pa.table(
+        {
+            "run_key": pa.array([run_key] * n, pa.string()),
+            "key": key,
+            "step": step,
+            "timestamp": timestamp.cast(TS),
+            "value": value,
+            "model_key": pa.nulls(n, pa.string()),
+            "dataset_name": pa.nulls(n, pa.string()),
+            "dataset_digest": pa.nulls(n, pa.string()),
+        },
+        schema=SCHEMAS["metrics"],
+    )
+
+
 def empty(name: str) -> pa.Table:
     return SCHEMAS[name].empty_table()
 

@@ -49,6 +49,7 @@ from bridge import schema
 from bridge import spool as sp
 from bridge import wandb_common as wc
 from bridge.errors import first_line
+from bridge.model import project_row
 from bridge.report import RunReport, scrub
 
 ENV_TO = "TRACKBRIDGE_TO"  # comma-separated destination URIs
@@ -281,15 +282,7 @@ class Run:
         beside the training thread and must keep up with it): plain floats and ints skip
         the general number test."""
         batch = sp.Batch.empty()
-        seqs, times, kinds, keys, steps, values, jsons = (
-            batch.seq,
-            batch.time,
-            batch.kind,
-            batch.key,
-            batch.step,
-            batch.value,
-            batch.json,
-        )
+        seqs, times, kinds, keys, steps, values, jsons = batch.lists()
         q = self._q
         seq = self._seq
         taken = 0
@@ -320,15 +313,7 @@ class Run:
                 self._seq = seq
                 self._write(batch)
                 batch = sp.Batch.empty()
-                seqs, times, kinds, keys, steps, values, jsons = (
-                    batch.seq,
-                    batch.time,
-                    batch.kind,
-                    batch.key,
-                    batch.step,
-                    batch.value,
-                    batch.json,
-                )
+                seqs, times, kinds, keys, steps, values, jsons = batch.lists()
         self._seq = seq
         if len(batch):
             self._write(batch)
@@ -442,8 +427,11 @@ class _Backend:
                 self.queued -= rb.num_rows
                 if not self.fed or sink is None:
                     continue
+                points = _metric_batch(self.run.key, rb)
+                if points is None:
+                    continue
                 try:
-                    sink.append_points(run_id, _metric_batch(self.run.key, rb))
+                    sink.append_points(run_id, points)
                 except Exception as e:
                     self.error = first_line(e)
                     self._stop_feeding(f"failed ({scrub(self.error)})")
@@ -456,7 +444,7 @@ class _Backend:
 
         sink = open_sink(self.uri)
         sink.begin(f"spool://{self.run.dir.parent}")
-        sink.write_project(_project_row(self.run.project))
+        sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
         from exporters.spool import spooled_payload
 
         head = spooled_payload(self.run.dir, self.run._meta)
@@ -473,7 +461,7 @@ class _Backend:
         try:
             sink = open_sink(self.uri)
             sink.begin(f"spool://{self.run.dir.parent}")
-            sink.write_project(_project_row(self.run.project))
+            sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
             sink.write_run(spooled_payload(self.run.dir, self.run._meta), RunReport(run_key=self.run.key))
             sink.finish()
             self.done = True
@@ -487,35 +475,16 @@ class _Backend:
         return f"behind{why}; catch up with: trackbridge sync spool://{self.run.dir.parent} {self.safe}"
 
 
-def _project_row(project: str) -> dict[str, Any]:
-    return {
-        "project_key": wc.project_key(project),
-        "system": "wandb",
-        "source_id": project,
-        "name": project,
-        "lifecycle": "active",
-        "tags": [],
-    }
-
-
-def _metric_batch(key: str, rb: pa.RecordBatch) -> pa.RecordBatch:
-    """The spool batch's metric records in the neutral metrics schema."""
+def _metric_batch(key: str, rb: pa.RecordBatch) -> pa.RecordBatch | None:
+    """The spool batch's metric records in the neutral metrics schema (None if it has none)."""
     import pyarrow.compute as pc
 
     m = rb.filter(pc.equal(rb.column("kind"), "m"))
-    n = m.num_rows
-    return pa.record_batch(
-        [
-            pa.array([key] * n, pa.string()),
-            m.column("key"),
-            m.column("step"),
-            m.column("time").cast(pa.timestamp("us", tz="UTC")),
-            m.column("value"),
-            pa.nulls(n, pa.string()),
-            pa.nulls(n, pa.string()),
-            pa.nulls(n, pa.string()),
-        ],
-        schema=schema.SCHEMAS["metrics"],
+    if m.num_rows == 0:
+        return None
+    c = m.column
+    return (
+        schema.metrics_table(key, c("key"), c("step"), c("time"), c("value")).combine_chunks().to_batches()[0]
     )
 
 

@@ -61,6 +61,10 @@ class Batch:
     def empty(cls) -> Batch:
         return cls([], [], [], [], [], [], [])
 
+    def lists(self) -> tuple[list, ...]:
+        """The column lists, for a writer that appends to them directly (the spooler)."""
+        return self.seq, self.time, self.kind, self.key, self.step, self.value, self.json
+
     def __len__(self) -> int:
         return len(self.seq)
 

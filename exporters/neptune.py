@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 from bridge import neptune_common as nc
 from bridge import schema
 from bridge.errors import BadInputError, MissingExtraError, SourceNotFoundError, first_line
-from bridge.model import TOKEN, UPDATED, RegistryPayload, RunPayload, Selection, TrackerSource
+from bridge.model import TOKEN, RegistryPayload, RunPayload, Selection, TrackerSource, file_token, project_row
 
 SCALE_DB = "run_operations.sqlite3"
 _LOG = re.compile(r"data-(\d+)\.log$")
@@ -100,14 +100,7 @@ class NeptuneOfflineSource(TrackerSource):
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
         out = {}
         for f in self._runs.values():
-            row = {
-                "project_key": nc.project_key(f.project),
-                "system": "neptune",
-                "source_id": f.project,
-                "name": f.project,
-                "lifecycle": "active",
-                "tags": [],
-            }
+            row = project_row(nc.project_key(f.project), "neptune", f.project)
             if sel.wants_project(row):
                 out[row["project_key"]] = row
         return sorted(out.values(), key=lambda r: r["name"])
@@ -118,7 +111,6 @@ class NeptuneOfflineSource(TrackerSource):
         for key, f in self._runs.items():
             if nc.project_key(f.project) not in keys:
                 continue
-            stats = [p.stat() for p in f.watched()]
             row = {
                 "run_key": key,
                 "project_key": nc.project_key(f.project),
@@ -126,8 +118,7 @@ class NeptuneOfflineSource(TrackerSource):
                 "name": f.run_id,
                 "start_time": f.created,
                 "lifecycle": "active",
-                TOKEN: f"neptune-{f.kind}:" + ",".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats),
-                UPDATED: datetime.fromtimestamp(max(st.st_mtime for st in stats), tz=UTC),
+                **file_token(f"neptune-{f.kind}", f.watched()),
             }
             if sel.wants_run(row):
                 out.append(row)

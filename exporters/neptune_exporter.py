@@ -21,7 +21,7 @@ times), idempotent (identity lives in the destination) and carries the registry.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,13 @@ from bridge.errors import BadInputError, SourceNotFoundError, first_line
 from bridge.files import safe_relpath
 from bridge.model import (
     TOKEN,
-    UPDATED,
     ArtifactPayload,
     RegistryPayload,
     RunPayload,
     Selection,
     TrackerSource,
+    file_token,
+    project_row,
 )
 
 # The columns of neptune-exporter's Parquet, as this reader understands them.
@@ -139,14 +140,7 @@ class NeptuneExporterSource(TrackerSource):
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
         out = {}
         for _, project, _ in self._parts:
-            row = {
-                "project_key": nc.project_key(project),
-                "system": "neptune",
-                "source_id": project,
-                "name": project,
-                "lifecycle": "active",
-                "tags": [],
-            }
+            row = project_row(nc.project_key(project), "neptune", project)
             if sel.wants_project(row):
                 out[row["project_key"]] = row
         return sorted(out.values(), key=lambda r: r["name"])
@@ -157,7 +151,6 @@ class NeptuneExporterSource(TrackerSource):
         for (scope, project, rid), parts in sorted(self._parts.items()):
             if scope != "runs" or nc.project_key(project) not in keys:
                 continue
-            stats = [p.stat() for p in parts]
             row = {
                 "run_key": nc.run_key(project, rid),
                 "project_key": nc.project_key(project),
@@ -165,8 +158,7 @@ class NeptuneExporterSource(TrackerSource):
                 "name": rid,
                 "start_time": self._created.get((project, rid)),
                 "lifecycle": "active",
-                TOKEN: "neptune-exporter:" + ",".join(f"{s.st_size}:{s.st_mtime_ns}" for s in stats),
-                UPDATED: datetime.fromtimestamp(max(s.st_mtime for s in stats), tz=UTC),
+                **file_token("neptune-exporter", parts),
             }
             if sel.wants_run(row):
                 out.append(row)

@@ -13,11 +13,10 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from bridge import schema
@@ -27,13 +26,14 @@ from bridge.errors import SourceNotFoundError
 from bridge.files import local_fetch
 from bridge.model import (
     TOKEN,
-    UPDATED,
     ArtifactPayload,
     FileRef,
     RegistryPayload,
     RunPayload,
     Selection,
     TrackerSource,
+    file_token,
+    project_row,
 )
 
 
@@ -53,14 +53,7 @@ class SpoolSource(TrackerSource):
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
         out = {}
         for meta in self._runs.values():
-            row = {
-                "project_key": wc.project_key(meta["project"]),
-                "system": "wandb",
-                "source_id": meta["project"],
-                "name": meta["project"],
-                "lifecycle": "active",
-                "tags": [],
-            }
+            row = project_row(wc.project_key(meta["project"]), "wandb", meta["project"])
             if sel.wants_project(row):
                 out[row["project_key"]] = row
         return sorted(out.values(), key=lambda r: r["name"])
@@ -71,7 +64,6 @@ class SpoolSource(TrackerSource):
         for d, meta in self._runs.items():
             if wc.project_key(meta["project"]) not in keys:
                 continue
-            stats = [f.stat() for f in sp.record_files(d)] or [(d / sp.META).stat()]
             row = {
                 "run_key": meta["run_key"],
                 "project_key": wc.project_key(meta["project"]),
@@ -79,8 +71,7 @@ class SpoolSource(TrackerSource):
                 "name": meta.get("name"),
                 "start_time": datetime.fromisoformat(meta["start_time"]),
                 "lifecycle": "active",
-                TOKEN: "spool:" + ",".join(f"{s.st_size}:{s.st_mtime_ns}" for s in stats),
-                UPDATED: datetime.fromtimestamp(max(s.st_mtime for s in stats), tz=UTC),
+                **file_token("spool", sp.record_files(d) or [d / sp.META]),
             }
             if sel.wants_run(row):
                 out.append(row)
@@ -115,21 +106,10 @@ def spooled_payload(run_dir: Path, meta: dict[str, Any], token: str | None = Non
     key = meta["run_key"]
     kind = recs.column("kind")
     m = recs.filter(pc.equal(kind, "m"))
-    n = m.num_rows
-    metrics = pa.table(
-        {
-            "run_key": pa.array([key] * n, pa.string()),
-            "key": m.column("key"),
-            "step": m.column("step"),
-            "timestamp": m.column("time").cast(pa.timestamp("us", tz="UTC")),
-            "value": m.column("value"),
-            "model_key": pa.nulls(n, pa.string()),
-            "dataset_name": pa.nulls(n, pa.string()),
-            "dataset_digest": pa.nulls(n, pa.string()),
-        },
-        schema=schema.SCHEMAS["metrics"],
+    metrics = schema.metrics_table(
+        key, m.column("key"), m.column("step"), m.column("time"), m.column("value")
     )
-    if n:
+    if metrics.num_rows:
         metrics = metrics.sort_by([("key", "ascending"), ("step", "ascending")])
     others = recs.filter(pc.invert(pc.equal(kind, "m"))).to_pylist()
     config: dict[tuple[str, ...], str] = {}

@@ -21,7 +21,7 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,13 @@ from bridge import wandb_common as wc
 from bridge.errors import BadInputError, MissingExtraError, SourceNotFoundError
 from bridge.files import local_fetch, sha256_file
 from bridge.model import (
-    TOKEN,
-    UPDATED,
     ArtifactPayload,
     FileRef,
     RegistryPayload,
     RunPayload,
     Selection,
     TrackerSource,
+    file_token,
     no_local_bytes,
 )
 from bridge.wandb_log import RecordLog
@@ -159,7 +158,7 @@ class WandbOfflineSource(TrackerSource):
                 "name": rf.name,
                 "start_time": wc.seconds_to_dt(start),
                 "lifecycle": rf.meta.get("lifecycle") or "active",
-                **_change_token(rf.logs),
+                **file_token("wandb-offline", rf.logs),
             }
             if sel.wants_run(row):
                 out.append(row)
@@ -222,16 +221,6 @@ class WandbOfflineSource(TrackerSource):
         return RegistryPayload(
             schema.table("registered_models", models), schema.table("model_versions", versions)
         )
-
-
-def _change_token(logs: list[Path]) -> dict[str, Any]:
-    """A run changes only by its logs growing or being rewritten, so their sizes and
-    modification times tell a changed run from an unchanged one without reading it."""
-    stats = [log.stat() for log in logs]
-    return {
-        TOKEN: "wandb-offline:" + ",".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats),
-        UPDATED: datetime.fromtimestamp(max(st.st_mtime for st in stats), tz=UTC) if stats else None,
-    }
 
 
 def _head(log: Path) -> _Head:
