@@ -33,7 +33,8 @@ Sources and destinations:
   mlflow+sqlite:////ABS/PATH.db an MLflow SQLite store, used in-process
   mlflow+postgresql://…        an MLflow database store, used in-process
   wandb+offline:///ABS/PATH    W&B offline run folders (read, or written for wandb sync)
-  wandb://ENTITY/PROJECT       W&B online (read; WANDB_API_KEY from the environment)
+  wandb://ENTITY[/PROJECT]     W&B online (WANDB_API_KEY from the environment); with
+                               no PROJECT, every project of ENTITY, by its own name
   neptune+offline:///ABS/PATH  a .neptune folder of neptune 1.x or neptune-scale (read
                                only; add ?project=WS/NAME for 1.x runs, which lack it)
   neptune-exporter:///ABS/PATH Parquet + files written by Neptune's exporter (read only)

@@ -89,7 +89,10 @@ class Report:
             f"metric points written: {self.points:,}; artifact files written: "
             f"{self.files + sum(r.files for r in self.runs):,} "
             f"({self.bytes + sum(r.bytes for r in self.runs):,} bytes)",
-            f"model versions: {self.models.get('new', 0)} new, {self.models.get('unchanged', 0)} unchanged",
+            f"model versions: {self.models.get('new', 0)} new, {self.models.get('unchanged', 0)} unchanged"
+            + (
+                f", {self.models['linked']} linked into the W&B Registry" if self.models.get("linked") else ""
+            ),
         ]
         maps = self.all_mappings()
         if maps:

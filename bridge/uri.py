@@ -124,10 +124,9 @@ def open_sink(uri: str, **options: object):
 
         return WandbOfflineSink(t.inner, **options)  # type: ignore[arg-type]
     if t.scheme == "wandb":
-        raise UsageError(
-            f"{t.safe}: writing to W&B online is not available in this version yet; write "
-            "wandb+offline://PATH instead and upload it with `wandb sync PATH/wandb/offline-run-*`"
-        )
+        from importers.wandb import WandbOnlineSink
+
+        return WandbOnlineSink(t.inner, **options)  # type: ignore[arg-type]
     if t.scheme == "spool":
         raise UsageError(f"{t.safe}: a spool is written by bridge.init() in training code, not by a copy")
     if t.scheme in ("neptune+offline", "neptune-exporter"):

@@ -93,6 +93,8 @@ class WandbApi(Protocol):
     """Everything trackbridge asks of W&B online. Runs and files are ``wandb.apis.public``
     objects; artifacts are ``ArtifactInfo``."""
 
+    def projects(self, entity: str) -> list[str]: ...
+
     def runs(self, entity: str, project: str) -> Iterable[Any]: ...
 
     def scan_history(self, run: Any) -> Iterator[dict[str, Any]]: ...
@@ -127,6 +129,9 @@ class SdkApi:
 
             self._api = self.policy.call(wandb.Api, timeout=60)
         return self._api
+
+    def projects(self, entity: str) -> list[str]:
+        return self.policy.call(lambda: [p.name for p in self.api.projects(entity)])
 
     def runs(self, entity: str, project: str) -> Iterable[Any]:
         return self.policy.call(lambda: list(self.api.runs(f"{entity}/{project}", per_page=500)))
@@ -188,47 +193,58 @@ class WandbOnlineSource(TrackerSource):
     aliases_move_without_runs = True
 
     def __init__(self, entity_project: str, api: WandbApi | None = None) -> None:
+        """``ENTITY/PROJECT`` reads one project; ``ENTITY`` every project of the entity
+        (what ``wandb://ENTITY`` as a destination writes)."""
         entity, _, project = entity_project.strip("/").partition("/")
-        if not entity or not project or "/" in project:
-            raise SourceNotFoundError(f"wandb://{entity_project}: expected wandb://ENTITY/PROJECT")
-        self.entity, self.project = entity, project
+        if not entity or "/" in project:
+            raise SourceNotFoundError(
+                f"wandb://{entity_project}: expected wandb://ENTITY/PROJECT or wandb://ENTITY"
+            )
+        self.entity, self.project = entity, project or None
         self.api = api or SdkApi()
         self._runs: dict[str, Any] = {}
+        self._project_of: dict[str, str] = {}  # run key → its W&B project
         self._origin: dict[str, str] = {}
         self._arts: dict[str, list[ArtifactInfo]] = {}
         try:
-            listed = list(self.api.runs(entity, project))
+            self._names = [project] if project else sorted(self.api.projects(entity))
+            listed = [(name, r) for name in self._names for r in self.api.runs(entity, name)]
         except Exception as e:
             raise SourceNotFoundError(f"{self.describe()}: cannot list runs ({first_line(e)})") from e
-        for r in listed:
-            key = wc.run_key(project, r.id)
+        for name, r in listed:
+            key = wc.run_key(name, r.id)
             self._runs[key] = r
+            self._project_of[key] = name
             meta = (r.config or {}).get(wc.META_KEY)
             if isinstance(meta, dict) and meta.get("source_key"):
                 self._origin[key] = meta["source_key"]
 
     def describe(self) -> str:
-        return f"wandb://{self.entity}/{self.project}"
+        return f"wandb://{self.entity}/{self.project}" if self.project else f"wandb://{self.entity}"
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
-        row = {
-            "project_key": wc.project_key(self.project),
-            "system": "wandb",
-            "source_id": f"{self.entity}/{self.project}",
-            "name": self.project,
-            "lifecycle": "active",
-            "tags": [],
-        }
-        return [row] if sel.wants_project(row) else []
+        rows = [
+            {
+                "project_key": wc.project_key(name),
+                "system": "wandb",
+                "source_id": f"{self.entity}/{name}",
+                "name": name,
+                "lifecycle": "active",
+                "tags": [],
+            }
+            for name in self._names
+        ]
+        return [row for row in rows if sel.wants_project(row)]
 
     def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not projects:
-            return []
+        wanted = {p["project_key"] for p in projects}
         out = []
         for key, r in self._runs.items():
+            if wc.project_key(self._project_of[key]) not in wanted:
+                continue
             row = {
                 "run_key": key,
-                "project_key": wc.project_key(self.project),
+                "project_key": wc.project_key(self._project_of[key]),
                 "source_id": r.id,
                 "name": r.display_name,
                 "start_time": _dt(r.created_at),
@@ -270,8 +286,8 @@ class WandbOnlineSource(TrackerSource):
         row = self._run_row(r, run, parsed)
         run_files = ArtifactPayload(
             row={
-                "artifact_key": wc.files_key(self.project, r.id),
-                "project_key": wc.project_key(self.project),
+                "artifact_key": wc.files_key(self._project_of[key], r.id),
+                "project_key": wc.project_key(self._project_of[key]),
                 "name": "run-files",
                 "type": "run-files",
                 "aliases": [],

@@ -1,13 +1,16 @@
-"""Write runs into W&B through its SDK: offline run folders (``wandb+offline://PATH``).
+"""Write runs into W&B through its SDK: offline run folders (``wandb+offline://PATH``) or
+a W&B server (``wandb://ENTITY[/PROJECT]``).
 
-The offline folders are what ``wandb sync`` uploads, so this is also the way into a W&B
+The offline folders are what ``wandb sync`` uploads, so they are also the way into a W&B
 server that the importing machine cannot reach.
 
-Identity: the W&B run id is derived from the source key, and each finished run folder
-gets a ``trackbridge.json`` marker beside its ``.wandb`` log, written last, holding the
-source key and a content fingerprint. A run whose marker matches costs no writes; a
-changed run, or one whose import was killed before its marker, is written again from
-scratch, after its old folders are removed, so a folder never holds two copies.
+Identity: the W&B run id is derived from the source key. Offline, each finished run
+folder gets a ``trackbridge.json`` marker beside its ``.wandb`` log, written last, holding
+the source key and a content fingerprint; a changed run, or one whose import was killed
+before its marker, is written again from scratch, after its old folders are removed, so
+a folder never holds two copies. Online, the fingerprint goes into the run's own
+``_trackbridge`` config entry last, and a changed or half-written run is resumed and
+appended to (``WandbOnlineSink``), since W&B cannot rewrite a run.
 
 W&B cannot take everything through its SDK, and nothing is dropped quietly:
 - Steps. W&B's ``_step`` must increase. A source whose keys step independently
@@ -30,10 +33,12 @@ import itertools
 import json
 import re
 import shutil
+import tempfile
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,10 +46,11 @@ import pyarrow.parquet as pq
 
 from bridge import schema
 from bridge import wandb_common as wc
-from bridge.errors import DestinationError, MissingExtraError
+from bridge.errors import DestinationError, MissingExtraError, UsageError, first_line
 from bridge.files import atomic_write_bytes
 from bridge.model import ArtifactPayload, RegistryPayload, RunPayload
 from bridge.report import RunReport
+from bridge.retry import RetryPolicy
 
 FORMAT = 1  # bump when the way runs are written changes: every run is then rewritten
 MARKER = "trackbridge.json"
@@ -65,51 +71,25 @@ def derived_run_id(run_key: str, project: str | None = None) -> str:
     return hashlib.sha256(run_key.encode()).hexdigest()[:16]
 
 
-class WandbOfflineSink:
-    def __init__(self, path: str, dry_run: bool = False) -> None:
+class _SdkSink:
+    """What both W&B destinations share: projects, the run's config and labels, and one
+    run written through the SDK. The two differ only in how they know what is there
+    already (marker files beside offline folders; the run's own config online) and in
+    how a run is opened."""
+
+    def __init__(self, dry_run: bool = False) -> None:
         try:
             import wandb  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the installed extras
             raise MissingExtraError("wandb", "wandb") from e
-        self.root = Path(path).expanduser().resolve()
         self.dry_run = dry_run
         self._projects: dict[str, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()  # one SDK run at a time per process
-        self._index: dict[str, dict[str, Any]] | None = None
-
-    def describe(self) -> str:
-        return f"wandb+offline://{self.root}"
-
-    def begin(self, source: str) -> None:
-        if not self.dry_run:
-            self.root.mkdir(parents=True, exist_ok=True)
+        # artifact_key → (W&B name, type) of every artifact of the runs seen, for the registry
+        self._artifacts: dict[str, tuple[str, str]] = {}
 
     def finish(self) -> None:
         pass
-
-    # -- identity
-
-    def _runs_index(self) -> dict[str, dict[str, Any]]:
-        """run id → {"fingerprint": marker's or None, "dirs": [folders]} for our folder."""
-        if self._index is None:
-            from exporters.wandb import RUN_DIR, _head
-
-            index: dict[str, dict[str, Any]] = {}
-            base = self.root / "wandb"
-            for d in sorted(base.iterdir()) if base.is_dir() else []:
-                if not (d.is_dir() and RUN_DIR.match(d.name)):
-                    continue
-                logs = list(d.glob("run-*.wandb"))
-                run_id = _head(logs[0]).run_id if logs else RUN_DIR.match(d.name).group(2)  # type: ignore[union-attr]
-                entry = index.setdefault(run_id, {"fingerprint": None, "dirs": []})
-                entry["dirs"].append(d)
-                marker = d / MARKER
-                if marker.exists():
-                    entry["fingerprint"] = json.loads(marker.read_text()).get("fingerprint")
-            self._index = index
-        return self._index
-
-    # -- writes
 
     def write_project(self, row: dict[str, Any]) -> None:
         name = _BAD_PROJECT.sub("-", row["name"])[:128] or "uncategorized"
@@ -123,44 +103,44 @@ class WandbOfflineSink:
         }
         self._projects[row["project_key"]] = (name, kept)
 
-    def write_run(self, payload: RunPayload, report: RunReport) -> str:
-        key = payload.key
+    def _identity(self, payload: RunPayload, report: RunReport) -> tuple[str, str]:
+        """The W&B run id and the content fingerprint that says whether it changed."""
         kept_project = self._projects.get(payload.run["project_key"], ("", {}))[1].get("name")
-        run_id = derived_run_id(key, kept_project)
-        fp = f"{payload.content_digest()[:40]}.w{FORMAT}"
-        have = self._runs_index().get(run_id)
+        run_id = derived_run_id(payload.key, kept_project)
         report.destination_id = run_id
-        if have and have["fingerprint"] == fp:
-            return "unchanged"
-        outcome = "updated" if have else "new"
-        if self.dry_run:
-            report.points = sum(b.num_rows for b in payload.metrics())
-            return outcome
+        for art in payload.artifacts:
+            if art.row["type"] != "run-files":
+                self._artifacts[art.row["artifact_key"]] = _artifact_name(art.row)
+        return run_id, f"{payload.content_digest()[:40]}.w{FORMAT}"
+
+    def _project(self, payload: RunPayload, report: RunReport, project: str | None = None) -> dict[str, Any]:
+        """The kept source project, and the W&B project name when the URI does not fix one."""
         if payload.run["project_key"] not in self._projects:
-            raise DestinationError(f"run {key}: its project {payload.run['project_key']} was not imported")
-        project, kept = self._projects[payload.run["project_key"]]
-        if project != kept["name"]:
+            raise DestinationError(
+                f"run {payload.key}: its project {payload.run['project_key']} was not imported"
+            )
+        name, kept = self._projects[payload.run["project_key"]]
+        if project is not None:
+            if len(self._projects) > 1:
+                report.mapped(
+                    "project-merged",
+                    "projects.name",
+                    f"{kept['name']!r} written into W&B project {project!r} with other projects; "
+                    "its name is kept in config._trackbridge.project, and a reader sees one project",
+                )
+        elif name != kept["name"]:
             report.mapped(
                 "project-renamed",
                 "projects.name",
-                f"{kept['name']!r} written as W&B project {project!r}; the name is kept in "
+                f"{kept['name']!r} written as W&B project {name!r}; the name is kept in "
                 "config._trackbridge.project",
             )
-        with self._lock:
-            for d in have["dirs"] if have else []:
-                shutil.rmtree(d)  # the whole run is written again; never two copies
-            folder = self._write(project, kept, run_id, payload, report)
-            atomic_write_bytes(
-                folder / MARKER, json.dumps({"source_key": key, "fingerprint": fp, "run_id": run_id}).encode()
-            )
-            self._runs_index()[run_id] = {"fingerprint": fp, "dirs": [folder]}
-        return outcome
+        return {"name": project or name, "kept": kept}
 
-    def _write(
-        self, project: str, kept: dict[str, Any], run_id: str, payload: RunPayload, report: RunReport
-    ) -> Path:
-        import wandb
-
+    def _init_args(
+        self, project: dict[str, Any], run_id: str, payload: RunPayload, report: RunReport
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``wandb.init`` arguments for the run, and the ``_trackbridge`` entry among them."""
         run = payload.run
         labels = [str(x) for x in run.get("labels") or []]
         fitted_labels = []
@@ -175,7 +155,7 @@ class WandbOfflineSink:
             report.mapped("param-conflict", "params." + ".".join(path), "kept in config._trackbridge.params")
         meta = {
             "source_key": payload.key,
-            "project": kept,
+            "project": project["kept"],
             "labels": labels,
             "tags": {t["key"]: t["value"] for t in payload.tags.to_pylist()},
             "summary": [
@@ -199,35 +179,49 @@ class WandbOfflineSink:
             "start_time": _seconds(run.get("start_time")),
             "end_time": _seconds(run.get("end_time")),
         }
-        config[wc.META_KEY] = json.loads(json.dumps(meta, default=str))
-        settings = wandb.Settings(
-            mode="offline",
-            x_disable_stats=True,
-            x_disable_meta=True,
-            x_disable_machine_info=True,
-            console="off",
-            save_code=False,
-            disable_git=True,
-            disable_job_creation=True,
-            silent=True,
-        )
-        wrun = wandb.init(
-            project=project,
-            id=run_id,
-            name=run.get("name"),
-            notes=run.get("notes"),
-            tags=fitted_labels,
-            group=run.get("group"),
-            job_type=run.get("job_type"),
-            config=config,
-            dir=str(self.root),
-            settings=settings,
-            reinit="create_new",
-        )
+        meta = json.loads(json.dumps(meta, default=str))
+        config[wc.META_KEY] = meta
+        settings = {
+            "x_disable_stats": True,
+            "x_disable_meta": True,
+            "x_disable_machine_info": True,
+            "console": "off",
+            "save_code": False,
+            "disable_git": True,
+            "disable_job_creation": True,
+            "silent": True,
+        }
+        args = {
+            "project": project["name"],
+            "id": run_id,
+            "name": run.get("name"),
+            "notes": run.get("notes"),
+            "tags": fitted_labels,
+            "group": run.get("group"),
+            "job_type": run.get("job_type"),
+            "config": config,
+            "settings": settings,
+            "reinit": "create_new",
+        }
+        return args, meta
+
+    def _write(
+        self,
+        wrun: Any,
+        payload: RunPayload,
+        history: History,
+        report: RunReport,
+        after_step: int = -1,
+        skip_artifacts: frozenset[str] = frozenset(),
+        before_finish: Any = None,
+    ) -> Path:
+        """Log the run into an open SDK run and finish it; the folder it was written in.
+
+        ``after_step``: W&B steps up to it are in the run already (a resumed run), so only
+        the rows after it are logged."""
         ok = False
         try:
-            rows, mapped, system = _history(payload)
-            if mapped:
+            if history.mapped:
                 wrun.define_metric(wc.STEP_AXIS, hidden=True)
                 wrun.define_metric("*", step_metric=wc.STEP_AXIS)
                 report.mapped(
@@ -235,35 +229,39 @@ class WandbOfflineSink:
                     "metrics.step",
                     f"steps are not one increasing sequence; the source step is in {wc.STEP_AXIS!r}",
                 )
-            for i, (step, stamp, values) in enumerate(rows):
+            for i, (step, stamp, values) in enumerate(history.rows):
+                wstep = i if history.mapped else step
+                if wstep <= after_step:
+                    continue
                 data = dict(values)
                 if stamp is not None:
                     data["_timestamp"] = stamp
-                if mapped:
+                if history.mapped:
                     data[wc.STEP_AXIS] = step
-                wrun.log(data, step=i if mapped else step)
+                wrun.log(data, step=wstep)
                 report.points += len(values)
             files_dir = Path(wrun.dir)
-            if system is not None:
+            if history.system is not None:
                 target = files_dir / wc.KEPT_METRICS_FILE
                 target.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(system, target)
+                pq.write_table(history.system, target)
                 report.mapped(
                     "metrics-kept",
                     "metrics.system/*, metrics._runtime",
-                    f"the SDK cannot log these; {system.num_rows} point(s) in {wc.KEPT_METRICS_FILE}",
+                    f"the SDK cannot log these; {history.system.num_rows} point(s) in {wc.KEPT_METRICS_FILE}",
                 )
             for art in payload.artifacts:
                 if art.row["type"] == "run-files":
                     self._copy_run_files(art, files_dir, report)
-                else:
+                elif art.row["artifact_key"] not in skip_artifacts:
                     self._log_artifact(wrun, art, report)
+            if before_finish is not None:
+                before_finish(wrun)
             ok = True
         finally:
-            status = run.get("status") or "finished"
+            status = payload.run.get("status") or "finished"
             wrun.finish(exit_code=0 if ok and status in ("finished", "running", "scheduled") else 1)
-        folder = Path(wrun.dir).parent
-        return folder
+        return Path(wrun.dir).parent
 
     def _copy_run_files(self, art: ArtifactPayload, files_dir: Path, report: RunReport) -> None:
         for f in art.files:
@@ -280,15 +278,13 @@ class WandbOfflineSink:
         import wandb
 
         row = art.row
-        name = _BAD_ARTIFACT.sub("-", row["name"] or "artifact")
-        kind = row.get("type") or "artifact"
-        if kind in wc.RESERVED_ARTIFACT_TYPES:
+        name, kind = _artifact_name(row)
+        if kind != (row.get("type") or "artifact"):
             report.mapped(
                 "artifact-type",
                 f"artifacts.{row['name']}",
-                f"W&B reserves {kind!r}: written as trackbridge-{kind}",
+                f"W&B reserves {row['type']!r}: written as {kind}",
             )
-            kind = f"trackbridge-{kind}"
         if name != row["name"]:
             report.mapped("artifact-renamed", f"artifacts.{row['name']}", f"written as {name!r}")
         meta = json.loads(row["metadata_json"]) if row.get("metadata_json") else {}
@@ -311,8 +307,69 @@ class WandbOfflineSink:
     def write_artifact(self, payload: ArtifactPayload, report: Any) -> None:
         report.errors.append(
             f"artifact {payload.row['artifact_key']}: W&B artifacts belong to a run; "
-            "a standalone one has no place in an offline folder"
+            "a standalone one has no place in a W&B project"
         )
+
+
+class WandbOfflineSink(_SdkSink):
+    def __init__(self, path: str, dry_run: bool = False) -> None:
+        super().__init__(dry_run)
+        self.root = Path(path).expanduser().resolve()
+        self._index: dict[str, dict[str, Any]] | None = None
+
+    def describe(self) -> str:
+        return f"wandb+offline://{self.root}"
+
+    def begin(self, source: str) -> None:
+        if not self.dry_run:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def _runs_index(self) -> dict[str, dict[str, Any]]:
+        """run id → {"fingerprint": marker's or None, "dirs": [folders]} for our folder."""
+        if self._index is None:
+            from exporters.wandb import RUN_DIR, _head
+
+            index: dict[str, dict[str, Any]] = {}
+            base = self.root / "wandb"
+            for d in sorted(base.iterdir()) if base.is_dir() else []:
+                if not (d.is_dir() and RUN_DIR.match(d.name)):
+                    continue
+                logs = list(d.glob("run-*.wandb"))
+                run_id = _head(logs[0]).run_id if logs else RUN_DIR.match(d.name).group(2)  # type: ignore[union-attr]
+                entry = index.setdefault(run_id, {"fingerprint": None, "dirs": []})
+                entry["dirs"].append(d)
+                marker = d / MARKER
+                if marker.exists():
+                    entry["fingerprint"] = json.loads(marker.read_text()).get("fingerprint")
+            self._index = index
+        return self._index
+
+    def write_run(self, payload: RunPayload, report: RunReport) -> str:
+        run_id, fp = self._identity(payload, report)
+        have = self._runs_index().get(run_id)
+        if have and have["fingerprint"] == fp:
+            return "unchanged"
+        outcome = "updated" if have else "new"
+        if self.dry_run:
+            report.points = sum(b.num_rows for b in payload.metrics())
+            return outcome
+        project = self._project(payload, report)
+        args, _ = self._init_args(project, run_id, payload, report)
+        history = _history(payload)
+        import wandb
+
+        with self._lock:
+            for d in have["dirs"] if have else []:
+                shutil.rmtree(d)  # the whole run is written again; never two copies
+            settings = wandb.Settings(mode="offline", **args.pop("settings"))
+            wrun = wandb.init(dir=str(self.root), settings=settings, **args)
+            folder = self._write(wrun, payload, history, report)
+            atomic_write_bytes(
+                folder / MARKER,
+                json.dumps({"source_key": payload.key, "fingerprint": fp, "run_id": run_id}).encode(),
+            )
+            self._runs_index()[run_id] = {"fingerprint": fp, "dirs": [folder]}
+        return outcome
 
     def write_registry(self, payload: RegistryPayload, report: Any) -> None:
         n = payload.model_versions.num_rows
@@ -322,6 +379,228 @@ class WandbOfflineSink:
                 "model_versions",
                 f"{n} model version(s): offline W&B runs cannot hold registry links; "
                 "link them after `wandb sync`, or migrate to wandb://",
+            )
+
+
+@dataclass
+class WrittenRun:
+    """What a W&B project already holds of a run: its ``_trackbridge`` config entry and
+    the last ``_step`` of its history (-1 for none)."""
+
+    meta: dict[str, Any] | None
+    last_step: int
+
+
+class WandbWriteApi(Protocol):
+    """Everything the online importer asks of W&B beyond the SDK run itself."""
+
+    def ready(self) -> None: ...
+
+    def find_run(self, entity: str, project: str, run_id: str) -> WrittenRun | None: ...
+
+    def init(self, entity: str, **kwargs: Any) -> Any: ...
+
+    def find_artifact(
+        self, entity: str, project: str, name: str, kind: str, artifact_key: str
+    ) -> str | None: ...
+
+    def link(self, artifact_path: str, target_path: str, aliases: list[str]) -> None: ...
+
+
+class SdkWriteApi:
+    """``WandbWriteApi`` over ``wandb.init`` (online) and ``wandb.Api``, with retries."""
+
+    def __init__(self, policy: RetryPolicy | None = None) -> None:
+        self.policy = policy or RetryPolicy()
+        self._api: Any = None
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            import wandb
+
+            self._api = self.policy.call(wandb.Api, timeout=60)
+        return self._api
+
+    def ready(self) -> None:
+        """Fail before the first run, in one line, when W&B has no credentials."""
+        import wandb
+
+        try:
+            self.api  # noqa: B018  (made now: it reads the credentials)
+        except wandb.errors.UsageError as e:
+            raise UsageError(f"W&B: {first_line(e)} (or set WANDB_API_KEY)") from e
+
+    def find_run(self, entity: str, project: str, run_id: str) -> WrittenRun | None:
+        from wandb.apis.public.runs import RunNotFoundError
+
+        def look() -> WrittenRun | None:
+            try:
+                r = self.api.run(f"{entity}/{project}/{run_id}")
+            except RunNotFoundError:
+                return None
+            meta = (r.config or {}).get(wc.META_KEY)
+            return WrittenRun(meta if isinstance(meta, dict) else None, int(r.lastHistoryStep))
+
+        return self.policy.call(look)
+
+    def init(self, entity: str, **kwargs: Any) -> Any:
+        import wandb
+
+        settings = wandb.Settings(mode="online", **kwargs.pop("settings"))
+        return wandb.init(entity=entity, settings=settings, **kwargs)
+
+    def find_artifact(self, entity: str, project: str, name: str, kind: str, artifact_key: str) -> str | None:
+        def look() -> str | None:
+            if not self.api.artifact_collection_exists(f"{entity}/{project}/{name}", kind):
+                return None
+            for a in self.api.artifacts(kind, f"{entity}/{project}/{name}", per_page=100):
+                if ((a.metadata or {}).get(wc.META_KEY) or {}).get("row", {}).get(
+                    "artifact_key"
+                ) == artifact_key:
+                    return a.qualified_name
+            return None
+
+        return self.policy.call(look)
+
+    def link(self, artifact_path: str, target_path: str, aliases: list[str]) -> None:
+        self.policy.call(lambda: self.api.artifact(artifact_path).link(target_path, aliases))
+
+
+class WandbOnlineSink(_SdkSink):
+    """Write runs into a W&B server through the SDK (``wandb://entity[/project]``).
+
+    Identity lives in the run itself: the run id is derived from the source key, and the
+    ``_trackbridge`` config entry gets the content fingerprint and a digest of the
+    history rows as the last thing before the run finishes. So, with no local state:
+    - a run whose fingerprint matches is not touched;
+    - a run that changed, or whose import was killed, is resumed (``resume="allow"``)
+      and only the history rows after the server's last ``_step`` are logged. Config,
+      summary, name and tags are set again; artifacts already logged are not.
+    W&B keeps a deleted run's id for 7 days and its rewind is in private preview, so a run
+    can only grow: a source whose already-written rows changed is refused with one line,
+    never written twice.
+    """
+
+    def __init__(self, entity_project: str, api: WandbWriteApi | None = None, dry_run: bool = False) -> None:
+        super().__init__(dry_run)
+        entity, _, project = entity_project.strip("/").partition("/")
+        if not entity or "/" in project:
+            raise UsageError(f"wandb://{entity_project}: expected wandb://ENTITY or wandb://ENTITY/PROJECT")
+        self.entity, self.project = entity, project or None
+        self.api: WandbWriteApi = api or SdkWriteApi()
+        self._artifact_projects: dict[str, str] = {}  # artifact_key → the W&B project it is in
+        self._scratch: Path | None = None
+
+    def describe(self) -> str:
+        return f"wandb://{self.entity}/{self.project or ''}".rstrip("/")
+
+    def begin(self, source: str) -> None:
+        self.api.ready()
+        # the SDK's local copy of each run (its files are uploaded from there at finish)
+        self._scratch = Path(tempfile.mkdtemp(prefix="trackbridge-wandb-"))
+
+    def finish(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def write_run(self, payload: RunPayload, report: RunReport) -> str:
+        run_id, fp = self._identity(payload, report)
+        project = self._project(payload, report, self.project)
+        for art in payload.artifacts:
+            self._artifact_projects[art.row["artifact_key"]] = project["name"]
+        have = self.api.find_run(self.entity, project["name"], run_id)
+        meta_have = (have.meta or {}) if have else {}
+        if have and meta_have.get("fingerprint") == fp:
+            return "unchanged"
+        outcome = "updated" if have else "new"
+        if self.dry_run:
+            report.points = sum(b.num_rows for b in payload.metrics())
+            return outcome
+        args, meta = self._init_args(project, run_id, payload, report)
+        history = _history(payload)
+        digest = history.digest(int(meta_have.get("history_rows") or 0))
+        if have and meta_have.get("history_digest") and digest != meta_have["history_digest"]:
+            raise DestinationError(
+                f"run {payload.key}: history already in W&B run {self.entity}/{project['name']}/{run_id} "
+                "differs from the source's; W&B cannot rewrite a run's history, so delete that run and "
+                "import into another project"
+            )
+        after = have.last_step if have else -1
+        logged = frozenset(meta_have.get("logged_artifacts") or [])
+
+        def seal(wrun: Any) -> None:
+            done = {
+                **meta,
+                "fingerprint": fp,
+                "history_rows": len(history.rows),
+                "history_digest": history.digest(len(history.rows)),
+                "logged_artifacts": sorted(
+                    a.row["artifact_key"] for a in payload.artifacts if a.row["type"] != "run-files"
+                ),
+            }
+            wrun.config.update({wc.META_KEY: done}, allow_val_change=True)
+
+        if have:
+            args["resume"] = "allow"
+            args["allow_val_change"] = True
+            if after >= 0:
+                report.mapped("resumed", "metrics", f"W&B run had steps up to {after}; the rest appended")
+        with self._lock:
+            wrun = self.api.init(self.entity, dir=str(self._scratch), **args)
+            self._write(wrun, payload, history, report, after, logged, seal)
+        return outcome
+
+    def write_registry(self, payload: RegistryPayload, report: Any) -> None:
+        """Link each model version's artifact into the W&B Registry collection of its
+        model (``wandb-registry-model/<name>``), with its aliases, and its stage as one."""
+        for rm in payload.registered_models.to_pylist():
+            if rm.get("description") or rm.get("tags"):
+                report.mapped(
+                    "registry-model-fields",
+                    f"registered_models.{rm['name']}",
+                    "the description and tags of a Registry collection are not set through the SDK",
+                )
+        versions = payload.model_versions.to_pylist()
+        # linked in the source's order, so W&B's own numbering keeps it
+        versions.sort(key=lambda v: (v["model_name"], int(v["version"]) if v["version"].isdigit() else 0))
+        for v in versions:
+            label = f"model version {v['model_name']}/{v['version']}"
+            if v.get("description") or v.get("tags"):
+                report.mapped(
+                    "registry-version-fields",
+                    f"model_versions.{v['model_name']}.{v['version']}",
+                    "a link has no description or tags of its own; the artifact keeps its own",
+                )
+            key = v.get("artifact_key")
+            if key not in self._artifacts:
+                report.mapped(
+                    "registry-not-linked",
+                    f"model_versions.{v['model_name']}.{v['version']}",
+                    f"its files are not an artifact ({v.get('source')}); they stay in its run's files",
+                )
+                continue
+            name, kind = self._artifacts[key]
+            project = self._artifact_projects[key]
+            path = self.api.find_artifact(self.entity, project, name, kind, key)
+            if path is None:
+                report.errors.append(f"{label}: artifact {key} was not found in W&B; not linked")
+                continue
+            aliases = list(v.get("aliases") or [])
+            stage = v.get("stage")
+            if stage and stage != "None" and stage.lower() not in aliases:
+                aliases.append(stage.lower())
+            if not self.dry_run:
+                self.api.link(
+                    path, f"wandb-registry-model/{_BAD_ARTIFACT.sub('-', v['model_name'])}", aliases
+                )
+            report.models["linked"] = report.models.get("linked", 0) + 1
+        if payload.model_versions.num_rows:
+            report.mapped(
+                "registry-version-numbers",
+                "model_versions.version",
+                "W&B numbers a collection's versions itself (v0, v1…); they are linked in the source's order",
             )
 
 
@@ -341,11 +620,34 @@ def _config(params: pa.Table) -> tuple[dict[str, Any], set[tuple[str, ...]]]:
     return wc.unflatten(leaves), conflicts
 
 
-def _history(
-    payload: RunPayload,
-) -> tuple[list[tuple[int, float | None, dict[str, Any]]], bool, pa.Table | None]:
-    """History rows (step, _timestamp seconds, values), whether the step axis is mapped,
-    and the system metrics kept aside.
+@dataclass
+class History:
+    """A run's history as the SDK takes it: rows (step, _timestamp seconds, values),
+    whether the step axis is mapped, and the system metrics kept aside."""
+
+    rows: list[tuple[int, float | None, dict[str, Any]]]
+    mapped: bool
+    system: pa.Table | None
+
+    def digest(self, n: int) -> str:
+        """Of the first ``n`` rows as W&B holds them: a resumed run may only grow, so the
+        rows already written must be the same ones."""
+        h = hashlib.sha256(b"mapped" if self.mapped else b"steps")
+        for row in self.rows[:n]:
+            h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+
+def _artifact_name(row: dict[str, Any]) -> tuple[str, str]:
+    """The W&B name and type an artifact is logged under."""
+    kind = row.get("type") or "artifact"
+    if kind in wc.RESERVED_ARTIFACT_TYPES:
+        kind = f"trackbridge-{kind}"
+    return _BAD_ARTIFACT.sub("-", row["name"] or "artifact"), kind
+
+
+def _history(payload: RunPayload) -> History:
+    """The run's history rows for ``log`` calls.
 
     Points that share a step and a timestamp become one row, as one ``log`` call made
     them; a key seen twice at the same step and time starts another row.
@@ -387,4 +689,4 @@ def _history(
     steps = [s for s, _, _ in out]
     mapped = any(s < 0 for s in steps) or any(a >= b for a, b in itertools.pairwise(steps))
     sys_tbl = pa.Table.from_batches(system) if system else None
-    return out, mapped, sys_tbl
+    return History(out, mapped, sys_tbl)

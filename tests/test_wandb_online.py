@@ -445,3 +445,25 @@ def test_register_models_adds_model_artifacts_to_registry_links() -> None:
     assert by_model["resnet"]["version"] == "3" and by_model["resnet"]["aliases"] == ["candidate"]
     assert by_model["resnet"]["version_key"] == by_model["resnet"]["artifact_key"]
     assert src.registry(Selection()).registered_models.num_rows == 1  # links only, by default
+
+
+def test_an_entity_alone_reads_every_project() -> None:
+    """``wandb://ENTITY``, the source that ``wandb://ENTITY`` as a destination writes."""
+
+    class TwoProjects(FakeApi):
+        def projects(self, entity: str) -> list[str]:
+            assert entity == "acme"
+            return ["vision", "empty"]
+
+        def runs(self, entity: str, project: str) -> list[Any]:
+            return super().runs(entity, project) if project == "vision" else []
+
+    whole = WandbOnlineSource("acme", api=TwoProjects())
+    assert whole.describe() == "wandb://acme"
+    sel = Selection(registry=False)
+    assert [p["name"] for p in whole.projects(sel)] == ["empty", "vision"]
+    one = WandbOnlineSource("acme/vision", api=TwoProjects())
+    runs = whole.runs(sel, whole.projects(sel))
+    assert [r["run_key"] for r in runs] == [r["run_key"] for r in one.runs(sel, one.projects(sel))]
+    assert whole.read_run(runs[0]).content_digest() == one.read_run(runs[0]).content_digest()
+    assert whole.runs(sel, whole.projects(Selection(projects=("empty",)))) == []
