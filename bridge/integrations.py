@@ -12,6 +12,7 @@ spool, the bounded queues and the catch-up at the end like any other run's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from bridge import shim
@@ -97,7 +98,8 @@ def lightning_logger(**init: Any) -> Any:
 
         @rank_zero_only
         def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            self.experiment.config.update(dict(vars(params)) if hasattr(params, "__dict__") else dict(params))
+            # a dict (Lightning's AttributeDict is one, with an empty __dict__) or a Namespace
+            self.experiment.config.update(dict(params) if isinstance(params, Mapping) else dict(vars(params)))
 
         @rank_zero_only
         def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -234,3 +235,58 @@ def test_hugging_face_callback_logs_what_the_trainer_logs(tmp_path: Path) -> Non
     (r,) = c.search_runs([c.get_experiment_by_name("out").experiment_id])
     assert r.info.run_name == "hf-run" and r.data.params["args.learning_rate"] == str(args.learning_rate)
     assert [m.step for m in c.get_metric_history(r.info.run_id, "loss")] == list(range(1, 51))
+
+
+def test_lightning_logger_logs_a_real_fit(tmp_path: Path) -> None:
+    """A real ``lightning.Trainer.fit`` on the CPU, logging through ``lightning_logger``."""
+    import lightning as L  # a dev dependency, with the CPU build of torch
+    import torch
+
+    from bridge.integrations import lightning_logger
+
+    class Tiny(L.LightningModule):
+        def __init__(self, lr: float = 0.05, width: int = 4) -> None:
+            super().__init__()
+            self.save_hyperparameters()  # → the logger's log_hyperparams
+            self.net = torch.nn.Linear(width, 1)
+
+        def training_step(self, batch: Any, _: int) -> Any:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, _: int) -> None:
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
+    logger = lightning_logger(project="lit", name="tiny", to=[dest], spool=tmp_path / "spool")
+    trainer = L.Trainer(
+        max_epochs=3,
+        logger=logger,
+        log_every_n_steps=1,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path / "out"),
+    )
+    trainer.fit(Tiny(), loader, loader)
+    assert logger.experiment.finished
+    _same(tmp_path / "spool", dest)
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    (r,) = c.search_runs([c.get_experiment_by_name("lit").experiment_id])
+    assert r.info.run_name == "tiny" and r.info.status == "FINISHED"
+    assert r.data.params["lr"] == "0.05" and r.data.params["width"] == "4"
+    steps = [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")]
+    assert steps == list(range(24))  # 8 batches × 3 epochs, each at its global step
+    assert len(c.get_metric_history(r.info.run_id, "val_loss")) == 3
