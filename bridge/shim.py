@@ -366,6 +366,9 @@ class Run:
         self.finish(exit_code=0 if exc_type is None else 1)
 
 
+_COMPLETING = threading.Lock()
+
+
 class _Backend:
     """One destination: fed live while it keeps up, completed from the spool at the end."""
 
@@ -449,6 +452,10 @@ class _Backend:
 
         head = spooled_payload(self.run.dir, self.run._meta)
         head.metrics = lambda: iter(())
+        # the spool's fingerprint names a run with its points; the head has none, so it
+        # must never pass for that run (a run that ended before this destination started
+        # would otherwise look complete, with no points)
+        head.fingerprint = f"live-{head.fingerprint}"
         rr = RunReport(run_key=self.run.key)
         sink.write_run(head, rr)
         return sink, rr.destination_id
@@ -459,11 +466,14 @@ class _Backend:
         from exporters.spool import spooled_payload
 
         try:
-            sink = open_sink(self.uri)
-            sink.begin(f"spool://{self.run.dir.parent}")
-            sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
-            sink.write_run(spooled_payload(self.run.dir, self.run._meta), RunReport(run_key=self.run.key))
-            sink.finish()
+            # one destination at a time: each reads the whole spool, so memory at the end
+            # holds one copy of the run, not one per destination
+            with _COMPLETING:
+                sink = open_sink(self.uri)
+                sink.begin(f"spool://{self.run.dir.parent}")
+                sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
+                sink.write_run(spooled_payload(self.run.dir, self.run._meta), RunReport(run_key=self.run.key))
+                sink.finish()
             self.done = True
         except Exception as e:
             self.error = first_line(e)

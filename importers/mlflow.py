@@ -104,6 +104,8 @@ class MlflowSink:
             if tracking_uri.startswith(("http://", "https://"))
             else None
         )
+        self._sql = None if self._creds is not None else _SqlPoints.of(self.client._tracking_client.store)
+        self._batch = _SqlPoints.BATCH if self._sql is not None else MAX_METRICS_PER_BATCH
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"
@@ -463,9 +465,9 @@ class MlflowSink:
             if have_keys:
                 recs = self._missing(run_id, recs, have_keys, have)
             pending += recs
-            full = len(pending) - len(pending) % MAX_METRICS_PER_BATCH
-            for i in range(0, full, MAX_METRICS_PER_BATCH):
-                self._send_metrics(run_id, pending[i : i + MAX_METRICS_PER_BATCH])
+            full = len(pending) - len(pending) % self._batch
+            for i in range(0, full, self._batch):
+                self._send_metrics(run_id, pending[i : i + self._batch])
             report.points += full
             del pending[:full]  # one shift per source batch, not one per request
         if pending:
@@ -477,8 +479,8 @@ class MlflowSink:
         MLflow as an import fits them, sent at once, never diffed."""
         plan = _Plan(RunReport(run_key=""))
         recs = _records(batch, plan, self._model_ids)
-        for i in range(0, len(recs), MAX_METRICS_PER_BATCH):
-            self._send_metrics(run_id, recs[i : i + MAX_METRICS_PER_BATCH])
+        for i in range(0, len(recs), self._batch):
+            self._send_metrics(run_id, recs[i : i + self._batch])
 
     def _missing(
         self,
@@ -495,6 +497,9 @@ class MlflowSink:
                 out.append(r)
                 continue
             if key not in have:
+                # points come sorted by key: the keys before this one are done, and one
+                # key's history at a time is what memory holds
+                have.clear()
                 have[key] = Counter(
                     (m.step, m.timestamp, _vkey(m.value)) for m in self.client.get_metric_history(run_id, key)
                 )
@@ -513,9 +518,14 @@ class MlflowSink:
             body = {"run_id": run_id, "metrics": [_json_point(r) for r in recs]}
             mc.rest(self._creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=body)
             return
+        if self._sql is not None and not any("model_id" in r for r in recs):
+            self._sql.write(run_id, recs)
+            return
         from mlflow.entities import Metric
 
-        self.client.log_batch(run_id, metrics=[Metric(**r) for r in recs], synchronous=True)
+        for i in range(0, len(recs), MAX_METRICS_PER_BATCH):
+            chunk = recs[i : i + MAX_METRICS_PER_BATCH]
+            self.client.log_batch(run_id, metrics=[Metric(**r) for r in chunk], synchronous=True)
 
     def _upload_run_files(self, run_id: str, art: ArtifactPayload, existed: bool, report: RunReport) -> None:
         _upload_missing(
@@ -857,6 +867,80 @@ class _Plan:
                 self.mapping["metrics"][k] = original
                 self.report.mapped("key-renamed", f"metrics.{original}", f"written as {k!r}")
         return k
+
+
+class _SqlPoints:
+    """Metric points straight into an in-process SQLite store, one statement a batch.
+
+    ``log_batch`` into a SQL store goes through SQLAlchemy's unit of work, one ORM object
+    a point: about 220 µs a point here (4,500 points/s), so a 10M-point run would take
+    40 minutes. The same rows go in with one ``INSERT OR IGNORE`` per 50,000 points, and
+    the run's latest values through MLflow's own ``_update_latest_metrics_if_necessary``
+    with one candidate per key, in one transaction. So the rows, the duplicate rule (the
+    table's primary key) and the latest-value rule are ``log_batch``'s. Used only when
+    the store has every part this relies on; otherwise ``log_batch`` it is."""
+
+    BATCH = 50_000
+    _NEEDS = (
+        "ManagedSessionMaker",
+        "_get_run",
+        "_check_run_is_active",
+        "_update_latest_metrics_if_necessary",
+        "sanitize_metric_value",
+    )
+    _COLUMNS = ("key", "value", "timestamp", "run_uuid", "step", "is_nan")
+
+    def __init__(self, store: Any, table: Any) -> None:
+        self.store = store
+        self._sql = (
+            f"INSERT OR IGNORE INTO {table.name} ({', '.join(self._COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)"
+        )
+
+    @classmethod
+    def of(cls, store: Any) -> _SqlPoints | None:
+        try:
+            from mlflow.store.tracking.dbmodels.models import SqlMetric
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        except ImportError:  # pragma: no cover - depends on MLflow's layout
+            return None
+        if not isinstance(store, SqlAlchemyStore) or store.engine.dialect.name != "sqlite":
+            return None
+        cols = SqlMetric.__table__.columns
+        fits = {c.name for c in cols} >= set(cls._COLUMNS) and all(
+            c.name in cls._COLUMNS or c.nullable or c.default is not None or c.server_default is not None
+            for c in cols
+        )
+        if not fits or not all(hasattr(store, n) for n in cls._NEEDS):
+            return None
+        return cls(store, SqlMetric.__table__)
+
+    def write(self, run_id: str, recs: list[dict[str, Any]]) -> None:
+        from types import SimpleNamespace
+
+        sanitize = self.store.sanitize_metric_value
+        rows = []
+        latest: dict[str, tuple[int, int, float, bool]] = {}
+        for r in recs:
+            key, step, ts = r["key"], r["step"], r["timestamp"]
+            is_nan, value = sanitize(r["value"])
+            rows.append((key, value, ts, run_id, step, is_nan))
+            best = latest.get(key)
+            if best is None or (step, ts, value) > best[:3]:
+                latest[key] = (step, ts, value, is_nan)
+        candidates = [
+            SimpleNamespace(run_uuid=run_id, key=k, step=s, timestamp=t, value=v, is_nan=n)
+            for k, (s, t, v, n) in latest.items()
+        ]
+        try:
+            writing = self.store.ManagedSessionMaker(read_only=False)
+        except TypeError:  # an MLflow before read-only sessions: every session writes
+            writing = self.store.ManagedSessionMaker()
+        with writing as session:
+            self.store._check_run_is_active(self.store._get_run(run_uuid=run_id, session=session))
+            # the driver's executemany, in the session's transaction: no per-row ORM or
+            # SQLAlchemy parameter processing
+            session.connection().exec_driver_sql(self._sql, rows)
+            self.store._update_latest_metrics_if_necessary(candidates, session)
 
 
 def _fingerprint(payload: RunPayload) -> str:

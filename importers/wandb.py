@@ -35,11 +35,12 @@ import re
 import shutil
 import tempfile
 import threading
-from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -214,6 +215,7 @@ class _SdkSink:
         after_step: int = -1,
         skip_artifacts: frozenset[str] = frozenset(),
         before_finish: Any = None,
+        digest: bool = False,
     ) -> Path:
         """Log the run into an open SDK run and finish it; the folder it was written in.
 
@@ -229,7 +231,7 @@ class _SdkSink:
                     "metrics.step",
                     f"steps are not one increasing sequence; the source step is in {wc.STEP_AXIS!r}",
                 )
-            for i, (step, stamp, values) in enumerate(history.rows):
+            for i, (step, stamp, values) in enumerate(history.rows(digest=digest)):
                 wstep = i if history.mapped else step
                 if wstep <= after_step:
                     continue
@@ -534,8 +536,8 @@ class WandbOnlineSink(_SdkSink):
             done = {
                 **meta,
                 "fingerprint": fp,
-                "history_rows": len(history.rows),
-                "history_digest": history.digest(len(history.rows)),
+                "history_rows": history.count,
+                "history_digest": history.full_digest,
                 "logged_artifacts": sorted(
                     a.row["artifact_key"] for a in payload.artifacts if a.row["type"] != "run-files"
                 ),
@@ -549,7 +551,7 @@ class WandbOnlineSink(_SdkSink):
                 report.mapped("resumed", "metrics", f"W&B run had steps up to {after}; the rest appended")
         with self._lock:
             wrun = self.api.init(self.entity, dir=str(self._scratch), **args)
-            self._write(wrun, payload, history, report, after, logged, seal)
+            self._write(wrun, payload, history, report, after, logged, seal, digest=True)
         return outcome
 
     def write_registry(self, payload: RegistryPayload, report: Any) -> None:
@@ -622,18 +624,67 @@ def _config(params: pa.Table) -> tuple[dict[str, Any], set[tuple[str, ...]]]:
 
 @dataclass
 class History:
-    """A run's history as the SDK takes it: rows (step, _timestamp seconds, values),
-    whether the step axis is mapped, and the system metrics kept aside."""
+    """A run's history as the SDK takes it, streamed: memory follows the run's Arrow
+    points, never one Python dict per row for the whole run.
 
-    rows: list[tuple[int, float | None, dict[str, Any]]]
+    ``points`` holds every point (step, ts in µs or null, key, value, json) in row order:
+    by step, then timestamp, then the order the source gave them. Points that share a
+    step and a timestamp become one row, as one ``log`` call made them; a key seen twice
+    at the same step and time starts another row. ``mapped`` says the rows' steps are not
+    one increasing sequence (so ``_step`` counts rows instead)."""
+
+    points: pa.Table
     mapped: bool
     system: pa.Table | None
+    count: int = 0  # rows, once ``rows(digest=True)`` has gone through them
+    full_digest: str | None = None
+
+    def rows(
+        self, digest: bool = False, chunk: int = 65_536
+    ) -> Iterator[tuple[int, float | None, dict[str, Any]]]:
+        """(step, _timestamp seconds, values) per row. With ``digest``, ``count`` and
+        ``full_digest`` are set once the last row has been handed out."""
+        h = hashlib.sha256(b"mapped" if self.mapped else b"steps") if digest else None
+        n = 0
+        current: tuple[int, int | None] | None = None
+        bucket: list[dict[str, Any]] = []
+
+        def emit() -> Iterator[tuple[int, float | None, dict[str, Any]]]:
+            assert current is not None
+            step, ts = current
+            for values in bucket:
+                row = (step, None if ts is None else ts / 1_000_000, values)
+                if h is not None:
+                    h.update(json.dumps(row, sort_keys=True, default=str).encode())
+                yield row
+
+        for off in range(0, self.points.num_rows, chunk):
+            part = self.points.slice(off, chunk)
+            cols = [part.column(c).to_pylist() for c in ("step", "ts", "key", "value", "json")]
+            for step, ts, key, value, text in zip(*cols, strict=True):
+                if (step, ts) != current:
+                    if bucket:
+                        n += len(bucket)
+                        yield from emit()
+                    current, bucket = (step, ts), []
+                v = value if text is None else json.loads(text)
+                for r in bucket:
+                    if key not in r:
+                        r[key] = v
+                        break
+                else:
+                    bucket.append({key: v})
+        if bucket:
+            n += len(bucket)
+            yield from emit()
+        if h is not None:
+            self.count, self.full_digest = n, h.hexdigest()
 
     def digest(self, n: int) -> str:
         """Of the first ``n`` rows as W&B holds them: a resumed run may only grow, so the
         rows already written must be the same ones."""
         h = hashlib.sha256(b"mapped" if self.mapped else b"steps")
-        for row in self.rows[:n]:
+        for row in itertools.islice(self.rows(), n):
             h.update(json.dumps(row, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
@@ -647,46 +698,55 @@ def _artifact_name(row: dict[str, Any]) -> tuple[str, str]:
 
 
 def _history(payload: RunPayload) -> History:
-    """The run's history rows for ``log`` calls.
-
-    Points that share a step and a timestamp become one row, as one ``log`` call made
-    them; a key seen twice at the same step and time starts another row.
-    """
-    rows: dict[tuple[int, int | None], list[dict[str, Any]]] = defaultdict(list)
-    system = []
-
-    def put(step: int, ts: int | None, key: str, value: Any) -> None:
-        bucket = rows[(step, ts)]
-        for r in bucket:
-            if key not in r:
-                r[key] = value
-                return
-        bucket.append({key: value})
-
+    """The run's points in row order (see ``History``), with system metrics set aside."""
+    parts, system = [], []
     for batch in payload.metrics():
         keys_col = batch.column("key")
         aside = pc.or_(pc.starts_with(keys_col, "system/"), pc.equal(keys_col, "_runtime"))
         if pc.any(aside).as_py():
             system.append(batch.filter(aside))
             batch = batch.filter(pc.invert(aside))
-        keys = batch.column("key").to_pylist()
-        steps = batch.column("step").to_pylist()
-        stamps = batch.column("timestamp").cast(pa.int64()).to_pylist()
-        values = batch.column("value").to_pylist()
-        for k, s, t, v in zip(keys, steps, stamps, values, strict=True):
-            put(s, t, k, v)
+        n = batch.num_rows
+        parts.append(
+            pa.table(
+                {
+                    "step": batch.column("step"),
+                    # µs as integers: a float round trip could split a row
+                    "ts": batch.column("timestamp").cast(pa.int64()),
+                    "key": batch.column("key"),
+                    "value": batch.column("value"),
+                    "json": pa.nulls(n, pa.string()),
+                }
+            )
+        )
     series = payload.series
-    # µs as integers, as for the metrics above: a float round trip could split a row
-    series_us = series.column("timestamp").cast(pa.int64()).to_pylist()
-    for r, us in zip(series.select(["step", "key", "value_json"]).to_pylist(), series_us, strict=True):
-        put(r["step"], us, r["key"], json.loads(r["value_json"]))
-    ordered = sorted(rows.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))
-    out = [
-        (step, None if ts is None else ts / 1_000_000, vals)
-        for (step, ts), bucket in ordered
-        for vals in bucket
-    ]
-    steps = [s for s, _, _ in out]
-    mapped = any(s < 0 for s in steps) or any(a >= b for a, b in itertools.pairwise(steps))
+    parts.append(
+        pa.table(
+            {
+                "step": series.column("step"),
+                "ts": series.column("timestamp").cast(pa.int64()),
+                "key": series.column("key"),
+                "value": pa.nulls(series.num_rows, pa.float64()),
+                "json": series.column("value_json"),
+            }
+        )
+    )
+    points = pa.concat_tables(parts).combine_chunks()
+    points = points.append_column("order", pa.array(np.arange(points.num_rows, dtype=np.int64)))
+    points = points.append_column("ts_sort", pc.fill_null(points.column("ts"), -1))
+    points = points.sort_by([("step", "ascending"), ("ts_sort", "ascending"), ("order", "ascending")])
+    # one row per step, ascending, unless a step has several timestamps or a key twice
+    mapped = points.num_rows > 0 and (
+        pc.min(points.column("step")).as_py() < 0
+        or _most(
+            points.group_by(["step"]).aggregate([("ts_sort", "count_distinct")]), "ts_sort_count_distinct"
+        )
+        > 1
+        or _most(points.group_by(["step", "ts_sort", "key"]).aggregate([("key", "count")]), "key_count") > 1
+    )
     sys_tbl = pa.Table.from_batches(system) if system else None
-    return History(out, mapped, sys_tbl)
+    return History(points.select(["step", "ts", "key", "value", "json"]), bool(mapped), sys_tbl)
+
+
+def _most(tbl: pa.Table, column: str) -> int:
+    return pc.max(tbl.column(column)).as_py() or 0

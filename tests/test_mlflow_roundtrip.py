@@ -264,17 +264,17 @@ def test_interrupted_import_is_completed_without_duplicates(demo_store, migrated
     """A run whose import died half-way has no fingerprint; the next import fills the gap."""
     dest = f"mlflow+sqlite:///{tmp_path / 'half.db'}"
     sink = open_sink(dest)
+    sink._batch = 10  # small batches, so a run dies with some of its points written
     calls = {"n": 0}
-    real = sink.client.log_batch
+    real = sink._send_metrics
 
-    def failing(run_id, metrics=(), params=(), tags=(), synchronous=None):
-        if metrics:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise ConnectionError("simulated crash after the first metric batch")
-        return real(run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
+    def failing(run_id, recs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("simulated crash after the first metric batch")
+        return real(run_id, recs)
 
-    monkeypatch.setattr(sink.client, "log_batch", failing)
+    monkeypatch.setattr(sink, "_send_metrics", failing)
     first = engine.copy(BundleSource(migrated["bundle"]), sink, Selection())
     assert first.count("failed") == 1
     monkeypatch.undo()
@@ -324,3 +324,61 @@ def test_cli_migrate_and_inspect(demo_store, tmp_path):
     assert "schema version: 1" in p.stdout and "check: every file and blob" in p.stdout
     p = run_cli("import", str(tmp_path / "bundle"), dest, "--dry-run")
     assert "0 new, 0 updated, 6 unchanged" in p.stdout and "dry run" in p.stdout
+
+
+def test_sql_fast_path_stores_what_log_batch_stores(tmp_path):
+    """Points into an in-process SQLite store bypass the ORM (``_SqlPoints``); the rows,
+    the duplicate rule and the latest values must be exactly ``log_batch``'s."""
+    import pyarrow as pa
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from bridge import schema
+    from importers.mlflow import MlflowSink
+
+    inf, nan = math.inf, math.nan
+    points = [  # (key, step, ms, value): NaN, ±inf, repeats, out of order, negative steps
+        ("loss", 0, 1000, 1.0),
+        ("loss", 2, 1002, 0.5),
+        ("loss", 1, 1001, nan),
+        ("loss", 2, 1002, 0.5),  # the same point twice in one batch
+        ("loss", 2, 1003, 0.4),  # the same step, later
+        ("acc", -1, 900, inf),
+        ("acc", 5, 905, -inf),
+        ("acc", 5, 905, 0.7),  # a tie on step and time: the larger value is latest
+        ("lr", 3, 950, nan),
+        ("lr", 3, 950, nan),
+    ]
+    later = [("loss", 2, 1002, 0.5), ("loss", 9, 2000, 0.1), ("lr", 1, 999, 0.2)]  # one repeat
+
+    def batch(rows):
+        k, st, ms, v = zip(*rows, strict=True)
+        ts = pa.array([x * 1000 for x in ms], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+        return schema.metrics_table(
+            "r", pa.array(k), pa.array(st, pa.int64()), ts, pa.array(v, pa.float64())
+        ).to_batches()[0]
+
+    fast_uri, api_uri = f"sqlite:///{tmp_path / 'fast.db'}", f"sqlite:///{tmp_path / 'api.db'}"
+    sink = MlflowSink(fast_uri)
+    assert sink._sql is not None  # the fast path is in use for this store
+    fast = MlflowClient(fast_uri)
+    fast_run = fast.create_run(fast.create_experiment("e")).info.run_id
+    for rows in (points, later, later):  # the last one again: nothing may be added
+        sink.append_points(fast_run, batch(rows))
+
+    api = MlflowClient(api_uri)
+    api_run = api.create_run(api.create_experiment("e")).info.run_id
+    for rows in (points, later, later):
+        api.log_batch(api_run, metrics=[Metric(k, v, ms, st) for k, st, ms, v in rows])
+
+    def stored(c, run_id):
+        hist = {
+            k: sorted((m.step, m.timestamp, repr(m.value)) for m in c.get_metric_history(run_id, k))
+            for k in ("loss", "acc", "lr")
+        }
+        latest = {k: repr(v) for k, v in c.get_run(run_id).data.metrics.items()}
+        return hist, latest
+
+    got, want = stored(fast, fast_run), stored(api, api_run)
+    assert got == want
+    assert len(got[0]["loss"]) == 5 and got[1]["loss"] == "0.1" and got[1]["acc"] == "0.7"

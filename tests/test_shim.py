@@ -290,3 +290,25 @@ def test_lightning_logger_logs_a_real_fit(tmp_path: Path) -> None:
     steps = [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")]
     assert steps == list(range(24))  # 8 batches × 3 epochs, each at its global step
     assert len(c.get_metric_history(r.info.run_id, "val_loss")) == 3
+
+
+def test_a_run_that_ends_before_its_destination_starts_loses_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A short script, or a destination slow to start (MLflow's import and a new SQLite
+    store take seconds), that logged more than the backlog meanwhile: the destination's
+    first write already sees the whole spool, and none of it came live."""
+    from bridge import shim
+
+    real = shim._Backend._start
+
+    def late(self: shim._Backend):  # starts only once finish() has closed the spool
+        while not self._closing:
+            time.sleep(0.01)
+        return real(self)
+
+    monkeypatch.setattr(shim._Backend, "_start", late)
+    dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
+    run = bridge.init(project="short", to=[dest], spool=tmp_path / "spool", backlog=500)
+    for step in range(1000):
+        run.log(_row(step))
+    assert run.finish(quiet=True) == {dest: "complete"}
+    assert _same(tmp_path / "spool", dest)["points"] == 3000
