@@ -12,8 +12,12 @@ Measured in one run, side by side:
 - shim:   ``run.log(10 scalars)`` with both destinations live; every call timed with
           ``perf_counter_ns``; RSS sampled every 100,000 calls; then ``finish()`` (both
           destinations completed from the spool) timed, for the end-to-end rate;
-- wandb:  ``wandb.log(10 scalars)`` on an offline run (the SDK's own ceiling);
-- mlflow: ``mlflow.log_metrics(10 scalars)`` into a SQLite store (the fluent API).
+- the same end to end with one destination at a time (each in a fresh process);
+- wandb:  ``wandb.log(10 scalars)`` on an offline run (the SDK's public path);
+- mlflow: ``mlflow.log_metrics(10 scalars)`` into a SQLite store (the fluent API), and
+          ``MlflowClient.log_batch`` of 1,000 points;
+- the destinations' physical ceilings: ``sqlite3.executemany`` into MLflow's own
+  ``metrics`` table, and prebuilt history records handed to wandb-core, W&B's writer.
 The references log fewer calls (they are slow), which does not change a per-call time.
 """
 
@@ -25,6 +29,7 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 from array import array
 from pathlib import Path
@@ -47,13 +52,19 @@ def row(i: int) -> dict[str, float]:
     return {f"k{j}": i + j / 10 for j in range(10)}
 
 
-def bench_shim(calls: int) -> dict:
+def bench_shim(calls: int, to: str = "both") -> dict:
+    """``calls`` calls of ``run.log``, then ``finish()``: every destination complete.
+    ``to``: "both", "mlflow" (SQLite) or "wandb" (offline)."""
     import bridge
 
+    dests = {
+        "mlflow": [f"mlflow+sqlite:///{WORK / f'shim-{to}.db'}"],
+        "wandb": [f"wandb+offline://{WORK / f'wb-{to}'}"],
+    }
     run = bridge.init(
-        project="bench-shim",
-        to=[f"mlflow+sqlite:///{WORK / 'shim.db'}", f"wandb+offline://{WORK / 'wb'}"],
-        spool=WORK / "spool",
+        project=f"bench-shim-{to}",
+        to=dests["mlflow"] + dests["wandb"] if to == "both" else dests[to],
+        spool=WORK / f"spool-{to}",
     )
     times = array("q", bytes(8 * calls))  # allocated up front: RSS shows the shim, not us
     rss = [(0, rss_mib())]
@@ -66,8 +77,19 @@ def bench_shim(calls: int) -> dict:
         if (i + 1) % 100_000 == 0:
             rss.append((i + 1, rss_mib()))
     logged = time.perf_counter() - t0
+    peak = [rss_mib()]
+    finishing = threading.Event()
+
+    def sample() -> None:  # RSS while finish() completes the destinations
+        while not finishing.wait(0.1):
+            peak[0] = max(peak[0], rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     outcome = run.finish(timeout=3600, quiet=True)
     total = time.perf_counter() - t0
+    finishing.set()
+    sampler.join()
     return {
         "calls": calls,
         "p50_us": pct(times, 0.50),
@@ -79,6 +101,7 @@ def bench_shim(calls: int) -> dict:
         "end_to_end_calls_per_s": round(calls / total),
         "outcome": outcome,
         "rss_mib": [(n, round(m, 1)) for n, m in rss],
+        "peak_rss_during_finish_mib": round(peak[0], 1),
     }
 
 
@@ -173,6 +196,79 @@ def bench_mlflow_ceiling(points: int) -> dict:
     }
 
 
+def bench_sqlite_ceiling(points: int) -> dict:
+    """What SQLite itself takes into MLflow's ``metrics`` table (its primary key and two
+    indexes, as MLflow creates them): ``sqlite3.executemany`` of ready tuples, sorted by
+    key and step, 50,000 a transaction. No client can write a SQLite store faster."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    db = WORK / "sqlite-ceiling.db"
+    c = MlflowClient(f"sqlite:///{db}")
+    run_id = c.create_run(c.create_experiment("ceiling")).info.run_id
+    now = int(time.time() * 1000)
+    per_key = points // 10
+    rows = [(f"k{k}", float(i), now + i, run_id, i, False) for k in range(10) for i in range(per_key)]
+    con = sqlite3.connect(db)
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), 50_000):
+        con.executemany(
+            "INSERT OR IGNORE INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows[start : start + 50_000],
+        )
+        con.commit()
+    dt = time.perf_counter() - t0
+    con.close()
+    return {
+        "points": len(rows),
+        "seconds": round(dt, 2),
+        "points_per_s": round(len(rows) / dt),
+        "calls_per_s_at_10_keys": round(len(rows) / dt / 10),
+    }
+
+
+def bench_wandb_core_ceiling(rows: int) -> dict:
+    """The fastest way into an offline ``.wandb`` file through W&B's own writer
+    (wandb-core): history records built beforehand and handed to the SDK's internal
+    interface without waiting for each, then ``finish()`` until wandb-core has written
+    them all. A reference only (private API): ``wandb.log`` is the public path."""
+    import wandb
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run = wandb.init(
+        project="bench-shim-core",
+        dir=str(WORK / "wbcore"),
+        settings=wandb.Settings(mode="offline", console="off", x_disable_stats=True, silent=True),
+    )
+    iface = run._interface
+    now = time.time()
+    records = []
+    for i in range(rows):
+        h = pb.HistoryRecord()
+        for k, v in row(i).items():
+            it = h.item.add()
+            it.key, it.value_json = k, repr(v)
+        for k, v in (("_step", str(i)), ("_timestamp", repr(now + i / 1000))):
+            it = h.item.add()
+            it.key, it.value_json = k, v
+        h.step.num = i
+        records.append(iface._make_record(history=h))
+    t0 = time.perf_counter()
+    for rec in records:
+        iface._publish(rec, nowait=True)
+    handed = time.perf_counter() - t0
+    run.finish()
+    dt = time.perf_counter() - t0
+    return {
+        "rows": rows,
+        "handed_over_seconds": round(handed, 2),
+        "seconds_until_written": round(dt, 2),
+        "rows_per_s": round(rows / dt),
+    }
+
+
 def _in_subprocess(*args: str) -> dict:
     import subprocess
 
@@ -186,10 +282,14 @@ def main() -> None:
     ap.add_argument("--paced-calls", type=int, default=1_000_000, help="calls at 20,000/s (memory)")
     ap.add_argument("--json", default=str(HERE / "results" / "shim.json"))
     ap.add_argument("--paced-only", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--shim-only", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.paced_only:
         print(json.dumps(bench_paced_memory(args.paced_only, 20_000)), flush=True)
         os._exit(0)  # leave the live destinations' threads behind, unfinished
+    if args.shim_only:
+        print(json.dumps(bench_shim(int(args.shim_only[0]), args.shim_only[1])), flush=True)
+        return
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     for k in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
@@ -200,7 +300,12 @@ def main() -> None:
         "wandb_log": bench_wandb(20_000),
         "mlflow_log_metrics": bench_mlflow(2_000),
         "mlflow_log_batch_ceiling": bench_mlflow_ceiling(200_000),
+        "sqlite_insert_ceiling": bench_sqlite_ceiling(2_000_000),
+        "wandb_core_ceiling": bench_wandb_core_ceiling(100_000),
         "shim_paced_memory": _in_subprocess("--paced-only", str(args.paced_calls)),
+        # each in a fresh process, so each pays MLflow's import and store creation
+        "shim_mlflow_only": _in_subprocess("--shim-only", str(args.calls), "mlflow"),
+        "shim_wandb_only": _in_subprocess("--shim-only", str(args.calls), "wandb"),
         "shim_log": bench_shim(args.calls),
     }
     s, w, m = out["shim_log"], out["wandb_log"], out["mlflow_log_metrics"]
@@ -208,6 +313,14 @@ def main() -> None:
     out["ratios"] = {
         "end_to_end_over_mlflow_ceiling": round(
             s["end_to_end_calls_per_s"] / out["mlflow_log_batch_ceiling"]["calls_per_s_at_10_keys"], 2
+        ),
+        "mlflow_only_over_sqlite_ceiling": round(
+            out["shim_mlflow_only"]["end_to_end_calls_per_s"]
+            / out["sqlite_insert_ceiling"]["calls_per_s_at_10_keys"],
+            2,
+        ),
+        "wandb_only_over_wandb_core_ceiling": round(
+            out["shim_wandb_only"]["end_to_end_calls_per_s"] / out["wandb_core_ceiling"]["rows_per_s"], 2
         ),
         "wandb_sdk_calls_per_s_at_p50": w_calls_per_s,
         "wandb_p50_over_shim_p50": round(w["p50_us"] / s["p50_us"], 1),

@@ -208,7 +208,7 @@ def metrics_table(run_key: str, key: Any, step: Any, timestamp: Any, value: Any)
     n = len(key)
     return pa.table(
         {
-            "run_key": pa.array([run_key] * n, pa.string()),
+            "run_key": pa.repeat(pa.scalar(run_key, pa.string()), n),
             "key": key,
             "step": step,
             "timestamp": timestamp.cast(TS),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bridge.errors import BadInputError, first_line
 from bridge.files import atomic_write_bytes
@@ -181,4 +182,7 @@ def read_records(run_dir: Path) -> tuple[pa.Table, list[str]]:
                 )
                 break
     tbl = pa.Table.from_batches(batches, schema=SCHEMA) if batches else SCHEMA.empty_table()
-    return tbl.sort_by("seq"), notes
+    seq = tbl.column("seq")
+    if len(seq) > 1 and not pc.all(pc.greater(seq.slice(1), seq.slice(0, len(seq) - 1))).as_py():
+        tbl = tbl.sort_by("seq")  # one writer appends in order: a copy only when it did not
+    return tbl, notes

@@ -104,14 +104,18 @@ def spooled_payload(run_dir: Path, meta: dict[str, Any], token: str | None = Non
     both use it, so they write the same thing."""
     recs, notes = sp.read_records(run_dir)
     key = meta["run_key"]
-    kind = recs.column("kind")
-    m = recs.filter(pc.equal(kind, "m"))
+    is_point = pc.equal(recs.column("kind"), "m")
+    others = recs.filter(pc.invert(is_point)).to_pylist()
+    # memory follows the points: only their four columns are copied, sorted once by
+    # (key, step) before the run key column is added, and the records freed first
+    m = recs.select(["key", "step", "time", "value"]).filter(is_point)
+    del recs, is_point
+    if m.num_rows:
+        m = m.take(pc.sort_indices(m, [("key", "ascending"), ("step", "ascending")]))
     metrics = schema.metrics_table(
         key, m.column("key"), m.column("step"), m.column("time"), m.column("value")
     )
-    if metrics.num_rows:
-        metrics = metrics.sort_by([("key", "ascending"), ("step", "ascending")])
-    others = recs.filter(pc.invert(pc.equal(kind, "m"))).to_pylist()
+    del m
     config: dict[tuple[str, ...], str] = {}
     summary: dict[tuple[str, ...], str] = {}
     series, tags, arts = [], {}, []
