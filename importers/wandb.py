@@ -51,7 +51,7 @@ from bridge.errors import DestinationError, MissingExtraError, UsageError, first
 from bridge.files import atomic_write_bytes
 from bridge.model import ArtifactPayload, RegistryPayload, RunPayload
 from bridge.report import RunReport
-from bridge.retry import RetryPolicy
+from exporters.wandb_online import SdkApi
 
 FORMAT = 1  # bump when the way runs are written changes: every run is then rewritten
 MARKER = "trackbridge.json"
@@ -409,20 +409,9 @@ class WandbWriteApi(Protocol):
     def link(self, artifact_path: str, target_path: str, aliases: list[str]) -> None: ...
 
 
-class SdkWriteApi:
-    """``WandbWriteApi`` over ``wandb.init`` (online) and ``wandb.Api``, with retries."""
-
-    def __init__(self, policy: RetryPolicy | None = None) -> None:
-        self.policy = policy or RetryPolicy()
-        self._api: Any = None
-
-    @property
-    def api(self) -> Any:
-        if self._api is None:
-            import wandb
-
-            self._api = self.policy.call(wandb.Api, timeout=60)
-        return self._api
+class SdkWriteApi(SdkApi):
+    """``WandbWriteApi`` over ``wandb.init`` (online) and the reader's ``wandb.Api``
+    handle, with the same retries."""
 
     def ready(self) -> None:
         """Fail before the first run, in one line, when W&B has no credentials."""
@@ -706,47 +695,48 @@ def _history(payload: RunPayload) -> History:
         if pc.any(aside).as_py():
             system.append(batch.filter(aside))
             batch = batch.filter(pc.invert(aside))
-        n = batch.num_rows
-        parts.append(
-            pa.table(
-                {
-                    "step": batch.column("step"),
-                    # µs as integers: a float round trip could split a row
-                    "ts": batch.column("timestamp").cast(pa.int64()),
-                    "key": batch.column("key"),
-                    "value": batch.column("value"),
-                    "json": pa.nulls(n, pa.string()),
-                }
-            )
-        )
+        parts.append(_points(batch, batch.column("value"), pa.nulls(batch.num_rows, pa.string())))
     series = payload.series
-    parts.append(
+    parts.append(_points(series, pa.nulls(series.num_rows, pa.float64()), series.column("value_json")))
+    points = pa.concat_tables(parts).combine_chunks()
+    order = pc.sort_indices(
         pa.table(
             {
-                "step": series.column("step"),
-                "ts": series.column("timestamp").cast(pa.int64()),
-                "key": series.column("key"),
-                "value": pa.nulls(series.num_rows, pa.float64()),
-                "json": series.column("value_json"),
+                "step": points.column("step"),
+                "ts": pc.fill_null(points.column("ts"), -1),
+                "order": pa.array(np.arange(points.num_rows, dtype=np.int64)),
             }
-        )
+        ),
+        [("step", "ascending"), ("ts", "ascending"), ("order", "ascending")],
     )
-    points = pa.concat_tables(parts).combine_chunks()
-    points = points.append_column("order", pa.array(np.arange(points.num_rows, dtype=np.int64)))
-    points = points.append_column("ts_sort", pc.fill_null(points.column("ts"), -1))
-    points = points.sort_by([("step", "ascending"), ("ts_sort", "ascending"), ("order", "ascending")])
-    # one row per step, ascending, unless a step has several timestamps or a key twice
-    mapped = points.num_rows > 0 and (
-        pc.min(points.column("step")).as_py() < 0
-        or _most(
-            points.group_by(["step"]).aggregate([("ts_sort", "count_distinct")]), "ts_sort_count_distinct"
-        )
-        > 1
-        or _most(points.group_by(["step", "ts_sort", "key"]).aggregate([("key", "count")]), "key_count") > 1
-    )
+    points = points.take(order)
+    del order
     sys_tbl = pa.Table.from_batches(system) if system else None
-    return History(points.select(["step", "ts", "key", "value", "json"]), bool(mapped), sys_tbl)
+    return History(points, _steps_mapped(points), sys_tbl)
 
 
-def _most(tbl: pa.Table, column: str) -> int:
-    return pc.max(tbl.column(column)).as_py() or 0
+def _steps_mapped(points: pa.Table) -> bool:
+    """Whether the rows' steps fail to be one increasing sequence (a negative step, or a
+    step with several rows): one pass over the rows, stopping at the first such step."""
+    if points.num_rows and pc.min(points.column("step")).as_py() < 0:
+        return True
+    prev = None
+    for step, _, _ in History(points, False, None).rows():
+        if prev is not None and step <= prev:
+            return True
+        prev = step
+    return False
+
+
+def _points(tbl: pa.Table | pa.RecordBatch, value: Any, text: Any) -> pa.Table:
+    """Metrics (a float value) or series (a JSON text) as ``History.points`` rows."""
+    return pa.table(
+        {
+            "step": tbl.column("step"),
+            # µs as integers: a float round trip could split a row
+            "ts": tbl.column("timestamp").cast(pa.int64()),
+            "key": tbl.column("key"),
+            "value": value,
+            "json": text,
+        }
+    )
