@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import getpass
 import json
 import numbers
@@ -466,9 +467,10 @@ class _Backend:
         from exporters.spool import spooled_payload
 
         try:
-            # one destination at a time: each reads the whole spool, so memory at the end
-            # holds one copy of the run, not one per destination
-            with _COMPLETING:
+            # one healthy destination at a time: each reads the whole spool, so memory at
+            # the end holds one copy of the run, not one per destination. One that has
+            # already failed goes on its own, so its retries never hold the others up.
+            with contextlib.nullcontext() if self.error else _COMPLETING:
                 sink = open_sink(self.uri)
                 sink.begin(f"spool://{self.run.dir.parent}")
                 sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
