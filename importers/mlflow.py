@@ -37,6 +37,7 @@ from bridge.errors import DestinationError, first_line
 from bridge.files import temp_dir
 from bridge.model import ArtifactPayload, RegistryPayload, RunPayload
 from bridge.report import RunReport
+from bridge.retry import POLICY
 
 MAX_KEY = 250
 MAX_PARAM = 6000
@@ -519,7 +520,10 @@ class MlflowSink:
             mc.rest(self._creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=body)
             return
         if self._sql is not None and not any("model_id" in r for r in recs):
-            self._sql.write(run_id, recs)
+            # under the same retries as every client call ("database is locked" while
+            # another process writes the store); a failed attempt's transaction is rolled
+            # back, and a repeat adds nothing (INSERT OR IGNORE)
+            POLICY.call(lambda: self._sql.write(run_id, recs))
             return
         from mlflow.entities import Metric
 

@@ -382,3 +382,35 @@ def test_sql_fast_path_stores_what_log_batch_stores(tmp_path):
     got, want = stored(fast, fast_run), stored(api, api_run)
     assert got == want
     assert len(got[0]["loss"]) == 5 and got[1]["loss"] == "0.1" and got[1]["acc"] == "0.7"
+
+
+def test_sql_fast_path_retries_a_locked_database(tmp_path, monkeypatch):
+    """Another process writing the same SQLite file: the batch waits and goes in once."""
+    import sqlite3 as sq
+
+    import pyarrow as pa
+    from mlflow import MlflowClient
+
+    from bridge import schema
+    from importers.mlflow import MlflowSink
+
+    uri = f"sqlite:///{tmp_path / 'locked.db'}"
+    sink = MlflowSink(uri)
+    c = MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("e")).info.run_id
+    real, tries = sink._sql.write, []
+
+    def locked_once(rid, recs):
+        tries.append(len(recs))
+        if len(tries) == 1:
+            raise sq.OperationalError("database is locked")
+        return real(rid, recs)
+
+    monkeypatch.setattr(sink._sql, "write", locked_once)
+    ts = pa.array([1_000_000 * s for s in range(5)], pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    batch = schema.metrics_table(
+        "r", pa.array(["loss"] * 5), pa.array(range(5), pa.int64()), ts, pa.array([0.5] * 5)
+    ).to_batches()[0]
+    sink.append_points(run_id, batch)
+    assert tries == [5, 5]
+    assert [m.step for m in c.get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
