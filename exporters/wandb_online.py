@@ -40,6 +40,7 @@ from bridge.model import (
     Selection,
     TrackerSource,
     no_local_bytes,
+    project_row,
 )
 from bridge.retry import RetryPolicy
 from exporters.wandb import RunBuilder, restore_written
@@ -224,14 +225,7 @@ class WandbOnlineSource(TrackerSource):
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
         rows = [
-            {
-                "project_key": wc.project_key(name),
-                "system": "wandb",
-                "source_id": f"{self.entity}/{name}",
-                "name": name,
-                "lifecycle": "active",
-                "tags": [],
-            }
+            {**project_row(wc.project_key(name), "wandb", name), "source_id": f"{self.entity}/{name}"}
             for name in self._names
         ]
         return [row for row in rows if sel.wants_project(row)]

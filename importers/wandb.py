@@ -86,8 +86,6 @@ class _SdkSink:
         self.dry_run = dry_run
         self._projects: dict[str, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()  # one SDK run at a time per process
-        # artifact_key → (W&B name, type) of every artifact of the runs seen, for the registry
-        self._artifacts: dict[str, tuple[str, str]] = {}
 
     def finish(self) -> None:
         pass
@@ -109,9 +107,6 @@ class _SdkSink:
         kept_project = self._projects.get(payload.run["project_key"], ("", {}))[1].get("name")
         run_id = derived_run_id(payload.key, kept_project)
         report.destination_id = run_id
-        for art in payload.artifacts:
-            if art.row["type"] != "run-files":
-                self._artifacts[art.row["artifact_key"]] = _artifact_name(art.row)
         return run_id, f"{payload.content_digest()[:40]}.w{FORMAT}"
 
     def _project(self, payload: RunPayload, report: RunReport, project: str | None = None) -> dict[str, Any]:
@@ -480,7 +475,8 @@ class WandbOnlineSink(_SdkSink):
             raise UsageError(f"wandb://{entity_project}: expected wandb://ENTITY or wandb://ENTITY/PROJECT")
         self.entity, self.project = entity, project or None
         self.api: WandbWriteApi = api or SdkWriteApi()
-        self._artifact_projects: dict[str, str] = {}  # artifact_key → the W&B project it is in
+        # artifact_key → (W&B project, name, type) of the runs' artifacts, for the registry
+        self._artifacts: dict[str, tuple[str, str, str]] = {}
         self._scratch: Path | None = None
 
     def describe(self) -> str:
@@ -500,7 +496,8 @@ class WandbOnlineSink(_SdkSink):
         run_id, fp = self._identity(payload, report)
         project = self._project(payload, report, self.project)
         for art in payload.artifacts:
-            self._artifact_projects[art.row["artifact_key"]] = project["name"]
+            if art.row["type"] != "run-files":
+                self._artifacts[art.row["artifact_key"]] = (project["name"], *_artifact_name(art.row))
         have = self.api.find_run(self.entity, project["name"], run_id)
         meta_have = (have.meta or {}) if have else {}
         if have and meta_have.get("fingerprint") == fp:
@@ -511,8 +508,8 @@ class WandbOnlineSink(_SdkSink):
             return outcome
         args, meta = self._init_args(project, run_id, payload, report)
         history = _history(payload)
-        digest = history.digest(int(meta_have.get("history_rows") or 0))
-        if have and meta_have.get("history_digest") and digest != meta_have["history_digest"]:
+        written = meta_have.get("history_digest")
+        if written and history.digest(int(meta_have.get("history_rows") or 0)) != written:
             raise DestinationError(
                 f"run {payload.key}: history already in W&B run {self.entity}/{project['name']}/{run_id} "
                 "differs from the source's; W&B cannot rewrite a run's history, so delete that run and "
@@ -572,8 +569,10 @@ class WandbOnlineSink(_SdkSink):
                     f"its files are not an artifact ({v.get('source')}); they stay in its run's files",
                 )
                 continue
-            name, kind = self._artifacts[key]
-            project = self._artifact_projects[key]
+            if self.dry_run:  # the runs were not written: nothing to find yet
+                report.models["linked"] = report.models.get("linked", 0) + 1
+                continue
+            project, name, kind = self._artifacts[key]
             path = self.api.find_artifact(self.entity, project, name, kind, key)
             if path is None:
                 report.errors.append(f"{label}: artifact {key} was not found in W&B; not linked")
@@ -582,10 +581,7 @@ class WandbOnlineSink(_SdkSink):
             stage = v.get("stage")
             if stage and stage != "None" and stage.lower() not in aliases:
                 aliases.append(stage.lower())
-            if not self.dry_run:
-                self.api.link(
-                    path, f"wandb-registry-model/{_BAD_ARTIFACT.sub('-', v['model_name'])}", aliases
-                )
+            self.api.link(path, f"wandb-registry-model/{_BAD_ARTIFACT.sub('-', v['model_name'])}", aliases)
             report.models["linked"] = report.models.get("linked", 0) + 1
         if payload.model_versions.num_rows:
             report.mapped(
@@ -617,10 +613,11 @@ class History:
     points, never one Python dict per row for the whole run.
 
     ``points`` holds every point (step, ts in µs or null, key, value, json) in row order:
-    by step, then timestamp, then the order the source gave them. Points that share a
-    step and a timestamp become one row, as one ``log`` call made them; a key seen twice
-    at the same step and time starts another row. ``mapped`` says the rows' steps are not
-    one increasing sequence (so ``_step`` counts rows instead)."""
+    by step, timestamp and key, a key's repeats in the order the source gave them. Points
+    that share a step and a timestamp become one row, as one ``log`` call made them; a
+    key's n-th point at the same step and time goes into that call's n-th row.
+    ``mapped`` says the rows' steps are not one increasing sequence (so ``_step`` counts
+    rows instead)."""
 
     points: pa.Table
     mapped: bool
@@ -633,7 +630,7 @@ class History:
     ) -> Iterator[tuple[int, float | None, dict[str, Any]]]:
         """(step, _timestamp seconds, values) per row. With ``digest``, ``count`` and
         ``full_digest`` are set once the last row has been handed out."""
-        h = hashlib.sha256(b"mapped" if self.mapped else b"steps") if digest else None
+        h = self._hasher() if digest else None
         n = 0
         current: tuple[int, int | None] | None = None
         bucket: list[dict[str, Any]] = []
@@ -644,7 +641,7 @@ class History:
             for values in bucket:
                 row = (step, None if ts is None else ts / 1_000_000, values)
                 if h is not None:
-                    h.update(json.dumps(row, sort_keys=True, default=str).encode())
+                    h.update(_row_bytes(row))
                 yield row
 
         for off in range(0, self.points.num_rows, chunk):
@@ -672,10 +669,17 @@ class History:
     def digest(self, n: int) -> str:
         """Of the first ``n`` rows as W&B holds them: a resumed run may only grow, so the
         rows already written must be the same ones."""
-        h = hashlib.sha256(b"mapped" if self.mapped else b"steps")
+        h = self._hasher()
         for row in itertools.islice(self.rows(), n):
-            h.update(json.dumps(row, sort_keys=True, default=str).encode())
+            h.update(_row_bytes(row))
         return h.hexdigest()
+
+    def _hasher(self) -> Any:
+        return hashlib.sha256(b"mapped" if self.mapped else b"steps")
+
+
+def _row_bytes(row: tuple[int, float | None, dict[str, Any]]) -> bytes:
+    return json.dumps(row, sort_keys=True, default=str).encode()
 
 
 def _artifact_name(row: dict[str, Any]) -> tuple[str, str]:
@@ -699,33 +703,38 @@ def _history(payload: RunPayload) -> History:
     series = payload.series
     parts.append(_points(series, pa.nulls(series.num_rows, pa.float64()), series.column("value_json")))
     points = pa.concat_tables(parts).combine_chunks()
-    order = pc.sort_indices(
-        pa.table(
-            {
-                "step": points.column("step"),
-                "ts": pc.fill_null(points.column("ts"), -1),
-                "order": pa.array(np.arange(points.num_rows, dtype=np.int64)),
-            }
-        ),
-        [("step", "ascending"), ("ts", "ascending"), ("order", "ascending")],
+    n = points.num_rows
+    sort = pa.table(
+        {
+            "step": points.column("step"),
+            "ts": pc.fill_null(points.column("ts"), -1),
+            "key": points.column("key"),
+            "order": pa.array(np.arange(n, dtype=np.int64)),
+        }
     )
-    points = points.take(order)
-    del order
+    order = pc.sort_indices(sort, [(c, "ascending") for c in sort.column_names])
+    sort = sort.select(["step", "ts", "key"]).take(order)
+    # one row per step, in increasing order, unless a step is negative, has two times, or
+    # has a key twice at one time (each makes a second row for that step)
+    step, ts, key = (sort.column(c) for c in ("step", "ts", "key"))
+    mapped = n > 0 and (
+        pc.min(step).as_py() < 0
+        or (
+            n > 1
+            and pc.any(
+                pc.and_(
+                    pc.equal(step.slice(1), step.slice(0, n - 1)),
+                    pc.or_(
+                        pc.not_equal(ts.slice(1), ts.slice(0, n - 1)),
+                        pc.equal(key.slice(1), key.slice(0, n - 1)),
+                    ),
+                )
+            ).as_py()
+        )
+    )
+    del sort, step, ts, key  # before the points are copied: one sorted copy at a time
     sys_tbl = pa.Table.from_batches(system) if system else None
-    return History(points, _steps_mapped(points), sys_tbl)
-
-
-def _steps_mapped(points: pa.Table) -> bool:
-    """Whether the rows' steps fail to be one increasing sequence (a negative step, or a
-    step with several rows): one pass over the rows, stopping at the first such step."""
-    if points.num_rows and pc.min(points.column("step")).as_py() < 0:
-        return True
-    prev = None
-    for step, _, _ in History(points, False, None).rows():
-        if prev is not None and step <= prev:
-            return True
-        prev = step
-    return False
+    return History(points.take(order), bool(mapped), sys_tbl)
 
 
 def _points(tbl: pa.Table | pa.RecordBatch, value: Any, text: Any) -> pa.Table:
