@@ -11,14 +11,17 @@ run's ``trackbridge/mapping.json``, so MLflow → MLflow → anything is lossles
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
 import threading
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bridge import mlflow_common as mc
 from bridge import schema
@@ -230,14 +233,15 @@ class MlflowSource(TrackerSource):
             }
             for d in (r.inputs.dataset_inputs if r.inputs else [])
         ]
-        source_arts = [self._source_artifact(run_id, a) for a in extras.get("artifacts", [])]
+        repo = self._run_repo(r)
+        source_arts = [self._source_artifact(repo, a) for a in extras.get("artifacts", [])]
         # our own files, only where the tags say we wrote them: a user's are theirs
         ours = [mc.MAPPING_ARTIFACT] if mc.TAG_MAPPED in tags else []
         if mc.TAG_EXTRAS in tags:
             ours += [mc.EXTRAS_ARTIFACT, mc.SERIES_ARTIFACT]
             ours += [mc.artifact_dir(a.row) + "/" for a in source_arts]
         skip = tuple(ours)
-        artifacts = [self._run_files(r, skip), *source_arts]
+        artifacts = [self._run_files(r, repo, skip), *source_arts]
         artifacts += [self._logged_model_artifact(m, run["project_key"]) for m in models]
         usage = [
             {"run_key": key, "artifact_key": mc.model_key(m.model_id), "direction": "output"} for m in models
@@ -263,31 +267,27 @@ class MlflowSource(TrackerSource):
 
     # -- metrics
 
-    def _history(self, run_id: str, key: str) -> tuple[list[int], list[int], list[float]]:
-        """The full history of one metric, every page of it."""
+    def _history(self, run_id: str, key: str) -> pa.Table:
+        """The full history of one metric, every page of it: columns step, timestamp (ms)
+        and value."""
         if not self._rest:
             hist = self.client.get_metric_history(run_id, key)
-            return [m.step for m in hist], [m.timestamp for m in hist], [m.value for m in hist]
-        # Over REST, skip MlflowClient's per-point entity objects: the server is the
-        # bottleneck and shares the CPU with us, so every client cycle saved is speed.
+            return _points_table([m.step for m in hist], [m.timestamp for m in hist], [m.value for m in hist])
+        # Over REST, skip MlflowClient's per-point entity objects and Python's JSON: the
+        # server is the bottleneck and shares the CPU with us, so every client cycle
+        # saved is speed. Arrow parses a 5,000-point page in a fifth of the time.
         creds = self.client._tracking_client.store.get_host_creds()
-        steps: list[int] = []
-        stamps: list[int] = []
-        values: list[float] = []
+        pages = []
         token = None
         while True:
             params = {"run_id": run_id, "metric_key": key, "max_results": HISTORY_PAGE}
             if token:
                 params["page_token"] = token
             resp = mc.rest(creds, "/api/2.0/mlflow/metrics/get-history", "GET", params=params)
-            body = json.loads(resp.content)
-            s, t, v = _parse_points(body.get("metrics", []))
-            steps += s
-            stamps += t
-            values += v
-            token = body.get("next_page_token")
+            page, token = _parse_page(resp.content)
+            pages.append(page)
             if not token:
-                return steps, stamps, values
+                return pa.concat_tables(pages)
 
     def _history_batch(
         self,
@@ -297,26 +297,26 @@ class MlflowSource(TrackerSource):
         neutral_key: str,
         model_points: dict[tuple[str, int, int, float], tuple[str, str | None, str | None]],
     ) -> pa.RecordBatch:
-        steps, stamps, values = self._history(run_id, mlflow_key)
-        n = len(steps)
-        model_col: list[str | None] = [None] * n
-        ds_name: list[str | None] = [None] * n
-        ds_digest: list[str | None] = [None] * n
+        hist = self._history(run_id, mlflow_key)
+        n = hist.num_rows
+        steps, stamps, values = (hist.column(c).combine_chunks() for c in ("step", "timestamp", "value"))
+        model_cols = [pa.nulls(n, pa.string())] * 3
         if model_points:
-            for i in range(n):
-                hit = model_points.get((mlflow_key, steps[i], stamps[i], values[i]))
+            cols: list[list[str | None]] = [[None] * n for _ in range(3)]
+            points = zip(steps.to_pylist(), stamps.to_pylist(), values.to_pylist(), strict=True)
+            for i, (step, stamp, value) in enumerate(points):
+                hit = model_points.get((mlflow_key, step, stamp, value))
                 if hit:
-                    model_col[i], ds_name[i], ds_digest[i] = hit
+                    cols[0][i], cols[1][i], cols[2][i] = hit
+            model_cols = [pa.array(c, pa.string()) for c in cols]
         return pa.RecordBatch.from_arrays(
             [
-                pa.array([key] * n, pa.string()),
-                pa.array([neutral_key] * n, pa.string()),
-                pa.array(steps, pa.int64()),
-                pa.array([s * 1000 for s in stamps], pa.int64()).cast(schema.TS),
-                pa.array(values, pa.float64()),
-                pa.array(model_col, pa.string()),
-                pa.array(ds_name, pa.string()),
-                pa.array(ds_digest, pa.string()),
+                pa.repeat(pa.scalar(key, pa.string()), n),
+                pa.repeat(pa.scalar(neutral_key, pa.string()), n),
+                steps,
+                pc.multiply_checked(stamps, 1000).cast(schema.TS),
+                values,
+                *model_cols,
             ],
             schema=schema.SCHEMAS["metrics"],
         )
@@ -359,7 +359,7 @@ class MlflowSource(TrackerSource):
                     f"({first_line(e)}); its summary, series and artifacts cannot be restored"
                 ) from e
 
-    def _source_artifact(self, run_id: str, kept: dict[str, Any]) -> ArtifactPayload:
+    def _source_artifact(self, repo: Any, kept: dict[str, Any]) -> ArtifactPayload:
         row = dict(kept["row"])
         if row.get("created_at"):
             row["created_at"] = datetime.fromisoformat(row["created_at"])
@@ -367,23 +367,33 @@ class MlflowSource(TrackerSource):
         files = [
             FileRef(f["path"], f["size"], None, no_local_bytes, uri=f["uri"])
             if f["uri"] and not f["sha256"]
-            else FileRef(
-                f["path"], f["size"], f["sha256"], self._run_fetcher(run_id, f"{folder}/{f['path']}")
-            )
+            else FileRef(f["path"], f["size"], f["sha256"], _repo_fetcher(repo, f"{folder}/{f['path']}"))
             for f in kept["files"]
         ]
         return ArtifactPayload(row=row, files=files)
 
-    def _run_files(self, r: Any, skip: tuple[str, ...]) -> ArtifactPayload:
+    def _run_repo(self, r: Any) -> Any:
+        """The run's own artifact store, opened once per run.
+
+        ``MlflowClient.list_artifacts``/``download_artifacts`` would look the run up again
+        on every call, and below the root they go through ``runs:/``, which also lists the
+        files of a logged model of the same name as if they were the run's. The run's own
+        store lists only the run's files, and costs one request per listing or file.
+        """
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
+
+        uri = add_databricks_profile_info_to_artifact_uri(r.info.artifact_uri, self.uri)
+        return get_artifact_repository(uri, tracking_uri=self.uri)
+
+    def _run_files(self, r: Any, repo: Any, skip: tuple[str, ...]) -> ArtifactPayload:
         run_id = r.info.run_id
         files = []
-        for fi in mc.walk_artifacts(lambda p: self.client.list_artifacts(run_id, p)):
+        for fi in mc.walk_artifacts(lambda p: mc.POLICY.call(repo.list_artifacts, p)):
             if skip and fi.path.startswith(skip):
                 continue
             files.append(
-                FileRef(
-                    path=fi.path, size=fi.file_size, sha256=None, fetch=self._run_fetcher(run_id, fi.path)
-                )
+                FileRef(path=fi.path, size=fi.file_size, sha256=None, fetch=_repo_fetcher(repo, fi.path))
             )
         row = {
             "artifact_key": mc.files_key(run_id),
@@ -394,9 +404,6 @@ class MlflowSource(TrackerSource):
             "producer_run_key": mc.run_key(run_id),
         }
         return ArtifactPayload(row=row, files=files)
-
-    def _run_fetcher(self, run_id: str, path: str):
-        return download_fetch(lambda d: self.client.download_artifacts(run_id, path, d))
 
     def _uri_fetcher(self, uri: str):
         def download(d: str) -> str:
@@ -579,24 +586,65 @@ class MlflowSource(TrackerSource):
         return r.info.artifact_uri
 
 
+def _repo_fetcher(repo: Any, path: str):
+    """A ``FileRef.fetch`` that downloads one known file (no is-it-a-folder listing first)."""
+
+    def download(d: str) -> str:
+        local = os.path.join(d, posixpath.basename(path))
+        mc.POLICY.call(repo._download_file, path, local)
+        return local
+
+    return download_fetch(download)
+
+
 _POINT = pa.struct([("step", pa.int64()), ("timestamp", pa.int64()), ("value", pa.float64())])
+_PAGE = pa.schema([("metrics", pa.list_(_POINT)), ("next_page_token", pa.string())])
 
 
-def _parse_points(points: list[dict[str, Any]]) -> tuple[list[int], list[int], list[float]]:
-    """Protobuf JSON points → columns; proto3 omits zero fields and spells NaN as "NaN"."""
+def _points_table(steps: Any, stamps: Any, values: Any) -> pa.Table:
+    return pa.table(
+        [pa.array(steps, pa.int64()), pa.array(stamps, pa.int64()), pa.array(values, pa.float64())],
+        names=["step", "timestamp", "value"],
+    )
+
+
+def _parse_page(content: bytes) -> tuple[pa.Table, str | None]:
+    """One ``get-history`` response → (step, timestamp, value) columns and the next token.
+
+    Arrow's JSON reader does the common page in C. proto3 JSON leaves out zero fields
+    (filled back here) and spells NaN and infinities as strings, which Arrow refuses as
+    a double: such a page goes through Python's ``json`` instead, value by value.
+    """
+    import pyarrow.json as pj
+
     try:
-        arr = pa.array(points, type=_POINT)
+        page = pj.read_json(
+            io.BytesIO(content),
+            read_options=pj.ReadOptions(use_threads=False, block_size=len(content) + 1),
+            parse_options=pj.ParseOptions(
+                explicit_schema=_PAGE, newlines_in_values=True, unexpected_field_behavior="ignore"
+            ),
+        )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return (
+        body = json.loads(content)
+        points = body.get("metrics", [])
+        return _points_table(
             [int(m.get("step", 0)) for m in points],
             [int(m.get("timestamp", 0)) for m in points],
             [float(m.get("value", 0.0)) for m in points],
-        )
-    return (
-        arr.field("step").fill_null(0).to_pylist(),
-        arr.field("timestamp").fill_null(0).to_pylist(),
-        arr.field("value").fill_null(0.0).to_pylist(),
-    )
+        ), body.get("next_page_token")
+    points = page.column("metrics")[0].values
+    token = page.column("next_page_token")[0].as_py()
+    if points is None:  # no "metrics" at all: an empty history
+        return _points_table([], [], []), token
+    return pa.table(
+        [
+            points.field("step").fill_null(0),
+            points.field("timestamp").fill_null(0),
+            points.field("value").fill_null(0.0),
+        ],
+        names=["step", "timestamp", "value"],
+    ), token
 
 
 def _model_points(models: list[Any]) -> dict[tuple[str, int, int, float], tuple[str, str | None, str | None]]:

@@ -414,3 +414,68 @@ def test_sql_fast_path_retries_a_locked_database(tmp_path, monkeypatch):
     sink.append_points(run_id, batch)
     assert tries == [5, 5]
     assert [m.step for m in c.get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
+
+
+def test_history_pages_parse_exactly_as_python_json():
+    """The REST export parses ``get-history`` pages with Arrow's JSON reader; whatever it
+    gives must be what Python's json gives, and the pages Arrow refuses (proto3 spells NaN
+    and the infinities as strings) must still come through, value for value."""
+    import json
+    import random
+
+    from exporters.mlflow import _parse_page
+
+    rng = random.Random(3)
+    values = [rng.uniform(-1e6, 1e6) for _ in range(2000)] + [5e-324, 1.7976931348623157e308, -0.0, 1 / 3]
+    points = [
+        {"key": "m", "value": v, "timestamp": 1_700_000_000_000 + i, "step": i - 5}
+        for i, v in enumerate(values)
+    ]
+    del points[0]["step"]  # proto3 leaves out zero fields
+    del points[1]["value"]
+    points[2]["run_id"] = "abc"  # a field this reader does not need
+    body = json.dumps({"metrics": points, "next_page_token": "tok"}, indent=2).encode()
+    page, token = _parse_page(body)
+    assert token == "tok"
+    assert page.column("step").to_pylist() == [p.get("step", 0) for p in points]
+    assert page.column("timestamp").to_pylist() == [p["timestamp"] for p in points]
+    assert page.column("value").to_pylist() == [p.get("value", 0.0) for p in points]
+
+    odd = [{"key": "m", "value": v, "timestamp": 5, "step": 1} for v in ("NaN", "Infinity", "-Infinity", 2.5)]
+    page, token = _parse_page(json.dumps({"metrics": odd}).encode())
+    got = page.column("value").to_pylist()
+    assert math.isnan(got[0]) and got[1:] == [math.inf, -math.inf, 2.5] and token is None
+    for empty in (b"{}", b'{"metrics": []}'):
+        page, token = _parse_page(empty)
+        assert page.num_rows == 0 and token is None
+
+
+def test_run_files_leave_out_a_logged_model_of_the_same_name(tmp_path):
+    """Below the root, ``MlflowClient.list_artifacts`` goes through ``runs:/``, which also
+    lists the files of a logged model named like the folder. Those belong to the logged
+    model, which travels as its own artifact: the run's files must be the run's alone."""
+    import pyarrow.parquet as pq
+    from mlflow.entities import LoggedModelStatus
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = mc.client(uri)
+    exp = client.create_experiment("same-name")
+    rid = client.create_run(exp).info.run_id
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "weights.bin").write_bytes(b"run's own")
+    client.log_artifacts(rid, str(tmp_path / "mine"), "model")
+    lm = client.create_logged_model(exp, name="model", source_run_id=rid)
+    (tmp_path / "MLmodel").write_text("flavors: {}\n")
+    client.log_model_artifact(lm.model_id, str(tmp_path / "MLmodel"))
+    client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
+    client.set_terminated(rid)
+
+    bundle = tmp_path / "bundle"
+    rep = engine.copy(open_source(f"mlflow+{uri}"), BundleWriter(bundle), Selection())
+    assert not rep.failed, rep.summary_lines()
+    files = pq.read_table(bundle / "artifact_files").to_pylist()
+    by_artifact = {}
+    for f in files:
+        by_artifact.setdefault(f["artifact_key"], []).append(f["path"])
+    assert by_artifact[mc.files_key(rid)] == ["model/weights.bin"]
+    assert by_artifact[mc.model_key(lm.model_id)] == ["MLmodel"]
