@@ -178,7 +178,8 @@ class MlflowSource(TrackerSource):
             r = self.client.get_run(run_id)
         key = run["run_key"]
         tags = dict(r.data.tags)
-        mapping = self._mapping(run_id) if mc.TAG_MAPPED in tags else {}
+        repo = self._run_repo(r)
+        mapping = self._mapping(run_id, repo) if mc.TAG_MAPPED in tags else {}
         params = dict(r.data.params)
         param_rows = []
         restored_params = mapping.get("params", {})
@@ -214,7 +215,7 @@ class MlflowSource(TrackerSource):
             else:
                 tag_rows.append({"run_key": key, "key": orig["key"], "value": orig["value"]})
         run = {**run, "labels": sorted(labels)}
-        extras = self._extras(run_id) if mc.TAG_EXTRAS in tags else {}
+        extras = self._extras(run_id, repo) if mc.TAG_EXTRAS in tags else {}
         run.update(extras.get("run", {}))
         renamed_metrics = mapping.get("metrics", {})
         metric_keys = sorted(r.data.metrics)
@@ -233,7 +234,6 @@ class MlflowSource(TrackerSource):
             }
             for d in (r.inputs.dataset_inputs if r.inputs else [])
         ]
-        repo = self._run_repo(r)
         source_arts = [self._source_artifact(repo, a) for a in extras.get("artifacts", [])]
         # our own files, only where the tags say we wrote them: a user's are theirs
         ours = [mc.MAPPING_ARTIFACT] if mc.TAG_MAPPED in tags else []
@@ -251,7 +251,9 @@ class MlflowSource(TrackerSource):
 
         def metrics() -> Iterator[pa.RecordBatch]:
             for mk in metric_keys:
-                yield self._history_batch(key, run_id, mk, renamed_metrics.get(mk, mk), model_points)
+                yield from self._history_table(
+                    key, run_id, mk, renamed_metrics.get(mk, mk), model_points
+                ).to_batches()
 
         return RunPayload(
             run=run,
@@ -289,46 +291,44 @@ class MlflowSource(TrackerSource):
             if not token:
                 return pa.concat_tables(pages)
 
-    def _history_batch(
+    def _history_table(
         self,
         key: str,
         run_id: str,
         mlflow_key: str,
         neutral_key: str,
-        model_points: dict[tuple[str, int, int, float], tuple[str, str | None, str | None]],
-    ) -> pa.RecordBatch:
+        model_points: _Links,
+    ) -> pa.Table:
         hist = self._history(run_id, mlflow_key)
         n = hist.num_rows
-        steps, stamps, values = (hist.column(c).combine_chunks() for c in ("step", "timestamp", "value"))
-        model_cols = [pa.nulls(n, pa.string())] * 3
-        if model_points:
-            cols: list[list[str | None]] = [[None] * n for _ in range(3)]
-            points = zip(steps.to_pylist(), stamps.to_pylist(), values.to_pylist(), strict=True)
-            for i, (step, stamp, value) in enumerate(points):
-                hit = model_points.get((mlflow_key, step, stamp, value))
-                if hit:
-                    cols[0][i], cols[1][i], cols[2][i] = hit
-            model_cols = [pa.array(c, pa.string()) for c in cols]
-        return pa.RecordBatch.from_arrays(
-            [
-                pa.repeat(pa.scalar(key, pa.string()), n),
-                pa.repeat(pa.scalar(neutral_key, pa.string()), n),
-                steps,
-                pc.multiply_checked(stamps, 1000).cast(schema.TS),
-                values,
-                *model_cols,
-            ],
-            schema=schema.SCHEMAS["metrics"],
+        tbl = schema.metrics_table(
+            key,
+            pa.repeat(pa.scalar(neutral_key, pa.string()), n),
+            hist.column("step"),
+            pc.multiply_checked(hist.column("timestamp"), 1000),
+            hist.column("value"),
         )
+        hits = model_points.get(mlflow_key)
+        if hits:  # a Python pass over the points only for a key linked to a logged model
+            cols: list[list[str | None]] = [[None] * n for _ in range(3)]
+            points = zip(*(hist.column(c).to_pylist() for c in ("step", "timestamp", "value")), strict=True)
+            for i, point in enumerate(points):
+                link = hits.get(point)
+                if link:
+                    cols[0][i], cols[1][i], cols[2][i] = link
+            for name, col in zip(("model_key", "dataset_name", "dataset_digest"), cols, strict=True):
+                i = tbl.schema.get_field_index(name)
+                tbl = tbl.set_column(i, tbl.schema.field(i), pa.array(col, pa.string()))
+        return tbl
 
     # -- artifacts
 
-    def _mapping(self, run_id: str) -> dict[str, Any]:
+    def _mapping(self, run_id: str, repo: Any) -> dict[str, Any]:
         """The originals the importer had to map. Unreadable means the run fails, loudly:
         exporting the truncated values as if they were the originals would lose data."""
         with temp_dir() as d:
             try:
-                local = self.client.download_artifacts(run_id, mc.MAPPING_ARTIFACT, str(d))
+                local = mc.POLICY.call(repo.download_artifacts, mc.MAPPING_ARTIFACT, str(d))
                 with open(local) as f:
                     return json.load(f)
             except Exception as e:
@@ -337,13 +337,13 @@ class MlflowSource(TrackerSource):
                     f"({first_line(e)}); its mapped params and tags cannot be restored"
                 ) from e
 
-    def _extras(self, run_id: str) -> dict[str, Any]:
+    def _extras(self, run_id: str, repo: Any) -> dict[str, Any]:
         """What the importer kept in run files because MLflow has no field for it."""
         import pyarrow.parquet as pq
 
         with temp_dir() as d:
             try:
-                local = self.client.download_artifacts(run_id, mc.MAPPING_DIR, str(d))
+                local = mc.POLICY.call(repo.download_artifacts, mc.MAPPING_DIR, str(d))
                 extras_path = os.path.join(local, "extras.json")
                 out: dict[str, Any] = {}
                 if os.path.exists(extras_path):
@@ -647,11 +647,16 @@ def _parse_page(content: bytes) -> tuple[pa.Table, str | None]:
     ), token
 
 
-def _model_points(models: list[Any]) -> dict[tuple[str, int, int, float], tuple[str, str | None, str | None]]:
-    out = {}
+_Links = dict[str, dict[tuple[int, int, float], tuple[str, str | None, str | None]]]
+
+
+def _model_points(models: list[Any]) -> _Links:
+    """Metric key → (step, timestamp, value) → (model key, dataset name, dataset digest)
+    of the points linked to the run's logged models."""
+    out: _Links = {}
     for m in models:
         for x in m.metrics or []:
-            out[(x.key, x.step, x.timestamp, x.value)] = (
+            out.setdefault(x.key, {})[(x.step, x.timestamp, x.value)] = (
                 mc.model_key(m.model_id),
                 x.dataset_name,
                 x.dataset_digest,
