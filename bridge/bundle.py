@@ -30,8 +30,24 @@ import pyarrow.parquet as pq
 
 from bridge import __version__, schema
 from bridge.errors import BadInputError, SourceNotFoundError, UsageError, first_line
-from bridge.files import atomic_path, atomic_write_bytes, copy_hashed, safe_relpath, sha256_file
+from bridge.files import (
+    atomic_path,
+    atomic_write_bytes,
+    copy_hashed,
+    safe_relpath,
+    sha256_file,
+)
 from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection
+from bridge.untrusted import (
+    blob_relpath,
+    check_blob,
+    check_manifest,
+    check_marker,
+    inside,
+    readable_version,
+    verified_blob,
+)
+from bridge.uri import same_place
 
 FORMAT = "trackbridge-bundle"
 MANIFEST = "manifest.json"
@@ -41,10 +57,6 @@ RUN_TABLES = ("runs", "params", "tags", "summary", "series", "dataset_inputs", "
 
 def unit_id(kind: str, key: str) -> str:
     return f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:24]}"
-
-
-def blob_relpath(sha256: str) -> str:
-    return f"blobs/sha256/{sha256[:2]}/{sha256[2:4]}/{sha256}"
 
 
 def _now() -> str:
@@ -72,7 +84,7 @@ class BundleWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self.source = source
         old = self._old_manifest()
-        if old and old.get("source") not in (None, source):
+        if old and old.get("source") is not None and not same_place(old["source"], source):
             raise UsageError(
                 f"{self.root}: bundle holds data from {old.get('source')}, not {source}; "
                 "use a new bundle path"
@@ -275,14 +287,19 @@ def read_manifest(root: Path) -> dict[str, Any]:
         if not root.exists():
             raise SourceNotFoundError(f"{root}: no such bundle")
         raise BadInputError(f"{path}: missing; {root} is not a trackbridge bundle")
+    if path.is_symlink() or not path.is_file():
+        raise BadInputError(f"{path}: must be a plain file of the bundle, not a link or a folder")
     try:
         body = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise BadInputError(f"{path}: line {e.lineno} column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start})") from e
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise BadInputError(f"{path}: not a trackbridge bundle manifest")
+    check_manifest(path, body)
     version = body.get("schema_version")
-    if version not in schema.READABLE_SCHEMA_VERSIONS:
+    if not readable_version(version):
         raise BadInputError(
             f"{path}: bundle schema version {version!r} is not supported by trackbridge "
             f"{__version__} (it reads version {', '.join(map(str, sorted(schema.READABLE_SCHEMA_VERSIONS)))})"
@@ -295,12 +312,15 @@ def _load_markers(root: Path) -> Iterator[dict[str, Any]]:
     if not d.is_dir():
         return
     for p in sorted(d.glob("*.json")):
+        if p.is_symlink() or not p.is_file():
+            raise BadInputError(f"{p}: a unit marker must be a plain file of the bundle, not a link")
         try:
             m = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise BadInputError(f"{p}: line {e.lineno} column {e.colno}: {e.msg}") from e
-        if m.get("schema_version") not in schema.READABLE_SCHEMA_VERSIONS:
-            raise BadInputError(f"{p}: unit schema version {m.get('schema_version')!r} is not supported")
+        except UnicodeDecodeError as e:
+            raise BadInputError(f"{p}: not UTF-8 text (byte {e.start})") from e
+        check_marker(p, m)
         m["_marker"] = str(p)
         yield m
 
@@ -321,6 +341,12 @@ class BundleSource:
         return f"bundle://{self.root.resolve()}"
 
     @property
+    def origin(self) -> str | None:
+        """The tracker the bundle was exported from, as its manifest records it."""
+        src = self.manifest.get("source")
+        return src if isinstance(src, str) and src else None
+
+    @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
@@ -335,12 +361,14 @@ class BundleSource:
             tbl = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
             raise BadInputError(f"{path}: not a readable Parquet file ({first_line(e, limit=500)})") from e
+        if tbl.num_rows != entry["rows"]:
+            raise BadInputError(f"{path}: holds {tbl.num_rows} rows, its marker says {entry['rows']}")
         return self._conform(tbl, name, path)
 
     def _checked_file(self, entry: dict[str, Any]) -> Path:
         rel = safe_relpath(entry["file"], f"{self.root / MANIFEST}")
-        path = self.root / rel
-        if not path.exists():
+        path = inside(self.root, rel, "a table file")
+        if not path.is_file():
             raise BadInputError(f"{path}: missing from the bundle")
         if self.verify_checksums and sha256_file(path) != entry["sha256"]:
             raise BadInputError(
@@ -373,6 +401,10 @@ class BundleSource:
         try:
             pf = pq.ParquetFile(path)
             self._conform(pf.schema_arrow.empty_table(), "metrics", path)
+            if pf.metadata.num_rows != entry["rows"]:
+                raise BadInputError(
+                    f"{path}: holds {pf.metadata.num_rows} rows, its marker says {entry['rows']}"
+                )
             for batch in pf.iter_batches(batch_size=65536):
                 yield batch.cast(schema.SCHEMAS["metrics"])
         except (pa.ArrowException, OSError) as e:
@@ -390,7 +422,13 @@ class BundleSource:
         keys = {p["project_key"] for p in projects}
         out = []
         for m in self._run_units.values():
-            for r in self.read_table(m, "runs").to_pylist():
+            rows = self.read_table(m, "runs").to_pylist()
+            if [r["run_key"] for r in rows] != [m["key"]]:
+                raise BadInputError(
+                    f"{m['_marker']}: the unit of run {m['key']!r} holds the run rows "
+                    f"{[r['run_key'] for r in rows][:3]}; a run unit holds its own run, once"
+                )
+            for r in rows:
                 if r["project_key"] in keys and sel.wants_run(r):
                     out.append(r)
         return sorted(out, key=lambda r: (r["start_time"] is None, r["start_time"], r["run_key"]))
@@ -442,39 +480,48 @@ class BundleSource:
         files_entry = m["tables"].get("artifact_files")
         files = self.read_table(m, "artifact_files").to_pylist()
         where = str(self.root / files_entry["file"]) if files_entry else str(self.root)
+        unit = f"{m['kind']} {m['key']}"
         for i, f in enumerate(files):
             rel = safe_relpath(f["path"], f"{where} row {i}")
             if f["artifact_key"] not in arts:
                 raise BadInputError(f"{where} row {i}: file of unknown artifact {f['artifact_key']!r}")
+            if f["sha256"] is not None:
+                blob_relpath(f["sha256"], f"{where} row {i}")
+            elif not f["uri"]:
+                raise BadInputError(f"{where} row {i}: file has neither a blob digest nor a reference URI")
+            if f["size"] is not None and f["size"] < 0:
+                raise BadInputError(f"{where} row {i}: negative size {f['size']}")
             arts[f["artifact_key"]].files.append(
                 FileRef(
                     path=rel,
                     size=f["size"],
                     sha256=f["sha256"],
-                    fetch=self._blob_fetcher(f["sha256"], where, i),
+                    fetch=self._blob_fetcher(f["sha256"], rel, f"{unit}, file {rel}"),
                     uri=f["uri"],
                 )
             )
         return list(arts.values())
 
-    def _blob_fetcher(self, sha256: str | None, where: str, row: int):
+    def _blob_fetcher(self, sha256: str | None, rel: str, where: str):
         @contextlib.contextmanager
         def fetch() -> Iterator[str]:
             if sha256 is None:
-                raise BadInputError(f"{where} row {row}: file is a reference, not stored in the bundle")
-            p = self.root / blob_relpath(sha256)
-            if not p.exists():
-                raise BadInputError(f"{p}: blob missing from the bundle ({where} row {row})")
-            yield str(p)
+                raise BadInputError(f"{where}: a reference, not stored in the bundle")
+            with verified_blob(self.root, sha256, rel, where) as local:
+                yield local
 
         return fetch
 
     def check(self) -> list[str]:
-        """Read every table and artifact path, re-hash every file and blob.
+        """Read every table and artifact path, re-hash every file and blob, and compare
+        the manifest's counts and checksums with the units.
 
-        Structural problems (a file that is not Parquet, a path escaping its folder) raise
-        BadInputError like any read would; missing or altered blobs are returned as a list.
+        Structural problems (a file that is not Parquet, a path escaping its folder, a
+        digest that is not one) raise BadInputError like any read would; missing, linked
+        or altered blobs and a manifest that disagrees with its units are returned as a
+        list.
         """
+        digests: dict[str, str] = {}
         for units in self.units.values():
             for marker in units:
                 for name in marker["tables"]:
@@ -483,19 +530,52 @@ class BundleSource:
                             pass
                     else:
                         self.read_table(marker, name)
+                for b in marker.get("blobs", []):
+                    digests.setdefault(b, marker["_marker"])
                 if marker["kind"] in ("run", "artifact"):
-                    self._artifacts_of(marker)
-        return self.verify_blobs()
+                    for a in self._artifacts_of(marker):
+                        for f in a.files:
+                            if f.sha256 is not None:
+                                digests.setdefault(
+                                    f.sha256, f"{marker['kind']} {marker['key']}, file {f.path}"
+                                )
+        return self._check_manifest_counts() + self.verify_blobs(digests)
 
-    def verify_blobs(self) -> list[str]:
-        """Re-hash every blob; return the problems found (empty when intact)."""
+    def _check_manifest_counts(self) -> list[str]:
+        counts: dict[str, int] = {}
+        checksums: dict[str, str] = {}
+        for units in self.units.values():
+            for m in units:
+                for name, e in m["tables"].items():
+                    counts[name] = counts.get(name, 0) + e["rows"]
+                    checksums[e["file"]] = e["sha256"]
         problems = []
-        for kind in ("run", "artifact"):
-            for m in self.units.get(kind, []):
-                for b in m.get("blobs", []):
-                    p = self.root / blob_relpath(b)
-                    if not p.exists():
-                        problems.append(f"{p}: missing")
-                    elif sha256_file(p) != b:
-                        problems.append(f"{p}: checksum mismatch")
+        said = self.manifest.get("counts", {})
+        for name in sorted(set(said) | set(counts)):
+            if said.get(name, 0) != counts.get(name, 0):
+                problems.append(
+                    f"{self.root / MANIFEST}: counts {said.get(name, 0)} row(s) of {name}, "
+                    f"the units hold {counts.get(name, 0)}"
+                )
+        for rel, digest in sorted(self.manifest.get("checksums", {}).items()):
+            if checksums.get(rel) not in (None, digest):
+                problems.append(f"{self.root / MANIFEST}: checksum of {rel} differs from its unit's")
+        return problems
+
+    def verify_blobs(self, digests: dict[str, str] | None = None) -> list[str]:
+        """Re-hash every blob (those the markers list, and those the file rows name);
+        return the problems found (empty when intact)."""
+        if digests is None:
+            digests = {
+                b: m["_marker"]
+                for kind in ("run", "artifact")
+                for m in self.units.get(kind, [])
+                for b in m.get("blobs", [])
+            }
+        problems = []
+        for b, where in sorted(digests.items()):
+            try:
+                check_blob(self.root, b, where)
+            except BadInputError as e:
+                problems.append(str(e))
         return problems

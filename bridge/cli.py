@@ -8,12 +8,12 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import traceback
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +47,41 @@ never from a URI.
 
 class _State:
     debug = False
+
+
+def _debug_traceback() -> None:
+    """With --debug, the traceback of the error being handled, chained causes included,
+    with every credential scrubbed: users paste it into bug reports."""
+    if _State.debug:
+        click.echo(scrub(traceback.format_exc()), err=True)
+
+
+def _check_report_path(report_path: str | None) -> None:
+    """A report that cannot be written is found out before the work, not after it."""
+    if report_path:
+        folder = Path(report_path).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise UsageError(f"--report {report_path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"--report {report_path}: cannot write into {folder}")
+
+
+@contextlib.contextmanager
+def _reporting(report_path: str | None, src: str, dest: str) -> Iterator[None]:
+    """If the command fails before it has a report of its own (a source that cannot be
+    read, a destination that refuses), ``--report`` still gets one, saying why."""
+    _check_report_path(report_path)
+    try:
+        yield
+    except Exception as e:
+        if report_path:
+            from bridge.uri import redact
+
+            failed = Report(source=redact(src), destination=redact(dest))
+            failed.errors.append(str(e) if isinstance(e, TrackbridgeError) else f"{type(e).__name__}: {e}")
+            with contextlib.suppress(OSError):
+                failed.write(report_path)
+        raise
 
 
 def _when(value: str | None) -> datetime | None:
@@ -138,7 +173,7 @@ def _finish(report: Report, report_path: str | None, quiet: bool = False) -> int
         if r.outcome == "failed":
             click.echo(scrub(f"trackbridge: run {r.run_key} failed: {r.error}"), err=True)
             if _State.debug and getattr(r, "_traceback", None):
-                click.echo(r._traceback, err=True)  # type: ignore[attr-defined]
+                click.echo(scrub(r._traceback), err=True)  # type: ignore[attr-defined]
     return ExitCode.PARTIAL if report.failed else ExitCode.OK
 
 
@@ -173,16 +208,18 @@ def export_cmd(src: str, bundle: str, workers: int | None, report_path: str | No
     export was killed half-way is invisible to readers until it is written again.
     """
     from bridge.bundle import BundleWriter
-    from bridge.uri import open_source, parse
+    from bridge.uri import check_destination, open_source, parse
 
     target = parse(bundle)
     if target.scheme != "bundle":
         raise UsageError(f"{target.safe}: export writes a bundle folder; `migrate` writes into a tracker")
     sel = _selection(kw)
-    source = open_source(src)
-    sink = BundleWriter(target.inner)
-    with progress() as bar:
-        report = engine.copy(source, sink, sel, workers=_workers(workers, src), bar=bar, label="export")
+    with _reporting(report_path, src, bundle):
+        check_destination(target)
+        source = open_source(src)
+        sink = BundleWriter(target.inner)
+        with progress() as bar:
+            report = engine.copy(source, sink, sel, workers=_workers(workers, src), bar=bar, label="export")
     click.echo(f"bundle written: {sink.root.resolve()}")
     sys.exit(_finish(report, report_path))
 
@@ -201,10 +238,11 @@ def import_cmd(
     from bridge.uri import open_sink, open_source
 
     sel = _selection(kw)
-    source = open_source(bundle)
-    sink = open_sink(dest, **({"dry_run": True} if dry_run else {}))
-    with progress() as bar:
-        report = engine.copy(source, sink, sel, workers=_workers(workers, dest), bar=bar, label="import")
+    with _reporting(report_path, bundle, dest):
+        source = open_source(bundle)
+        sink = open_sink(dest, **({"dry_run": True} if dry_run else {}))
+        with progress() as bar:
+            report = engine.copy(source, sink, sel, workers=_workers(workers, dest), bar=bar, label="import")
     if dry_run:
         click.echo("dry run: nothing was written")
     sys.exit(_finish(report, report_path))
@@ -270,51 +308,61 @@ def run_migrate(
     do_verify: bool = True,
     report_path: str | None = None,
 ) -> int:
-    from bridge.bundle import BundleWriter
-    from bridge.uri import open_sink, open_source, parse
+    from bridge.files import owned_temp_dir
 
-    parse(dest)  # fail on a bad destination before reading anything
+    with _reporting(report_path, src, dest), contextlib.ExitStack() as stack:
+        if bundle_path is None:
+            bundle_path = str(stack.enter_context(owned_temp_dir("trackbridge-migrate-")) / "bundle")
+        code = _migrate(src, dest, sel, workers, bundle_path, dry_run, report_path)
+    if not dry_run and do_verify:
+        code = code or run_verify(src, dest, sel)
+    return code
+
+
+def _migrate(
+    src: str,
+    dest: str,
+    sel: Selection,
+    workers: int | None,
+    bundle_path: str,
+    dry_run: bool,
+    report_path: str | None,
+) -> int:
+    from bridge.bundle import BundleWriter
+    from bridge.uri import open_sink, open_source, source_identity
+
+    # The destination is opened and asked first: a dead server, a read-only folder or a
+    # missing driver is found in seconds, not after the whole export.
+    sink = open_sink(dest, **({"dry_run": True} if dry_run else {}))
     source = open_source(src)
-    tmp = None
-    if bundle_path is None:
-        tmp = tempfile.mkdtemp(prefix="trackbridge-bundle-")
-        bundle_path = tmp
-    try:
-        with progress() as bar:
-            exp = engine.copy(
-                source,
-                BundleWriter(bundle_path),
-                sel,
-                workers=_workers(workers, src),
-                bar=bar,
-                label="export",
-            )
-        failed_exports = [r for r in exp.runs if r.outcome == "failed"]
-        sink = open_sink(dest, **({"dry_run": True} if dry_run else {}))
-        bundle_sel = Selection(registry=sel.registry)
-        with progress() as bar:
-            report = engine.copy(
-                open_source(bundle_path),
-                sink,
-                bundle_sel,
-                workers=_workers(workers, dest),
-                bar=bar,
-                label="import",
-            )
-        report.source = source.describe()
-        report.runs += failed_exports
-        report.errors[:0] = [f"export: {e}" for e in exp.errors]
-        code = _finish(report, report_path)
-        if dry_run:
-            click.echo("dry run: nothing was written to the destination")
-            return code
-        if do_verify:
-            vcode = run_verify(src, dest, sel)
-            code = code or vcode
-        return code
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    sink.begin(source_identity(source))
+    with progress() as bar:
+        exp = engine.copy(
+            source, BundleWriter(bundle_path), sel, workers=_workers(workers, src), bar=bar, label="export"
+        )
+    with progress() as bar:
+        report = engine.copy(
+            open_source(bundle_path),
+            sink,
+            Selection(registry=sel.registry),
+            workers=_workers(workers, dest),
+            bar=bar,
+            label="import",
+        )
+    report.source = source.describe()
+    # what the export noted about a run (a source file cut short) belongs to its import
+    by_key = {r.run_key: r for r in report.runs}
+    for er in exp.runs:
+        ir = by_key.get(er.run_key)
+        if er.outcome == "failed":
+            report.runs.append(er)
+        elif ir is not None and er.mappings:
+            ir.mappings[:0] = [m for m in er.mappings if m not in ir.mappings]
+    report.errors[:0] = [f"export: {e}" for e in exp.errors]
+    code = _finish(report, report_path)
+    if dry_run:
+        click.echo("dry run: nothing was written to the destination")
+    return code
 
 
 @cli.command("verify", epilog=EPILOG_URIS)
@@ -511,8 +559,7 @@ def run_sync(src: str | None, dest: str | None, config_path: str | None, **kw: A
         except TrackbridgeError as e:
             # one pair's lock, bad configuration or unreachable server must not stop the
             # others, and the report must still say what happened
-            if _State.debug:
-                traceback.print_exc()
+            _debug_traceback()
             res = sy.PairResult(pair, None, 0.0, error=str(e), exit_code=e.exit_code)
             where = f"pair {pair.name}: " if len(pairs) > 1 else ""
             click.echo(scrub(f"trackbridge: error: {where}{e}"), err=True)
@@ -551,7 +598,7 @@ def _print_sync(res: Any, quiet: bool) -> None:
         if r.outcome == "failed":
             click.echo(scrub(f"trackbridge: run {r.run_key} failed: {r.error}"), err=True)
             if _State.debug and getattr(r, "_traceback", None):
-                click.echo(r._traceback, err=True)  # type: ignore[attr-defined]
+                click.echo(scrub(r._traceback), err=True)  # type: ignore[attr-defined]
     for e in report.errors:
         click.echo(scrub(f"trackbridge: {e}"), err=True)
 
@@ -675,8 +722,7 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(ExitCode.USAGE)
     except TrackbridgeError as e:
-        if _State.debug:
-            traceback.print_exc()
+        _debug_traceback()
         click.echo(f"trackbridge: error: {scrub(e.message)}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -685,8 +731,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:
-        if _State.debug:
-            traceback.print_exc()
+        _debug_traceback()
         click.echo(
             f"trackbridge: error: {type(e).__name__}: {scrub(first_line(e))} (run with --debug for details)",
             err=True,

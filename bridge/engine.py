@@ -80,8 +80,10 @@ def copy(
 ) -> Report:
     bar = bar or Bar(None)
     plan = plan or Plan()
+    from bridge.uri import source_identity
+
     report = Report(source=source.describe(), destination=getattr(sink, "describe", str)())
-    sink.begin(source.describe())
+    sink.begin(source_identity(source))
     projects = source.projects(sel)
     if sel.projects and not projects:
         raise UsageError(f"no project/experiment matches {', '.join(sel.projects)} in {source.describe()}")
@@ -144,6 +146,8 @@ def copy(
             lambda: sink.write_registry(_without(source.registry(reg_sel), failed, report), report),
         )
     sink.finish()
+    for notice in getattr(sink, "notices", ()):  # e.g. duplicates another importer left, removed
+        report.mapped(*notice)
     return report
 
 

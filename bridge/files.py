@@ -12,6 +12,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -31,6 +32,34 @@ def safe_relpath(path: str, where: str) -> str:
     if p.startswith("/") or norm == ".." or norm.startswith("../") or norm == ".":
         raise BadInputError(f"{where}: artifact path {path!r} escapes its folder")
     return norm
+
+
+def _read_umask() -> int:
+    """The process's umask: from /proc where the kernel shows it, since reading it with
+    ``os.umask`` means setting it, which other threads creating files could see."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # at import, before any worker thread exists
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def current_umask() -> int:
+    return _UMASK
+
+
+def _as_umask_allows(fd: int) -> None:
+    """A temporary file is made 0600; the file it becomes gets the mode any new file of
+    the user gets (0644 under the usual umask), as a copy made with ``cp`` would."""
+    os.fchmod(fd, 0o666 & ~current_umask())
 
 
 def sha256_file(path: str | Path) -> str:
@@ -60,6 +89,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    _as_umask_allows(fd)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -83,6 +113,7 @@ def copy_hashed(src: str | Path, dest_dir: Path) -> tuple[Path, str, int]:
     h = hashlib.sha256()
     size = 0
     fd, tmp = tempfile.mkstemp(prefix=".blob.", suffix=".tmp", dir=dest_dir)
+    _as_umask_allows(fd)
     try:
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             while chunk := fin.read(CHUNK):
@@ -96,6 +127,59 @@ def copy_hashed(src: str | Path, dest_dir: Path) -> tuple[Path, str, int]:
             os.unlink(tmp)
         raise
     return Path(tmp), h.hexdigest(), size
+
+
+@contextmanager
+def owned_temp_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder that is removed afterwards, and also when its process was
+    killed: the folder holds a lock file its owner keeps locked, and the next user of
+    the same prefix removes every folder whose lock nobody holds any more."""
+    from bridge.locks import try_lock
+
+    remove_stale(prefix)
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    fd = try_lock(d / OWNER_LOCK)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+OWNER_LOCK = ".owner.lock"
+
+
+def remove_stale(prefix: str, grace: float = 300.0) -> list[Path]:
+    """Remove this user's ``prefix*`` temporary folders whose owner died (its lock is
+    free); a folder with no lock file yet is left alone for ``grace`` seconds."""
+    import time
+
+    from bridge.locks import try_lock
+
+    gone = []
+    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue  # not a folder of ours (a link, another user's)
+        lock = d / OWNER_LOCK
+        if not lock.exists():
+            if time.time() - st.st_mtime < grace:
+                continue
+        else:
+            try:
+                fd = try_lock(lock)
+            except OSError:
+                continue
+            if fd is None:
+                continue  # its owner is alive
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
 
 
 @contextmanager

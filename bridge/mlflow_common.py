@@ -7,6 +7,7 @@ sides import the names from here so they cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.errors import MissingExtraError
+from bridge.model import legacy_key
 from bridge.retry import POLICY, HttpStatusError, RetryingProxy
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -34,6 +36,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 TB_PREFIX = "trackbridge."
 TAG_SOURCE_KEY = "trackbridge.source_key"
 TAG_FINGERPRINT = "trackbridge.fingerprint"
+# Where the object came from (``bridge.uri.canonical`` of the source), so verify can tell
+# an object of this source that the source no longer has from one of another source.
+TAG_SOURCE = "trackbridge.source"
+# Set at creation: which of two copies of one source object is kept (``bridge.claims``).
+TAG_CLAIM = "trackbridge.claim"
+# A copy that lost to an earlier claim: deleted, and ignored by every trackbridge reader.
+TAG_DUPLICATE_OF = "trackbridge.duplicate_of"
 # The source's change token (bridge.model.TOKEN), written with the fingerprint: a sync
 # that lists the same token skips the run without reading it.
 TAG_SOURCE_TOKEN = "trackbridge.source_token"
@@ -196,7 +205,16 @@ def create_once(create: Callable[[], Any], find: Callable[[], Any]) -> Any:
             found = find()
             if found is not None:
                 return found
-        return create()
+        try:
+            return create()
+        except Exception as e:
+            # another process made it between our look-up and our create (an experiment
+            # or a registered model, whose names are unique)
+            if getattr(e, "error_code", None) == "RESOURCE_ALREADY_EXISTS":
+                found = find()
+                if found is not None:
+                    return found
+            raise
 
     return POLICY.call(go)
 
@@ -230,32 +248,68 @@ def endpoint_missing(e: BaseException) -> bool:
 
 
 def sqlite_artifact_root(tracking_uri: str) -> Path | None:
-    if not tracking_uri.startswith("sqlite:///"):
+    from bridge.uri import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
         return None
-    db = Path(tracking_uri[len("sqlite:///") :]).resolve()
+    db = db.resolve()
     return db.parent / f"{db.stem}-artifacts"
 
 
+def store_lock(tracking_uri: str) -> Any:
+    """A lock that every trackbridge process writing the same in-process SQLite or file
+    store shares (the store's folder), held while it looks an object up by its source
+    key and creates it: two importers into one store then never both create it.
+    A server or a database server is not locked here; ``bridge.claims`` guards those."""
+    from bridge.locks import folder_lock
+    from bridge.uri import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        return folder_lock(db.parent)
+    if tracking_uri.startswith("file:"):
+        from urllib.parse import urlsplit
+
+        return folder_lock(urlsplit(tracking_uri).path)
+    return contextlib.nullcontext()
+
+
 def _create_sqlite_store(tracking_uri: str) -> None:
-    """Create a new SQLite store with its artifact root beside the database.
+    """Create a new SQLite store with its artifact root beside the database, exactly once
+    however many processes race to create it.
 
     Left to MlflowClient, a new store's "Default" experiment stores artifacts in
-    ./mlruns relative to wherever the command happened to run.
+    ./mlruns relative to wherever the command happened to run. The store is built under
+    a temporary name (MLflow's schema migrations are not atomic in SQLite, and a store
+    killed half-way through them never opens again) and then hard-linked to its name,
+    which fails rather than replace a store that another process created meanwhile; the
+    folder's lock makes the others wait for the first and then find its store.
     """
+    from bridge.locks import folder_lock
+    from bridge.uri import sqlite_path, sqlite_url
+
     root = sqlite_artifact_root(tracking_uri)
-    db = Path(tracking_uri[len("sqlite:///") :])
-    if root is None or db.exists():
+    db = sqlite_path(tracking_uri)
+    if root is None or db is None or db.exists():
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    # Build it under a temporary name, then rename: MLflow's schema migrations are not
-    # atomic in SQLite, and a store killed half-way through them never opens again.
-    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
-    try:
-        SqlAlchemyStore(f"sqlite:///{tmp}", root.as_uri()).engine.dispose()
-        os.replace(tmp, db)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with folder_lock(db.parent):
+        if db.exists():
+            return  # another process made it while we waited
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+        try:
+            SqlAlchemyStore(sqlite_url(tmp), root.as_uri()).engine.dispose()
+            try:
+                os.link(tmp, db)
+            except FileExistsError:
+                pass  # made by a process that did not lock: theirs stands
+            except OSError:  # a file system without hard links: the lock still orders us
+                if not db.exists():
+                    os.replace(tmp, db)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def ms_to_dt(ms: int | None) -> datetime | None:
@@ -292,8 +346,14 @@ def run_key(run_id: str) -> str:
     return f"mlflow:run/{run_id}"
 
 
-def project_key(experiment_id: str) -> str:
-    return f"mlflow:experiment/{experiment_id}"
+def project_key(experiment_id: str, created_ms: int | None = None) -> str:
+    """An experiment's key. Experiment ids are small numbers that every store reuses, so
+    the key also holds the experiment's creation time: consolidating several stores into
+    one, each one's experiment 1 keeps its own identity. The creation time is the
+    experiment's own, so the key is the same however the store is reached (a server, or
+    its database directly). A store too old to record it gives the plain key."""
+    base = f"mlflow:experiment/{experiment_id}"
+    return f"{base}@{created_ms}" if created_ms is not None else base
 
 
 def model_key(model_id: str) -> str:
@@ -304,8 +364,39 @@ def files_key(run_id: str) -> str:
     return f"mlflow:run/{run_id}#files"
 
 
-def version_key(name: str, version: str) -> str:
-    return f"mlflow:model-version/{name}/{version}"
+def version_key(name: str, version: str, created_ms: int | None = None) -> str:
+    """A model version's key, with its creation time for the same reason as
+    ``project_key``: two stores' ``churn`` v1 are two versions."""
+    base = f"mlflow:model-version/{name}/{version}"
+    return f"{base}@{created_ms}" if created_ms is not None else base
+
+
+def find_by_key(index: dict[str, Any], key: str) -> Any:
+    """An object in ``index`` (source key -> object) by ``key``, in either form: a
+    destination written by an earlier trackbridge, or a bundle it exported, has the keys
+    without the creation time (``legacy_key``)."""
+    hit = index.get(key)
+    if hit is not None:
+        return hit
+    old = legacy_key(key)
+    if old != key:
+        return index.get(old)
+    matches = [v for k, v in index.items() if legacy_key(k) == key]
+    return matches[0] if len(matches) == 1 else None
+
+
+def version_origin(tags: dict[str, str]) -> str | None:
+    """The source key a destination model version carries, in today's form: a version an
+    earlier trackbridge registered has the plain key, and its source's creation time in
+    ``TAG_SOURCE_CREATED``, which together give the qualified key."""
+    key = tags.get(TAG_SOURCE_KEY)
+    created = tags.get(TAG_SOURCE_CREATED)
+    if key and created and key.startswith("mlflow:model-version/") and legacy_key(key) == key:
+        try:
+            return f"{key}@{dt_to_ms(datetime.fromisoformat(created))}"
+        except ValueError:
+            return key
+    return key
 
 
 def is_bookkeeping(tag_key: str) -> bool:

@@ -82,12 +82,28 @@ class RunPayload:
         h = hashlib.sha256()
         for tbl in (self.params, self.tags, self.dataset_inputs, self.summary, self.series):
             h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
-        h.update(json.dumps(self.run, default=str, sort_keys=True).encode())
+        # the project key in the form earlier versions gave it: qualifying MLflow
+        # experiment keys must not make every run look changed after an upgrade
+        run = dict(self.run)
+        if run.get("project_key"):
+            run["project_key"] = legacy_key(run["project_key"])
+        h.update(json.dumps(run, default=str, sort_keys=True).encode())
         for b in self.metrics():
             h.update(b.serialize())  # every value; Array.to_string() elides the middle
         for a in self.artifacts:
             h.update(json.dumps([a.row, [(f.path, f.size) for f in a.files]], default=str).encode())
         return h.hexdigest()
+
+
+def legacy_key(key: str) -> str:
+    """The key an earlier trackbridge gave the same object. MLflow experiment and model
+    version keys now end in ``@<creation time in ms>`` (``mlflow_common.project_key``);
+    without it they are the keys bundles and destinations written before hold."""
+    if key.startswith(("mlflow:experiment/", "mlflow:model-version/")):
+        base, at, ms = key.rpartition("@")
+        if at and ms.isdigit():
+            return base
+    return key
 
 
 @dataclass
@@ -194,6 +210,8 @@ class TrackerSource:
     objects trackbridge itself imported to the source keys they carry, for verify."""
 
     _origin: dict[str, str]
+    # key -> the source an imported object came from (bridge.uri.canonical), where recorded
+    _origin_source: dict[str, str]
 
     def close(self) -> None:
         pass
@@ -201,6 +219,11 @@ class TrackerSource:
     def origin_of(self, kind: str, key: str) -> str:
         """The source key of an object that trackbridge imported; its own key otherwise."""
         return self._origin.get(key, key)
+
+    def recorded_source(self, key: str) -> str | None:
+        """Which source an imported object came from, if the importer recorded it (objects
+        imported before trackbridge recorded it say nothing)."""
+        return getattr(self, "_origin_source", {}).get(key)
 
 
 class Source(Protocol):

@@ -49,7 +49,7 @@ import pyarrow as pa
 from bridge import schema
 from bridge import spool as sp
 from bridge import wandb_common as wc
-from bridge.errors import first_line
+from bridge.errors import UsageError, first_line
 from bridge.model import project_row
 from bridge.report import RunReport, scrub
 
@@ -183,9 +183,15 @@ class Run:
             "pid": os.getpid(),
             "destinations": [redact(u) for u in destinations],
         }
-        sp.write_meta(self.dir, meta)
+        try:
+            sp.write_meta(self.dir, meta)
+            self._writer = sp.SpoolWriter(self.dir, fsync=fsync)
+        except OSError as e:
+            raise UsageError(
+                f"spool folder {self.dir}: cannot write there ({e.strerror}); pass init(spool=…) "
+                f"or set ${ENV_SPOOL} to a writable folder"
+            ) from e
         self._meta = meta
-        self._writer = sp.SpoolWriter(self.dir, fsync=fsync)
         self.config = _Recorder(self, "c")
         self.summary = _Recorder(self, "u")
         if config:

@@ -17,7 +17,6 @@ Where the state lives, and why a lost cache costs nothing:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -36,9 +35,10 @@ from typing import Any
 
 from bridge import engine
 from bridge.errors import TrackbridgeError, UsageError
+from bridge.locks import host_lock_path, try_lock
 from bridge.model import LABELS, STATUS, TOKEN, UPDATED, ModelRule, RunPayload, Selection
 from bridge.report import Report, RunReport, scrub
-from bridge.uri import redact
+from bridge.uri import canonical, redact
 
 STATES = ("running", "finished", "failed", "crashed", "killed", "scheduled")
 
@@ -80,10 +80,15 @@ class Pair:
         self.name = self.name or f"{redact(self.source)} -> {redact(self.destination)}"
 
     @property
+    def identity(self) -> str:
+        """The pair however it is spelt (``/x`` and ``/x/``, a relative path, a link to
+        the folder, another name in a config file): what its lock is keyed on."""
+        return f"{canonical(self.source)} -> {canonical(self.destination)}"
+
+    @property
     def pair_id(self) -> str:
-        """Stable across runs, credentials left out: names the pair's lock and state."""
-        text = f"{redact(self.source)} -> {redact(self.destination)}"
-        return f"{_slug(self.name)[:40]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+        """Stable across runs, credentials left out: names the pair's state folder."""
+        return f"{_slug(self.name)[:40]}-{hashlib.sha256(self.identity.encode()).hexdigest()[:10]}"
 
     def selection(self) -> Selection:
         f = self.filters
@@ -308,6 +313,8 @@ class State:
     def __init__(self, root: Path, pair: Pair, shard: tuple[int, int] | None = None) -> None:
         # each shard its own lock: the N shards of one pair run at the same time
         self.dir = root / (pair.pair_id + (f"-shard{shard[0]}of{shard[1]}" if shard else ""))
+        self.identity = pair.identity
+        self.shard = shard
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -317,26 +324,41 @@ class State:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the pair's lock for the whole sync.
+        """Hold the pair's locks for the whole sync.
 
-        An OS file lock (flock): the kernel releases it when its holder dies, however it
-        dies, so a lock left by a killed sync never blocks the next one. The file's
+        OS file locks (flock): the kernel releases one when its holder dies, however it
+        dies, so a lock left by a killed sync never blocks the next one. Two locks: one
+        in the state folder, and one keyed on the pair's canonical identity in a folder
+        every process of this user on this machine shares, so two syncs of one pair
+        exclude each other whatever their spelling or state folder. A shard holds the
+        pair's lock shared and its own shard's exclusively: the shards of one pair run
+        together, and none of them beside an unsharded sync of the pair. The lock file's
         text only says who holds it, for the error message.
         """
-        path = self.dir / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        shard = f" shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+        wanted = [(host_lock_path(self.identity), bool(self.shard))]
+        if self.shard:
+            wanted.append((host_lock_path(self.identity + shard), False))
+        wanted.append((self.dir / "lock", False))
+        fds: list[int] = []
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "unknown"
-                raise LockedError(f"another sync of this pair is running ({holder}); lock {path}") from None
-            os.ftruncate(fd, 0)
-            stamp = datetime.now(UTC).isoformat(timespec="seconds")
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+            for path, shared in wanted:
+                fd = try_lock(path, shared=shared)
+                if fd is None:
+                    holder = path.read_text(errors="replace").strip() if path.exists() else ""
+                    raise LockedError(
+                        f"another sync of this pair is running ({holder or 'unknown'}); lock {path}"
+                    )
+                fds.append(fd)
+                if not shared:
+                    os.ftruncate(fd, 0)
+                    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+                    text = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}{shard}\n"
+                    os.pwrite(fd, text.encode(), 0)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            for fd in fds:
+                os.close(fd)  # releases the lock
 
     @property
     def db(self) -> sqlite3.Connection:

@@ -19,6 +19,7 @@ from bridge import mlflow_common as mc
 from bridge.files import sha256_file
 from bridge.model import ArtifactPayload, RunPayload, Selection, Source
 from bridge.progress import Bar
+from bridge.uri import source_identity
 
 # Run fields every destination so far can hold; times compare at millisecond precision.
 RUN_FIELDS = (
@@ -64,11 +65,20 @@ def verify(
     b_projects = b.projects(Selection())
     b_by_name = {p["name"]: p for p in b_projects}
     # A project trackbridge imported carries its source key, so it is found even when a
-    # naming template (sync's experiment = "...") gave it another name.
-    b_by_origin = {origin(b, "project", q["project_key"]): q for q in b_projects}
+    # naming template (sync's experiment = "...") gave it another name. One that an
+    # earlier trackbridge imported carries the key without its creation time
+    # (mc.legacy_key): that matches only when no other destination project carries it.
+    b_origins = [origin(b, "project", q["project_key"]) for q in b_projects]
+    b_by_origin = dict(zip(b_origins, b_projects, strict=True))
+    legacy = Counter(b_origins)
     found: dict[str, dict[str, Any]] = {}
     for p in a_projects:
-        q = b_by_origin.get(p["project_key"]) or b_by_name.get(p["name"])
+        old = mc.legacy_key(p["project_key"])
+        q = (
+            b_by_origin.get(p["project_key"])
+            or (b_by_origin.get(old) if old != p["project_key"] and legacy[old] == 1 else None)
+            or b_by_name.get(p["name"])
+        )
         stats["projects"] += 1
         if q is None:
             diff(f"project {p['name']!r}: missing in destination")
@@ -86,6 +96,18 @@ def verify(
     b_runs = b.runs(Selection(), matched)
     b_origin = {r["run_key"]: origin(b, "run", r["run_key"]) for r in b_runs}
     b_by_origin = {b_origin[r["run_key"]]: r for r in b_runs}
+    # only a source read whole can say a destination run is one it no longer has: a
+    # filter (a project too: a naming template may merge projects) leaves runs out
+    whole = not (sel.projects or sel.runs or sel.since or sel.until or not sel.include_deleted)
+    _copies(
+        "run",
+        [(b_origin[r["run_key"]], r["run_key"], r.get("source_id")) for r in b_runs],
+        {r["run_key"] for r in a_runs},
+        a,
+        b,
+        whole,
+        diff,
+    )
     task = bar.add("verify", len(a_runs))
     for r in a_runs:
         stats["runs"] += 1
@@ -146,6 +168,16 @@ def _compare_run(label: str, ra: RunPayload, rb: RunPayload, a: Source, b: Sourc
         diff(f"{label}: dataset inputs differ")
     arts_a = {_art_identity(x): x for x in ra.artifacts}
     arts_b = {_art_identity(x): x for x in rb.artifacts}
+    models = [x.row["artifact_key"] for x in rb.artifacts if x.row["type"] == "mlflow.logged_model"]
+    _copies(
+        f"{label}: logged model",
+        [(origin(b, "artifact", k), k, k) for k in models],
+        set(),
+        a,
+        b,
+        False,
+        diff,
+    )
     for ident, x in arts_a.items():
         y = arts_b.get(ident)
         if y is None:
@@ -179,15 +211,22 @@ def _compare_artifact(label: str, x: ArtifactPayload, y: ArtifactPayload, diff: 
             continue
         if fa[path].size is not None and fb[path].size is not None and fa[path].size != fb[path].size:
             diff(f"{label}: file {path}: size {fa[path].size} != {fb[path].size}")
-        elif _digest(fa[path]) != _digest(fb[path]):
-            diff(f"{label}: file {path}: content differs")
+            continue
+        # the destination's bytes themselves, never a digest it merely records (an MLflow
+        # destination keeps the source's SHA-256 of a W&B file in extras.json)
+        want, got = _digest(fa[path]), _digest(fb[path], trust_recorded=False)
+        if want != got:
+            diff(f"{label}: file {path}: content differs (SHA-256 {want[:12]}… in source, {got[:12]}… here)")
 
 
 def _compare_standalone(a: Source, b: Source, sel: Selection, ap: list, bp: list, diff: Any) -> None:
     # by identity: a destination's copy carries its source's key (a Neptune model version
     # becomes an MLflow logged model, of another type and sharing its name with others)
     xa = {origin(a, "artifact", x.row["artifact_key"]): x for x in a.artifacts(sel, ap)}
-    xb = {origin(b, "artifact", x.row["artifact_key"]): x for x in b.artifacts(Selection(), bp)}
+    listed = list(b.artifacts(Selection(), bp))
+    xb = {origin(b, "artifact", x.row["artifact_key"]): x for x in listed}
+    keys = [x.row["artifact_key"] for x in listed]
+    _copies("artifact", [(origin(b, "artifact", k), k, k) for k in keys], set(xa), a, b, False, diff)
     for ident, x in xa.items():
         if ident not in xb:
             diff(f"artifact {ident}: missing in destination")
@@ -209,12 +248,31 @@ def _compare_registry(a: Source, b: Source, sel: Selection, diff: Any, stats: Co
         ta, tb = _tags(m["tags"]), _tags(q["tags"])
         if ta != tb:
             diff(f"registered model {m['name']!r}: tags differ: {_dict_diff(ta, tb)}")
-    vb = {origin(b, "model_version", v["version_key"]): v for v in rb.model_versions.to_pylist()}
+    b_versions = rb.model_versions.to_pylist()
+    a_versions = ra.model_versions.to_pylist()
+    v_origins = [origin(b, "model_version", v["version_key"]) for v in b_versions]
+    vb = dict(zip(v_origins, b_versions, strict=True))
+    _copies(
+        "model version",
+        [
+            (
+                origin(b, "model_version", v["version_key"]),
+                v["version_key"],
+                f"{v['model_name']} v{v['version']}",
+            )
+            for v in b_versions
+        ],
+        {v["version_key"] for v in a_versions},
+        a,
+        b,
+        not (sel.projects or sel.runs or sel.since or sel.until),
+        diff,
+    )
     b_runs = getattr(b, "origin_of", None)
-    for v in ra.model_versions.to_pylist():
+    for v in a_versions:
         stats["model_versions"] += 1
         label = f"model version {v['model_name']!r} v{v['version']}"
-        w = vb.get(v["version_key"])
+        w = mc.find_by_key(vb, v["version_key"])
         if w is None:
             diff(f"{label}: missing in destination")
             continue
@@ -335,11 +393,39 @@ def _isnan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
-def _digest(f: Any) -> str:
-    if f.sha256:
+def _digest(f: Any, trust_recorded: bool = True) -> str:
+    if f.sha256 and trust_recorded:
         return f.sha256
     with f.fetch() as local:
         return sha256_file(local)
+
+
+def _copies(
+    kind: str,
+    objects: list[tuple[str, str, Any]],
+    source_keys: set[str],
+    a: Source,
+    b: Source,
+    whole: bool,
+    diff: Any,
+) -> None:
+    """Destination objects that trackbridge wrote, as (source key, own key, label): each
+    source key more than once is a duplicate; with ``whole`` (no filter narrowed the
+    source), one whose key the source lacks, recorded as coming from this very source,
+    is an object the source no longer has."""
+    imported = [(o, k, lbl) for o, k, lbl in objects if o != k]
+    counts = Counter(o for o, _, _ in imported)
+    for o, n in counts.items():
+        if n > 1:
+            ids = sorted(str(lbl) for x, _, lbl in imported if x == o)
+            diff(f"{kind} {o}: {n} copies in destination ({', '.join(ids[:5])}); expected one")
+    if not whole:
+        return
+    here = source_identity(a)
+    recorded = getattr(b, "recorded_source", None)
+    for o, k, lbl in imported:
+        if o not in source_keys and recorded is not None and recorded(k) == here:
+            diff(f"{kind} {o}: only in destination ({lbl}); the source does not have it")
 
 
 def _dict_diff(a: dict, b: dict) -> str:

@@ -50,19 +50,24 @@ class MlflowSource(TrackerSource):
         self._lock = threading.Lock()
         self._models_by_run: dict[str, list[Any]] | None = None
         self._exps: list[Any] | None = None
+        self._created: dict[str, int | None] | None = None
         self._rest = tracking_uri.startswith(("http://", "https://"))
         # destination key -> source key, for objects trackbridge itself imported
         self._origin: dict[str, str] = {}
+        self._origin_source: dict[str, str] = {}
         self._check_reachable()
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"
 
     def _remember(self, key: str, tags: Any) -> None:
-        src = dict(tags).get(mc.TAG_SOURCE_KEY)
+        tags = dict(tags)
+        src = tags.get(mc.TAG_SOURCE_KEY)
         if src:
             with self._lock:
                 self._origin[key] = src
+                if mc.TAG_SOURCE in tags:
+                    self._origin_source[key] = tags[mc.TAG_SOURCE]
 
     def _check_reachable(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -81,7 +86,7 @@ class MlflowSource(TrackerSource):
         for e in self._experiments():
             tags = dict(e.tags)
             row = {
-                "project_key": mc.project_key(e.experiment_id),
+                "project_key": self._project_key(e.experiment_id),
                 "system": "mlflow",
                 "source_id": e.experiment_id,
                 "name": e.name,
@@ -95,6 +100,11 @@ class MlflowSource(TrackerSource):
             if sel.wants_project(row) and (sel.include_deleted or e.lifecycle_stage != "deleted"):
                 out.append(row)
         return out
+
+    def _project_key(self, experiment_id: str) -> str:
+        if self._created is None:
+            self._created = {e.experiment_id: e.creation_time for e in self._experiments()}
+        return mc.project_key(experiment_id, self._created.get(experiment_id))
 
     def _experiments(self) -> list[Any]:
         """Every experiment, deleted ones too; listed once, for projects and logged models."""
@@ -136,6 +146,8 @@ class MlflowSource(TrackerSource):
                     page_token=t,
                 )
             ):
+                if mc.TAG_DUPLICATE_OF in r.data.tags:
+                    continue  # a copy trackbridge retired (bridge.claims): not the user's
                 row = self._run_row(r)
                 self._remember(row["run_key"], r.data.tags)
                 if sel.wants_run(row):
@@ -154,7 +166,7 @@ class MlflowSource(TrackerSource):
             url = f"{self.safe.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
         return {
             "run_key": mc.run_key(info.run_id),
-            "project_key": mc.project_key(info.experiment_id),
+            "project_key": self._project_key(info.experiment_id),
             "source_id": info.run_id,
             "name": info.run_name,
             "status": status,
@@ -397,7 +409,7 @@ class MlflowSource(TrackerSource):
             )
         row = {
             "artifact_key": mc.files_key(run_id),
-            "project_key": mc.project_key(r.info.experiment_id),
+            "project_key": self._project_key(r.info.experiment_id),
             "name": "run-files",
             "type": "run-files",
             "aliases": [],
@@ -479,7 +491,7 @@ class MlflowSource(TrackerSource):
         ]
         row = {
             "artifact_key": mc.model_key(m.model_id),
-            "project_key": project_key or mc.project_key(m.experiment_id),
+            "project_key": project_key or self._project_key(m.experiment_id),
             "name": m.name,
             "type": "mlflow.logged_model",
             "aliases": [],
@@ -494,7 +506,7 @@ class MlflowSource(TrackerSource):
         keys = {p["source_id"] for p in projects}
         for m in self._all_logged_models().get("", []):
             if m.experiment_id in keys:
-                yield self._logged_model_artifact(m, mc.project_key(m.experiment_id))
+                yield self._logged_model_artifact(m, self._project_key(m.experiment_id))
 
     # -- registry
 
@@ -502,7 +514,11 @@ class MlflowSource(TrackerSource):
         if not sel.registry:
             return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
         with self._lock:
-            selected = set(self._runs)
+            # the runs listed, narrowed to the ones asked for (a sync shard asks for its own:
+            # a version of another shard's run would point at a model not written yet)
+            selected = {
+                rid for rid in self._runs if not sel.runs or rid in sel.runs or mc.run_key(rid) in sel.runs
+            }
         filtered = bool(sel.projects or sel.runs or sel.since or sel.until)
         models = list(
             mc.paged(lambda t: self.client.search_registered_models(max_results=PAGE, page_token=t))
@@ -557,9 +573,15 @@ class MlflowSource(TrackerSource):
         if not model_id and src.startswith("models:/m-"):
             # search_model_versions leaves model_id empty; the source still names it
             model_id = src[len("models:/") :].split("/", 1)[0]
-        self._remember(mc.version_key(v.name, v.version), v.tags)
+        key = mc.version_key(v.name, v.version, v.creation_timestamp)
+        origin = mc.version_origin(dict(v.tags))
+        if origin:
+            with self._lock:
+                self._origin[key] = origin
+                if mc.TAG_SOURCE in v.tags:
+                    self._origin_source[key] = v.tags[mc.TAG_SOURCE]
         return {
-            "version_key": mc.version_key(v.name, v.version),
+            "version_key": key,
             "model_name": v.name,
             "version": str(v.version),
             "run_key": mc.run_key(v.run_id) if v.run_id else None,

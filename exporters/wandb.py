@@ -86,6 +86,7 @@ class WandbOfflineSource(TrackerSource):
         if not self.root.exists():
             raise SourceNotFoundError(f"wandb+offline://{self.safe}: no such folder {self.root}")
         self._origin: dict[str, str] = {}
+        self._origin_source: dict[str, str] = {}
         self._artifact_rows: dict[str, list[tuple[dict[str, Any], Any]]] = {}
         self._runs = self._discover()
 
@@ -123,6 +124,8 @@ class WandbOfflineSource(TrackerSource):
             rf.meta = h.meta or rf.meta
             if rf.meta.get("source_key"):
                 self._origin[key] = rf.meta["source_key"]
+                if rf.meta.get("source"):
+                    self._origin_source[key] = rf.meta["source"]
         return runs
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
@@ -176,6 +179,8 @@ class WandbOfflineSource(TrackerSource):
         meta = parsed.config.get(wc.META_KEY) or {}
         if isinstance(meta, dict) and meta.get("source_key"):
             self._origin[run["run_key"]] = meta["source_key"]
+            if meta.get("source"):
+                self._origin_source[run["run_key"]] = meta["source"]
         files_dirs = [log.parent / "files" for log in rf.logs]
         run_files = _run_files(rf, files_dirs)
         artifacts = [run_files, *parsed.artifacts(wc.project_key(rf.project))]

@@ -206,6 +206,7 @@ class WandbOnlineSource(TrackerSource):
         self._runs: dict[str, Any] = {}
         self._project_of: dict[str, str] = {}  # run key → its W&B project
         self._origin: dict[str, str] = {}
+        self._origin_source: dict[str, str] = {}
         self._arts: dict[str, list[ArtifactInfo]] = {}
         try:
             self._names = [project] if project else sorted(self.api.projects(entity))
@@ -219,6 +220,8 @@ class WandbOnlineSource(TrackerSource):
             meta = (r.config or {}).get(wc.META_KEY)
             if isinstance(meta, dict) and meta.get("source_key"):
                 self._origin[key] = meta["source_key"]
+                if meta.get("source"):
+                    self._origin_source[key] = meta["source"]
 
     def describe(self) -> str:
         return f"wandb://{self.entity}/{self.project}" if self.project else f"wandb://{self.entity}"

@@ -31,8 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bridge import claims, schema
 from bridge import mlflow_common as mc
-from bridge import schema
 from bridge.errors import DestinationError, first_line
 from bridge.files import temp_dir
 from bridge.model import ArtifactPayload, RegistryPayload, RunPayload
@@ -48,6 +48,9 @@ MAX_BATCH_BYTES = 800_000  # MLflow refuses requests over 1 MB; keep room for JS
 TRUNCATED = "…[truncated by trackbridge]"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 MAPPING_VERSION = 1
+# How SQLite, PostgreSQL and MySQL word a second insert of one row (a param that another
+# importer wrote into the same run a moment before), through MLflow's store or server
+_CONFLICT = re.compile(r"UNIQUE constraint|unique constraint|Duplicate entry|IntegrityError", re.IGNORECASE)
 
 
 def fit_key(key: str) -> str:
@@ -107,6 +110,13 @@ class MlflowSink:
         )
         self._sql = None if self._creds is not None else _SqlPoints.of(self.client._tracking_client.store)
         self._batch = _SqlPoints.BATCH if self._sql is not None else MAX_METRICS_PER_BATCH
+        # a store every trackbridge process on this machine locks the same way (SQLite, a
+        # file store): a look-up and a create under its lock are exact; elsewhere the
+        # creator checks again after creating (bridge.claims)
+        self._locked_store = tracking_uri.startswith(("sqlite:", "file:"))
+        self.origin: str | None = None
+        # what the sink did beyond the runs it was given (duplicates it retired), for the report
+        self.notices: list[tuple[str, str, str]] = []
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"
@@ -115,6 +125,8 @@ class MlflowSink:
 
     def begin(self, source: str) -> None:
         from mlflow.exceptions import MlflowException
+
+        self.origin = source
 
         try:
             mc.first_contact(self.client)
@@ -202,23 +214,127 @@ class MlflowSink:
                     page_token=t,
                 )
             )
-            return {r.data.tags[mc.TAG_SOURCE_KEY]: r for r in runs}
+            live = []
+            for r in runs:
+                if mc.TAG_DUPLICATE_OF in r.data.tags:
+                    self._finish_retiring(r)
+                else:
+                    live.append(r)
+            single, dups = claims.group_by_key(live, lambda r: r.data.tags[mc.TAG_SOURCE_KEY])
+            for key, copies in dups.items():
+                single[key] = self._keep_one(key, copies)
+            return single
 
         return self._cached(self._index, exp_id, load)
+
+    def _keep_one(self, key: str, copies: list[Any]) -> Any:
+        """Of several runs carrying one source key (two importers created it at once), keep
+        the earliest claim and retire the others; what they held is in the keeper, or is
+        written into it by this import."""
+        keep = claims.keeper(
+            copies,
+            lambda r: r.data.tags.get(mc.TAG_CLAIM),
+            lambda r: r.info.run_id,
+            lambda r: mc.TAG_FINGERPRINT in r.data.tags,
+        )
+        notice = ("duplicate-removed", "deleted the others (tagged trackbridge.duplicate_of)")
+        for r in copies:
+            if r is not keep:
+                try:
+                    self._retire(r, keep.info.run_id)
+                except Exception as e:  # the keeper is still the one written; verify shows the rest
+                    notice = ("duplicate-not-removed", f"could not delete the others ({first_line(e)})")
+        with self._lock:
+            self.notices.append(
+                (
+                    notice[0],
+                    key,
+                    f"{len(copies) - 1} other run(s) carried this source key; kept {keep.info.run_id}, "
+                    + notice[1],
+                )
+            )
+        return keep
+
+    def _retire(self, r: Any, keeper_id: str) -> None:
+        """Mark a duplicate first (every trackbridge reader then ignores it), then delete it:
+        a kill in between leaves a marked run that the next index load deletes. MLflow
+        tags only active runs, so a deleted duplicate is restored for the mark."""
+        run_id = r.info.run_id
+        if r.info.lifecycle_stage == "deleted":
+            mc.change_once(
+                lambda: self.client.restore_run(run_id),
+                lambda: self.client.get_run(run_id).info.lifecycle_stage == "active",
+            )
+        self.client.set_tag(run_id, mc.TAG_DUPLICATE_OF, keeper_id)
+        self._finish_retiring(self.client.get_run(run_id))
+
+    def _finish_retiring(self, r: Any) -> None:
+        if r.info.lifecycle_stage != "deleted":
+            run_id = r.info.run_id
+            mc.change_once(
+                lambda: self.client.delete_run(run_id),
+                lambda: self.client.get_run(run_id).info.lifecycle_stage == "deleted",
+            )
+
+    def _runs_with_key(self, exp_ids: list[str], key: str, client: Any = None) -> list[Any]:
+        """Every run carrying ``key`` (deleted ones too) but the copies trackbridge retired,
+        asked fresh, not from the index."""
+        from mlflow.entities import ViewType
+
+        if self._creds is None and _sql_has_key(self.client._tracking_client.store, exp_ids, key) is False:
+            return []  # the usual answer for a new run, from one indexed query (~1 ms, not ~15)
+        found = (client or self.client).search_runs(
+            exp_ids,
+            filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` = '{_quote(key)}'",
+            run_view_type=ViewType.ALL,
+            max_results=100,
+        )
+        return [r for r in found if mc.TAG_DUPLICATE_OF not in r.data.tags]
+
+    def _find_or_create(self, exp_id: str, payload: RunPayload) -> tuple[Any, bool]:
+        """The destination run for a source run the index did not have: one another
+        process made meanwhile, else a new one. Returns (run, created)."""
+        run, key = payload.run, payload.key
+        raw = self.client.unwrapped
+        with mc.store_lock(self.uri):
+            found = self._runs_with_key([exp_id], key)
+            if found:
+                return (found[0] if len(found) == 1 else self._keep_one(key, found)), False
+            created = mc.create_once(
+                lambda: raw.create_run(
+                    exp_id,
+                    start_time=mc.dt_to_ms(run.get("start_time")),
+                    # an empty user, not the importing account's: MLflow fills in the OS user otherwise
+                    tags={
+                        mc.TAG_USER: run.get("user") or "",
+                        mc.TAG_SOURCE_KEY: key,
+                        mc.TAG_CLAIM: claims.new_claim(),
+                    },
+                    run_name=run.get("name"),
+                ),
+                lambda: self._search_run(raw, exp_id, key),
+            )
+        if not self._locked_store:
+            # no lock reaches the other importers: look again, and give way to an earlier claim
+            found = self._runs_with_key([exp_id], key)
+            mine = created.info.run_id
+            if found and all(r.info.run_id != mine for r in found):
+                # the other importer looked after us and retired ours: its copy is the one
+                return (found[0] if len(found) == 1 else self._keep_one(key, found)), False
+            if len(found) > 1:
+                keep = self._keep_one(key, found)
+                if keep.info.run_id != mine:
+                    return keep, False
+        return created, True
 
     def _find_run_id(self, run_key: str) -> str | None:
         with self._lock:
             if run_key in self._run_ids:
                 return self._run_ids[run_key]
-        from mlflow.entities import ViewType
-
-        page = self.client.search_runs(
-            [e for e in self._exp_ids.values() if e] or ["0"],
-            filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` = '{_quote(run_key)}'",
-            run_view_type=ViewType.ALL,
-            max_results=1,
-        )
-        return page[0].info.run_id if page else None
+        found = self._runs_with_key([e for e in self._exp_ids.values() if e] or ["0"], run_key)
+        if len(found) > 1:  # racing importers left copies: the same keeper as _keep_one's
+            return self._keep_one(run_key, found).info.run_id
+        return found[0].info.run_id if found else None
 
     def _models_index(self, exp_id: str) -> dict[str, Any]:
         """Logged models trackbridge wrote into the experiment, by source key."""
@@ -242,13 +358,67 @@ class MlflowSink:
     # -- runs
 
     def write_run(self, payload: RunPayload, report: RunReport) -> str:
+        for attempt in (1, 2):
+            seen: dict[str, str] = {}
+            try:
+                return self._write_run(payload, report, seen)
+            except Exception as e:
+                if self._finished_by_another(payload, seen):
+                    report.mapped(
+                        "written-concurrently", "runs", "another importer finished this run meanwhile"
+                    )
+                    return "unchanged"
+                if attempt == 2 or "run_id" not in seen or not _CONFLICT.search(str(e)):
+                    raise
+                # another importer is writing the same run right now (two machines, no shared
+                # lock): MLflow refuses the second insert of a param; read the run afresh and
+                # write only what it still lacks
+                self._forget(payload.run["project_key"], payload.key)
+                report.points = report.files = report.bytes = 0
+                report.mappings.clear()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _forget(self, project_key: str, key: str) -> None:
+        exp_id = self._exp_ids.get(project_key)
+        with self._lock:
+            if exp_id in self._index:
+                self._index[exp_id].pop(key, None)
+
+    def _finished_by_another(self, payload: RunPayload, seen: dict[str, str]) -> bool:
+        """A write that failed because another importer wrote the same run at the same
+        time (it finished first, and deleted it as the source has it) is no failure: the
+        run is complete, as the fingerprint it now carries says."""
+        if "run_id" not in seen or "fp" not in seen:
+            return False
+        try:
+            r = self.client.unwrapped.get_run(seen["run_id"])
+        except Exception:
+            return False
+        return (
+            r.data.tags.get(mc.TAG_FINGERPRINT) == seen["fp"]
+            and r.info.lifecycle_stage == (payload.run.get("lifecycle") or "active")
+            and mc.TAG_DUPLICATE_OF not in r.data.tags
+        )
+
+    def _write_run(self, payload: RunPayload, report: RunReport, seen: dict[str, str]) -> str:
         run = payload.run
         key = payload.key
         exp_id = self._exp_ids.get(run["project_key"])
         if exp_id is None and not self.dry_run:
             raise DestinationError(f"run {key}: its project {run['project_key']} was not imported")
         existing = self._runs_index(exp_id).get(key) if exp_id else None
+        created = None
+        if existing is None and exp_id and not self.dry_run:
+            # the index was read once; another importer may have made the run since
+            got, made = self._find_or_create(exp_id, payload)
+            if made:
+                created = got
+            else:
+                existing = got
         fp = _fingerprint(payload)
+        seen["fp"] = fp
+        if existing is not None or created is not None:
+            seen["run_id"] = (existing or created).info.run_id
         if (
             existing is not None
             and existing.data.tags.get(mc.TAG_FINGERPRINT) == fp
@@ -273,22 +443,13 @@ class MlflowSink:
         plan = _Plan(report)
         params = plan.params(payload.params)
         tags = plan.tags(payload.tags, run)
+        if self.origin:
+            tags[mc.TAG_SOURCE] = self.origin
         if self.dry_run:
             report.points = sum(b.num_rows for b in payload.metrics())
             return outcome
 
         if existing is None:
-            raw = self.client.unwrapped
-            created = mc.create_once(
-                lambda: raw.create_run(
-                    exp_id,
-                    start_time=mc.dt_to_ms(run.get("start_time")),
-                    # an empty user, not the importing account's: MLflow fills in the OS user otherwise
-                    tags={mc.TAG_USER: run.get("user") or "", mc.TAG_SOURCE_KEY: key},
-                    run_name=run.get("name"),
-                ),
-                lambda: self._search_run(raw, exp_id, key),
-            )
             run_id = created.info.run_id
             have_params: dict[str, str] = {}
             have_tags: dict[str, str] = dict(created.data.tags)
@@ -354,6 +515,8 @@ class MlflowSink:
             self.client.set_tag(run_id, mc.TAG_MAPPED, str(len(report.mappings)))
 
         status = mc.TO_MLFLOW_STATUS.get(run.get("status") or "finished", "FINISHED")
+        if existing is not None and run.get("name") and existing.info.run_name != run["name"]:
+            self.client.update_run(run_id, name=run["name"])  # renamed in the source since
         if status in ("FINISHED", "FAILED", "KILLED") and run.get("end_time") is not None:
             self.client.set_terminated(run_id, status, end_time=mc.dt_to_ms(run.get("end_time")))
         else:
@@ -372,15 +535,8 @@ class MlflowSink:
 
     def _search_run(self, client: Any, exp_id: str, key: str) -> Any:
         """The run carrying ``key`` (deleted ones too), for a retried create_run."""
-        from mlflow.entities import ViewType
-
-        page = client.search_runs(
-            [exp_id],
-            filter_string=f"tags.`{mc.TAG_SOURCE_KEY}` = '{_quote(key)}'",
-            run_view_type=ViewType.ALL,
-            max_results=1,
-        )
-        return page[0] if page else None
+        found = self._runs_with_key([exp_id], key, client)
+        return found[0] if found else None
 
     def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]:
         """Runs a completed import left in the project's experiment: source key ->
@@ -578,6 +734,8 @@ class MlflowSink:
         if m is None:
             tags = {k: v for k, v in meta.get("tags", {}).items() if k not in mc.MANAGED_MODEL_TAGS}
             tags[mc.TAG_SOURCE_KEY] = key
+            if self.origin:
+                tags[mc.TAG_SOURCE] = self.origin
             if meta.get("creation_timestamp") is not None:
                 tags[mc.TAG_SOURCE_CREATED] = str(meta["creation_timestamp"])
             raw = self.client.unwrapped
@@ -684,14 +842,15 @@ class MlflowSink:
         existing = {}
         for v in self.client.search_model_versions(f"name='{_quote(name)}'", max_results=10000):
             if mc.TAG_SOURCE_KEY in v.tags:
-                existing[v.tags[mc.TAG_SOURCE_KEY]] = v
+                existing[mc.version_origin(dict(v.tags))] = v
         wanted_aliases: dict[str, str] = {}
         ours = set()
         for sv in sorted(versions, key=lambda v: int(v["version"]) if v["version"].isdigit() else 0):
-            dv = existing.get(sv["version_key"])
+            dv = mc.find_by_key(existing, sv["version_key"])
             if dv is None:
-                dv = self._create_version(name, sv, report)
-                report.models["new"] = report.models.get("new", 0) + 1
+                dv, made = self._create_version(name, sv, report)
+                outcome = "new" if made else "unchanged"
+                report.models[outcome] = report.models.get(outcome, 0) + 1
             else:
                 report.models["unchanged"] = report.models.get("unchanged", 0) + 1
                 if (dv.description or None) != sv["description"]:
@@ -719,7 +878,7 @@ class MlflowSink:
             if alias not in wanted_aliases and str(version) in ours:
                 self.client.delete_registered_model_alias(name, alias)
 
-    def _create_version(self, name: str, sv: dict[str, Any], report: Any) -> Any:
+    def _create_version(self, name: str, sv: dict[str, Any], report: Any) -> tuple[Any, bool]:
         run_id = self._find_run_id(sv["run_key"]) if sv["run_key"] else None
         model_id = self._model_ids.get(sv["artifact_key"]) if sv["artifact_key"] else None
         placed = self._artifact_dirs.get(sv["artifact_key"] or "")
@@ -742,6 +901,7 @@ class MlflowSink:
             **dict(sv["tags"] or []),
             mc.TAG_SOURCE_KEY: sv["version_key"],
             mc.TAG_SOURCE_VERSION: sv["version"],
+            **({mc.TAG_SOURCE: self.origin} if self.origin else {}),
         }
         if placed and not sv["source_subpath"]:
             tags[mc.TAG_SOURCE_ARTIFACT] = sv["artifact_key"]
@@ -765,7 +925,12 @@ class MlflowSink:
                 None,
             )
 
-        return mc.create_once(create, find)
+        # another importer may have registered it since this model's versions were listed
+        with mc.store_lock(self.uri):
+            found = find()
+            if found is not None:
+                return found, False
+            return mc.create_once(create, find), True
 
 
 class _Plan:
@@ -945,6 +1110,31 @@ class _SqlPoints:
             # SQLAlchemy parameter processing
             session.connection().exec_driver_sql(self._sql, rows)
             self.store._update_latest_metrics_if_necessary(candidates, session)
+
+
+def _sql_has_key(store: Any, exp_ids: list[str], key: str) -> bool | None:
+    """Whether any run of the experiments carries source key ``key``, asked of an
+    in-process SQL store's own tables in one query; None where that cannot be asked (a
+    store of another kind, or an MLflow whose models differ): then search_runs answers."""
+    try:
+        from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    except ImportError:  # pragma: no cover - depends on MLflow's layout
+        return None
+    if not isinstance(store, SqlAlchemyStore):
+        return None
+    try:
+        ids = [int(e) for e in exp_ids]
+        with store.ManagedSessionMaker() as session:
+            hit = (
+                session.query(SqlTag.run_uuid)
+                .join(SqlRun, SqlRun.run_uuid == SqlTag.run_uuid)
+                .filter(SqlTag.key == mc.TAG_SOURCE_KEY, SqlTag.value == key, SqlRun.experiment_id.in_(ids))
+                .first()
+            )
+    except Exception:  # any doubt: let MLflow's own search decide
+        return None
+    return hit is not None
 
 
 def _fingerprint(payload: RunPayload) -> str:

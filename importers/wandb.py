@@ -49,6 +49,7 @@ from bridge import schema
 from bridge import wandb_common as wc
 from bridge.errors import DestinationError, MissingExtraError, UsageError, first_line
 from bridge.files import atomic_write_bytes
+from bridge.locks import file_lock
 from bridge.model import ArtifactPayload, RegistryPayload, RunPayload
 from bridge.report import RunReport
 from exporters.wandb_online import SdkApi
@@ -86,6 +87,7 @@ class _SdkSink:
         self.dry_run = dry_run
         self._projects: dict[str, tuple[str, dict[str, Any]]] = {}
         self._lock = threading.Lock()  # one SDK run at a time per process
+        self.origin: str | None = None  # the source, recorded with each run for verify
 
     def finish(self) -> None:
         pass
@@ -151,6 +153,7 @@ class _SdkSink:
             report.mapped("param-conflict", "params." + ".".join(path), "kept in config._trackbridge.params")
         meta = {
             "source_key": payload.key,
+            "source": self.origin,
             "project": project["kept"],
             "labels": labels,
             "tags": {t["key"]: t["value"] for t in payload.tags.to_pylist()},
@@ -318,28 +321,52 @@ class WandbOfflineSink(_SdkSink):
         return f"wandb+offline://{self.root}"
 
     def begin(self, source: str) -> None:
+        self.origin = source
         if not self.dry_run:
             self.root.mkdir(parents=True, exist_ok=True)
 
     def _runs_index(self) -> dict[str, dict[str, Any]]:
         """run id → {"fingerprint": marker's or None, "dirs": [folders]} for our folder."""
         if self._index is None:
-            from exporters.wandb import RUN_DIR, _head
+            from exporters.wandb import RUN_DIR
 
             index: dict[str, dict[str, Any]] = {}
             base = self.root / "wandb"
             for d in sorted(base.iterdir()) if base.is_dir() else []:
-                if not (d.is_dir() and RUN_DIR.match(d.name)):
-                    continue
-                logs = list(d.glob("run-*.wandb"))
-                run_id = _head(logs[0]).run_id if logs else RUN_DIR.match(d.name).group(2)  # type: ignore[union-attr]
-                entry = index.setdefault(run_id, {"fingerprint": None, "dirs": []})
-                entry["dirs"].append(d)
-                marker = d / MARKER
-                if marker.exists():
-                    entry["fingerprint"] = json.loads(marker.read_text()).get("fingerprint")
+                if d.is_dir() and RUN_DIR.match(d.name):
+                    self._add_folder(index, d)
             self._index = index
         return self._index
+
+    @staticmethod
+    def _add_folder(index: dict[str, dict[str, Any]], d: Path) -> None:
+        from exporters.wandb import RUN_DIR, _head
+
+        logs = list(d.glob("run-*.wandb"))
+        run_id = _head(logs[0]).run_id if logs else RUN_DIR.match(d.name).group(2)  # type: ignore[union-attr]
+        entry = index.setdefault(run_id, {"fingerprint": None, "dirs": []})
+        entry["dirs"].append(d)
+        marker = d / MARKER
+        if marker.exists():
+            entry["fingerprint"] = json.loads(marker.read_text()).get("fingerprint")
+
+    def _fresh(self, run_id: str) -> dict[str, Any] | None:
+        """The run's folders as they are now: another process may have written it since
+        the index was read (folders are named ``…-<run id>``, a second one of the same
+        second ``…-<run id>-1``; the run id inside the log decides)."""
+        from exporters.wandb import RUN_DIR
+
+        index: dict[str, dict[str, Any]] = {}
+        for d in sorted((self.root / "wandb").glob(f"*-{run_id}*")):
+            if d.is_dir() and RUN_DIR.match(d.name):
+                self._add_folder(index, d)
+        return index.get(run_id)
+
+    def _run_lock(self, run_id: str) -> Any:
+        """One writer per run across processes: a lock file per run id beside the runs."""
+        folder = self.root / ".trackbridge-locks"
+        folder.mkdir(exist_ok=True)
+        return file_lock(folder / f"{run_id}.lock")
 
     def write_run(self, payload: RunPayload, report: RunReport) -> str:
         run_id, fp = self._identity(payload, report)
@@ -355,7 +382,12 @@ class WandbOfflineSink(_SdkSink):
         history = _history(payload)
         import wandb
 
-        with self._lock:
+        with self._lock, self._run_lock(run_id):
+            have = self._fresh(run_id)
+            if have and have["fingerprint"] == fp:
+                self._runs_index()[run_id] = have
+                return "unchanged"  # written by another process meanwhile
+            outcome = "updated" if have else "new"
             for d in have["dirs"] if have else []:
                 shutil.rmtree(d)  # the whole run is written again; never two copies
             settings = wandb.Settings(mode="offline", **args.pop("settings"))
@@ -483,9 +515,12 @@ class WandbOnlineSink(_SdkSink):
         return f"wandb://{self.entity}/{self.project or ''}".rstrip("/")
 
     def begin(self, source: str) -> None:
+        self.origin = source
         self.api.ready()
-        # the SDK's local copy of each run (its files are uploaded from there at finish)
-        self._scratch = Path(tempfile.mkdtemp(prefix="trackbridge-wandb-"))
+        # the SDK's local copy of each run (its files are uploaded from there at finish);
+        # begin may be called twice (migrate checks the destination before its export)
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="trackbridge-wandb-"))
 
     def finish(self) -> None:
         if self._scratch is not None:

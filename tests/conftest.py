@@ -78,3 +78,48 @@ def run_cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     if check is not None and p.returncode != check:
         raise AssertionError(f"exit {p.returncode} != {check}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
+
+
+def one_line(stderr: str) -> str:
+    """The single line an error must be: no traceback, nothing else on stderr."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """A hand-built bundle of two runs; run a has 2,500 points and one binary file."""
+    from tests import factories as f
+
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"\x00\x01binary\xff" * 100)
+    pl = f.payload(
+        f.run("test:run/a"),
+        params=[(["lr"], 0.1)],
+        points=[("loss", i, 1.0 / (i + 1)) for i in range(2500)],
+        files=[f.file_ref("model/weights.bin", src)],
+    )
+    pl2 = f.payload(f.run("test:run/b"), points=[("loss", 0, 1.0)])
+    return f.write_bundle(tmp_path / "bundle", [f.project()], [pl, pl2])
+
+
+def hold_sync_lock(state: Path, source: str, destination: str) -> subprocess.Popen:
+    """Another process holding the sync lock of a pair, until killed; returns once held."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom bridge import sync as sy\n"
+            "st = sy.State(Path(sys.argv[1]), sy.Pair(sys.argv[2], sys.argv[3]))\n"
+            "with st.locked():\n    print('locked', flush=True)\n    time.sleep(600)\n",
+            str(state),
+            source,
+            destination,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder

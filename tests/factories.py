@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from bridge import mlflow_common as mc
 from bridge import schema
 from bridge.bundle import BundleWriter
 from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload
@@ -125,3 +126,19 @@ def write_bundle(
     w.write_registry(RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions")), rep)
     w.finish()
     return path
+
+
+def small_mlflow_store(path: Path, experiment: str, metric: float) -> str:
+    """A small MLflow store of its own: experiment 1 with one run, and model churn v1."""
+    uri = f"sqlite:///{path}"
+    client = mc.client(uri).unwrapped
+    exp = client.create_experiment(
+        experiment, artifact_location=mc.experiment_artifact_location(uri, experiment)
+    )
+    assert exp == "1"
+    run = client.create_run(exp, run_name=f"{experiment}-run", start_time=1_700_000_000_000)
+    client.log_metric(run.info.run_id, "loss", metric, step=0)
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=1_700_000_100_000)
+    client.create_registered_model("churn")
+    client.create_model_version("churn", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return f"mlflow+{uri}"

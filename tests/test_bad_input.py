@@ -13,29 +13,7 @@ import pytest
 from bridge import mlflow_common as mc
 from bridge.errors import BadInputError
 from bridge.files import safe_relpath
-from tests import factories as f
-from tests.conftest import run_cli
-
-
-def _one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    return lines[0]
-
-
-@pytest.fixture
-def bundle(tmp_path: Path) -> Path:
-    src = tmp_path / "weights.bin"
-    src.write_bytes(b"\x00\x01binary\xff" * 100)
-    pl = f.payload(
-        f.run("test:run/a"),
-        params=[(["lr"], 0.1)],
-        points=[("loss", i, 1.0 / (i + 1)) for i in range(2500)],
-        files=[f.file_ref("model/weights.bin", src)],
-    )
-    pl2 = f.payload(f.run("test:run/b"), points=[("loss", 0, 1.0)])
-    return f.write_bundle(tmp_path / "bundle", [f.project()], [pl, pl2])
+from tests.conftest import one_line, run_cli
 
 
 def _marker_of(bundle: Path, table: str) -> tuple[Path, dict, str]:
@@ -48,15 +26,15 @@ def _marker_of(bundle: Path, table: str) -> tuple[Path, dict, str]:
 
 def test_unknown_uri_scheme_is_a_usage_error(tmp_path):
     p = run_cli("migrate", "ftp://example/x", f"mlflow+sqlite:///{tmp_path}/d.db", check=2)
-    line = _one_line(p.stderr)
+    line = one_line(p.stderr)
     assert "unknown URI scheme 'ftp'" in line and line.startswith("trackbridge: error:")
 
 
 def test_missing_sources(tmp_path):
     p = run_cli("export", f"mlflow+sqlite:///{tmp_path}/nope.db", str(tmp_path / "b"), check=3)
-    assert "no such SQLite file" in _one_line(p.stderr)
+    assert "no such SQLite file" in one_line(p.stderr)
     p = run_cli("import", str(tmp_path / "no-bundle"), f"mlflow+sqlite:///{tmp_path}/d.db", check=3)
-    assert "no such bundle" in _one_line(p.stderr)
+    assert "no such bundle" in one_line(p.stderr)
     assert not (tmp_path / "nope.db").exists()  # looking must not create an empty store
 
 
@@ -66,7 +44,7 @@ def test_unknown_schema_version(bundle, tmp_path):
     body["schema_version"] = 99
     man.write_text(json.dumps(body))
     p = run_cli("import", str(bundle), f"mlflow+sqlite:///{tmp_path}/d.db", check=3)
-    line = _one_line(p.stderr)
+    line = one_line(p.stderr)
     assert str(man) in line and "schema version 99 is not supported" in line
     p = run_cli("--debug", "inspect", str(bundle), check=3)
     assert "Traceback" in p.stderr  # --debug shows it
@@ -75,7 +53,7 @@ def test_unknown_schema_version(bundle, tmp_path):
 def test_unreadable_manifest_names_line_and_column(bundle):
     (bundle / "manifest.json").write_text('{"format": "trackbridge-bundle",\n  "schema_version": }')
     p = run_cli("inspect", str(bundle), check=3)
-    assert "manifest.json: line 2 column" in _one_line(p.stderr)
+    assert "manifest.json: line 2 column" in one_line(p.stderr)
 
 
 def test_corrupt_parquet_fails_that_run_only_and_leaves_it_unmarked(bundle, tmp_path):
@@ -86,7 +64,7 @@ def test_corrupt_parquet_fails_that_run_only_and_leaves_it_unmarked(bundle, tmp_
     path.write_bytes(bytes(data))
     dest = f"mlflow+sqlite:///{tmp_path}/d.db"
     p = run_cli("import", str(bundle), dest, check=1)  # 1 = partial: the other run went through
-    line = _one_line(p.stderr)
+    line = one_line(p.stderr)
     assert str(path) in line and "checksum mismatch" in line
     assert "1 new" in p.stdout and "1 failed" in p.stdout
     client = mc.client(dest.split("+", 1)[1])
@@ -105,7 +83,7 @@ def test_parquet_that_matches_its_checksum_but_is_not_parquet(bundle, tmp_path):
     body["tables"]["params"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     marker.write_text(json.dumps(body))
     p = run_cli("import", str(bundle), f"mlflow+sqlite:///{tmp_path}/d.db", check=1)
-    line = _one_line(p.stderr)
+    line = one_line(p.stderr)
     assert str(path) in line and "not a readable Parquet file" in line
 
 
@@ -120,11 +98,11 @@ def test_artifact_path_that_escapes_its_folder(bundle, tmp_path):
     body["tables"]["artifact_files"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     marker.write_text(json.dumps(body))
     p = run_cli("import", str(bundle), f"mlflow+sqlite:///{tmp_path}/d.db", check=1)
-    line = _one_line(p.stderr)
+    line = one_line(p.stderr)
     assert f"{path} row 0" in line and "'../../outside/evil.bin' escapes its folder" in line
     assert not (tmp_path / "outside").exists()
     p = run_cli("inspect", str(bundle), "--check", check=3)
-    assert "escapes its folder" in _one_line(p.stderr)
+    assert "escapes its folder" in one_line(p.stderr)
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../b", "..", ".", ""])
@@ -149,4 +127,4 @@ def test_help_teaches():
 
 def test_export_only_writes_bundles(demo_store):
     p = run_cli("export", demo_store["tb"], "mlflow+http://127.0.0.1:9", check=2)
-    assert "export writes a bundle folder" in _one_line(p.stderr)
+    assert "export writes a bundle folder" in one_line(p.stderr)

@@ -21,7 +21,7 @@ import pytest
 from bridge import mlflow_common as mc
 from bridge import sync as sy
 from bridge.model import ModelRule, Selection
-from tests.conftest import run_cli
+from tests.conftest import hold_sync_lock, run_cli
 
 pytest.importorskip("wandb")
 
@@ -143,22 +143,8 @@ def test_a_running_sync_holds_the_lock_and_a_killed_one_does_not(wandb_demo: Pat
     src = f"wandb+offline://{wandb_demo}"
     dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
     state = tmp_path / "state"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom bridge import sync as sy\n"
-            "st = sy.State(Path(sys.argv[1]), sy.Pair(sys.argv[2], sys.argv[3]))\n"
-            "with st.locked():\n    print('locked', flush=True)\n    time.sleep(600)\n",
-            str(state),
-            src,
-            dest,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_sync_lock(state, src, dest)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         p = run_cli("sync", src, dest, "--state-dir", str(state), check=75)
         assert f"another sync of this pair is running (pid {holder.pid} on" in p.stderr
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
