@@ -39,7 +39,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bridge.mlflow_server import LocalMlflowServer
+from trackbridge.trackers.mlflow.server import LocalMlflowServer
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -190,8 +190,8 @@ def raw_write(url: str, payload: list[dict], blob: Path, workers: int) -> None:
 
 def raw_payload(bundle: Path) -> list[dict]:
     """The import ceiling's input, prepared outside the timer: the bundle's data as JSON."""
-    from bridge.bundle import BundleSource
-    from bridge.model import Selection
+    from trackbridge.bundle_reader import BundleSource
+    from trackbridge.model import Selection
 
     src = BundleSource(bundle)
     out = []
@@ -234,7 +234,7 @@ def ensure_mee() -> Path:
 
 
 def tb(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bridge.cli", *args]
+    return [sys.executable, "-m", "trackbridge.cli", *args]
 
 
 # --------------------------------------------------------------------------- main

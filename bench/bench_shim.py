@@ -55,13 +55,13 @@ def row(i: int) -> dict[str, float]:
 def bench_shim(calls: int, to: str = "both") -> dict:
     """``calls`` calls of ``run.log``, then ``finish()``: every destination complete.
     ``to``: "both", "mlflow" (SQLite) or "wandb" (offline)."""
-    import bridge
+    import trackbridge
 
     dests = {
         "mlflow": [f"mlflow+sqlite:///{WORK / f'shim-{to}.db'}"],
         "wandb": [f"wandb+offline://{WORK / f'wb-{to}'}"],
     }
-    run = bridge.init(
+    run = trackbridge.init(
         project=f"bench-shim-{to}",
         to=dests["mlflow"] + dests["wandb"] if to == "both" else dests[to],
         spool=WORK / f"spool-{to}",
@@ -110,9 +110,9 @@ def bench_paced_memory(calls: int, rate: int) -> dict:
     100,000 calls. Destinations are live (MLflow fed until it falls a backlog behind);
     the run is then left unfinished (``finish`` with no wait), since this measures the
     training side only."""
-    import bridge
+    import trackbridge
 
-    run = bridge.init(
+    run = trackbridge.init(
         project="bench-shim-paced",
         to=[f"mlflow+sqlite:///{WORK / 'paced.db'}", f"wandb+offline://{WORK / 'wb-paced'}"],
         spool=WORK / "spool-paced",

@@ -74,7 +74,8 @@ def fixture(runs: int, steps: int, keys: int) -> Path:
 
 def timed(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "bridge.cli", *args], env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "trackbridge.cli", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     took = time.perf_counter() - t
     if p.returncode != 0:
         raise SystemExit(f"exit {p.returncode}: {' '.join(args)}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")

@@ -38,7 +38,7 @@ run.finish()
 def fixture(steps: int, keys: int) -> Path:
     root = HERE / ".work" / f"wandb-{steps}x{keys}"
     if not list(root.glob("wandb/offline-run-*/run-*.wandb")):
-        from bridge.wandb_common import sandbox_env
+        from trackbridge.trackers.wandb.common import sandbox_env
 
         root.mkdir(parents=True, exist_ok=True)
         env = {
@@ -55,9 +55,8 @@ def fixture(steps: int, keys: int) -> Path:
 
 
 def raw_scan(log: Path) -> int:
+    from trackbridge.trackers.wandb.leveldb import RecordLog
     from wandb.proto import wandb_internal_pb2 as pb
-
-    from bridge.wandb_log import RecordLog
 
     rec = pb.Record()
     n = 0
@@ -68,8 +67,8 @@ def raw_scan(log: Path) -> int:
 
 
 def ours(root: Path) -> int:
-    from bridge.model import Selection
-    from exporters.wandb import WandbOfflineSource
+    from trackbridge.exporters.wandb.offline import WandbOfflineSource
+    from trackbridge.model import Selection
 
     src = WandbOfflineSource(str(root))
     sel = Selection()

@@ -1,22 +1,18 @@
 """trackbridge: move experiment-tracking data between MLflow, W&B and Neptune.
 
-The import package is ``bridge``; the distribution and its command are ``trackbridge``.
+The import package, the distribution and the command are all ``trackbridge``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-try:
-    __version__ = version("trackbridge")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+from trackbridge.version import __version__
 
 __all__ = ["__version__", "init"]
 
 
 def init(*args: Any, **kwargs: Any) -> Any:
-    """Start a dual-logging run; see ``bridge.shim.init``. Imported lazily so that
-    ``import bridge`` stays cheap for the CLI."""
-    from bridge.shim import init as _init
+    """Start a dual-logging run; see ``trackbridge.shim.init``. Imported lazily so that
+    ``import trackbridge`` stays cheap for the CLI."""
+    from trackbridge.shim import init as _init
 
     return _init(*args, **kwargs)

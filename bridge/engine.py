@@ -12,11 +12,11 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from bridge import schema
-from bridge.errors import TrackbridgeError, UsageError, first_line
-from bridge.model import TOKEN, RegistryPayload, RunPayload, Selection, Sink, Source
-from bridge.progress import Bar
-from bridge.report import Report, RunReport
+from trackbridge import schema
+from trackbridge.errors import TrackbridgeError, UsageError, first_line
+from trackbridge.model import TOKEN, RegistryPayload, RunPayload, Selection, Sink, Source
+from trackbridge.progress import Bar
+from trackbridge.report import Report, RunReport
 
 
 def waves(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -41,7 +41,7 @@ def waves(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 class Plan:
-    """The hooks ``sync`` (bridge.sync) uses to make a copy incremental; the default plan
+    """The hooks ``sync`` (trackbridge.sync) uses to make a copy incremental; the default plan
     copies everything, which is what ``migrate``, ``export`` and ``import`` want."""
 
     def project(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -80,9 +80,9 @@ def copy(
 ) -> Report:
     bar = bar or Bar(None)
     plan = plan or Plan()
-    from bridge.uri import source_identity
+    from trackbridge.uri import source_identity
 
-    report = Report(source=source.describe(), destination=getattr(sink, "describe", str)())
+    report = Report(source=source.describe(), destination=sink.describe())
     sink.begin(source_identity(source))
     projects = source.projects(sel)
     if sel.projects and not projects:
@@ -146,7 +146,7 @@ def copy(
             lambda: sink.write_registry(_without(source.registry(reg_sel), failed, report), report),
         )
     sink.finish()
-    for notice in getattr(sink, "notices", ()):  # e.g. duplicates another importer left, removed
+    for notice in sink.notices:  # e.g. duplicates another importer left, removed
         report.mapped(*notice)
     return report
 

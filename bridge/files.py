@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from bridge.errors import BadInputError
+from trackbridge.errors import BadInputError
 
 CHUNK = 1 << 20
 
@@ -134,7 +134,7 @@ def owned_temp_dir(prefix: str) -> Iterator[Path]:
     """A temporary folder that is removed afterwards, and also when its process was
     killed: the folder holds a lock file its owner keeps locked, and the next user of
     the same prefix removes every folder whose lock nobody holds any more."""
-    from bridge.locks import try_lock
+    from trackbridge.locks import try_lock
 
     remove_stale(prefix)
     d = Path(tempfile.mkdtemp(prefix=prefix))
@@ -155,7 +155,7 @@ def remove_stale(prefix: str, grace: float = 300.0) -> list[Path]:
     free); a folder with no lock file yet is left alone for ``grace`` seconds."""
     import time
 
-    from bridge.locks import try_lock
+    from trackbridge.locks import try_lock
 
     gone = []
     for d in Path(tempfile.gettempdir()).glob(f"{prefix}*"):

@@ -1,12 +1,12 @@
 """The shim inside the two training loops most people use, imported only when asked for.
 
-    from bridge.integrations import hf_callback, lightning_logger
+    from trackbridge.integrations import hf_callback, lightning_logger
     trainer = transformers.Trainer(..., callbacks=[hf_callback(project="p")])
     trainer = lightning.Trainer(..., logger=lightning_logger(project="p"))
 
 Neither ``transformers`` nor ``lightning`` is a dependency of trackbridge: each class is
 built on first call, on the library the caller already has. Both log through one
-``bridge.shim.Run`` (``init``'s arguments pass through), so a Trainer's points get the
+``trackbridge.shim.Run`` (``init``'s arguments pass through), so a Trainer's points get the
 spool, the bounded queues and the catch-up at the end like any other run's.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bridge import shim
+from trackbridge import shim
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, Any]:

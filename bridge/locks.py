@@ -6,7 +6,7 @@ dies, so a ``kill -9`` never leaves a lock that blocks the next run, and no lock
 to be cleaned up. They are advisory: they order trackbridge processes, which is all they
 need to do. Two machines that share no lock still cannot duplicate a run in MLflow: the
 importer also looks for the run by its source key just before and just after creating
-it (``bridge.claims``).
+it (``trackbridge.claims``).
 
 Never lock an SQLite database file itself: SQLite's own locks are POSIX record locks,
 which a process loses when it closes *any* descriptor of the file. These helpers lock
@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bridge.errors import DestinationError, UsageError
+from trackbridge.errors import DestinationError, UsageError
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 A *source* (an exporter, or a bundle being read) and a *sink* (an importer, or a bundle
 being written) share nothing but these types and the neutral schema. That keeps every
 adapter small: it only translates its tracker to and from these payloads, and the engine
-in ``bridge.engine`` does the ordering, parallelism, progress and reporting once.
+in ``trackbridge.engine`` does the ordering, parallelism, progress and reporting once.
 
 A run travels as one ``RunPayload``: small tables held in memory, and the metric history
 as a lazily produced stream of record batches, so memory follows the largest run rather
@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
-
-from bridge import schema
+from trackbridge import schema
 
 
 @dataclass
@@ -79,31 +78,55 @@ class RunPayload:
         """
         if self.fingerprint is not None:
             return self.fingerprint
-        h = hashlib.sha256()
-        for tbl in (self.params, self.tags, self.dataset_inputs, self.summary, self.series):
-            h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
-        # the project key in the form earlier versions gave it: qualifying MLflow
-        # experiment keys must not make every run look changed after an upgrade
-        run = dict(self.run)
-        if run.get("project_key"):
-            run["project_key"] = legacy_key(run["project_key"])
-        h.update(json.dumps(run, default=str, sort_keys=True).encode())
+        h = digest_head(self)
         for b in self.metrics():
             h.update(b.serialize())  # every value; Array.to_string() elides the middle
-        for a in self.artifacts:
-            h.update(json.dumps([a.row, [(f.path, f.size) for f in a.files]], default=str).encode())
+        digest_tail(h, self)
         return h.hexdigest()
 
 
+def digest_head(p: RunPayload) -> Any:
+    """The content digest up to the metrics: everything but the points and artifacts.
+    (Split so that a writer can feed the points as it writes them: trackbridge.write.)"""
+    h = hashlib.sha256()
+    for tbl in (p.params, p.tags, p.dataset_inputs, p.summary, p.series):
+        h.update(json.dumps(tbl.to_pylist(), default=str, sort_keys=True).encode())
+    # the project key in the form earlier versions gave it: qualifying MLflow
+    # experiment keys must not make every run look changed after an upgrade
+    run = dict(p.run)
+    if run.get("project_key"):
+        run["project_key"] = legacy_key(run["project_key"])
+    h.update(json.dumps(run, default=str, sort_keys=True).encode())
+    return h
+
+
+def digest_tail(h: Any, p: RunPayload) -> None:
+    for a in p.artifacts:
+        h.update(json.dumps([a.row, [(f.path, f.size) for f in a.files]], default=str).encode())
+
+
 def legacy_key(key: str) -> str:
-    """The key an earlier trackbridge gave the same object. MLflow experiment and model
-    version keys now end in ``@<creation time in ms>`` (``mlflow_common.project_key``);
-    without it they are the keys bundles and destinations written before hold."""
-    if key.startswith(("mlflow:experiment/", "mlflow:model-version/")):
-        base, at, ms = key.rpartition("@")
-        if at and ms.isdigit():
-            return base
-    return key
+    """The key an earlier trackbridge gave the same object, as the tracker the key names
+    (``mlflow:…``) declares it (``Tracker.legacy_key``); most keys never changed."""
+    from trackbridge import tracker
+
+    system = key.split(":", 1)[0]
+    t = next((t for t in tracker.registry() if t.name == system), None)
+    return t.legacy_key(key) if t is not None and t.legacy_key is not None else key
+
+
+def find_by_key(index: dict[str, Any], key: str) -> Any:
+    """An object in ``index`` (source key -> object) by ``key``, in either form: a
+    destination written by an earlier trackbridge, or a bundle it exported, may hold the
+    key in its legacy form (``legacy_key``)."""
+    hit = index.get(key)
+    if hit is not None:
+        return hit
+    old = legacy_key(key)
+    if old != key:
+        return index.get(old)
+    matches = [v for k, v in index.items() if legacy_key(k) == key]
+    return matches[0] if len(matches) == 1 else None
 
 
 @dataclass
@@ -193,6 +216,19 @@ def project_row(project_key: str, system: str, name: str) -> dict[str, Any]:
     }
 
 
+def named_projects(
+    sel: Selection, names: Iterable[str], system: str, key: Callable[[str], str]
+) -> list[dict[str, Any]]:
+    """The ``projects`` rows of a source whose projects are only names, as ``sel`` wants
+    them, once each, by name."""
+    out = {}
+    for name in names:
+        row = project_row(key(name), system, name)
+        if sel.wants_project(row):
+            out[row["project_key"]] = row
+    return sorted(out.values(), key=lambda r: r["name"])
+
+
 def file_token(kind: str, paths: list[Any]) -> dict[str, Any]:
     """``TOKEN`` and ``UPDATED`` for a run kept in local files that only grow or are
     rewritten: their sizes and modification times tell a changed run without reading it."""
@@ -207,10 +243,13 @@ def file_token(kind: str, paths: list[Any]) -> dict[str, Any]:
 
 class TrackerSource:
     """What the tracker exporters share: nothing to close, and a map from the keys of
-    objects trackbridge itself imported to the source keys they carry, for verify."""
+    objects trackbridge itself imported to the source keys they carry, for verify
+    (``ProvenanceSource``)."""
+
+    aliases_move_without_runs = False
 
     _origin: dict[str, str]
-    # key -> the source an imported object came from (bridge.uri.canonical), where recorded
+    # key -> the source an imported object came from (trackbridge.uri.canonical), where recorded
     _origin_source: dict[str, str]
 
     def close(self) -> None:
@@ -223,11 +262,15 @@ class TrackerSource:
     def recorded_source(self, key: str) -> str | None:
         """Which source an imported object came from, if the importer recorded it (objects
         imported before trackbridge recorded it say nothing)."""
-        return getattr(self, "_origin_source", {}).get(key)
+        return self.__dict__.get("_origin_source", {}).get(key)
 
 
 class Source(Protocol):
     """What every exporter (and the bundle reader) offers."""
+
+    # W&B online and Neptune's exporter move aliases without touching any run, so a sync
+    # must read the registry even when no run changed
+    aliases_move_without_runs: bool
 
     def describe(self) -> str:
         """The source as a URI with no credentials, for manifests and reports."""
@@ -251,6 +294,12 @@ class Source(Protocol):
 class Sink(Protocol):
     """What every importer (and the bundle writer) offers."""
 
+    # (kind, key, detail) of what the sink found and fixed on its own, for the report
+    # (duplicates another importer left, removed)
+    notices: list[tuple[str, str, str]]
+
+    def describe(self) -> str: ...
+
     def begin(self, source: str) -> None: ...
 
     def write_project(self, row: dict[str, Any]) -> None: ...
@@ -269,7 +318,7 @@ class Sink(Protocol):
 @contextlib.contextmanager
 def no_local_bytes() -> Iterator[str]:
     """``FileRef.fetch`` of a reference: its bytes live elsewhere (s3://…) and are never copied."""
-    from bridge.errors import BadInputError
+    from trackbridge.errors import BadInputError
 
     raise BadInputError("a reference file has no local bytes to copy")
     yield ""  # pragma: no cover
@@ -277,3 +326,40 @@ def no_local_bytes() -> Iterator[str]:
 
 def rows(tbl: pa.Table) -> list[dict[str, Any]]:
     return tbl.to_pylist()
+
+
+# Optional roles. A source or sink that plays one implements its methods; generic code
+# asks with isinstance, never by probing for attribute names.
+
+
+@runtime_checkable
+class ProvenanceSource(Protocol):
+    """A destination read back: for each object trackbridge imported, the source key it
+    carries and the source it came from (what verify matches and checks)."""
+
+    def origin_of(self, kind: str, key: str) -> str: ...
+
+    def recorded_source(self, key: str) -> str | None: ...
+
+
+@runtime_checkable
+class CopiedSource(Protocol):
+    """A source that is a copy of another place (a bundle): ``origin`` names that place."""
+
+    @property
+    def origin(self) -> str | None: ...
+
+
+@runtime_checkable
+class IncrementalSink(Protocol):
+    """A destination that lists, per project, what it holds: source key -> (the source's
+    change token when written, destination id), so a sync skips unchanged runs unread."""
+
+    def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]: ...
+
+
+@runtime_checkable
+class LiveSink(Protocol):
+    """A destination that takes a running job's points as they come (the shim)."""
+
+    def append_points(self, run_id: str, batch: pa.RecordBatch) -> None: ...

@@ -8,8 +8,10 @@ and retrying it would only hide it.
 
 The wait is the server's ``Retry-After`` when we can see it, else exponential backoff
 with full jitter (so many workers do not retry in lock-step), capped at ``maximum``.
-MLflow's own client retries are switched off (``bridge.mlflow_common``) so that this
-is the only layer that retries, with limits the user sets in one place.
+Trackers' own client retries are switched off (MLflow's in ``trackers.mlflow.common``)
+so that this is the only layer that retries, with limits the user sets in one place.
+What only one tracker says in words (a busy SQLite file behind MLflow) its declaration
+classifies (``Tracker.transient``).
 """
 
 from __future__ import annotations
@@ -21,17 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# How MLflow's client words a transient failure once urllib3 has given up on it
+# How an HTTP client words the status once urllib3 has given up on it (requests', MLflow's)
 _STATUS_IN_TEXT = re.compile(
     r"too many (\d{3}) error responses|error code (\d{3}) != 200|status code (\d{3})"
 )
-_TRANSIENT_TEXT = re.compile(
-    r"Connection aborted|RemoteDisconnected|Connection reset|ConnectionResetError|Connection refused|"
-    r"NewConnectionError|BrokenPipe|IncompleteRead|ChunkedEncodingError|timed out|timeout exception|"
-    r"database is locked|ProtocolError",
-    re.IGNORECASE,
-)
-_TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
 
 
 class HttpStatusError(Exception):
@@ -91,11 +86,9 @@ def retryable(exc: BaseException) -> bool:
     mod = type(exc).__module__
     if mod.startswith(("requests", "urllib3")) and isinstance(exc, OSError):
         return True  # requests' ConnectionError/Timeout are OSErrors, not builtin ConnectionErrors
-    if getattr(exc, "error_code", None) in _TRANSIENT_CODES:
-        return True
-    return type(exc).__name__ in ("MlflowException", "OperationalError") and bool(
-        _TRANSIENT_TEXT.search(str(exc))
-    )
+    from trackbridge import tracker
+
+    return tracker.transient(exc)  # a tracker's own wording of "busy" or "try again"
 
 
 @dataclass

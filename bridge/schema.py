@@ -23,6 +23,9 @@ from typing import Any
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
+# The artifact type of a logged model (a model with its own identity, metrics and params,
+# which MLflow 3 introduced and named); other trackers' models are ordinary artifacts.
+LOGGED_MODEL = "mlflow.logged_model"
 # Bundles this reader understands. A future version adds an upgrade step here.
 READABLE_SCHEMA_VERSIONS = frozenset({1})
 

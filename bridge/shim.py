@@ -1,7 +1,7 @@
 """Log once from training code; the points reach every destination, and none is lost.
 
-    import bridge
-    run = bridge.init(project="p", name="r", config={...}, to=["mlflow+http://…", "wandb+offline://…"])
+    import trackbridge
+    run = trackbridge.init(project="p", name="r", config={...}, to=["mlflow+http://…", "wandb+offline://…"])
     run.log({"loss": 0.1}, step=3)
     run.finish()
 
@@ -9,7 +9,7 @@ Three parts, so the training loop never waits on a tracker:
 - ``log()`` on the training thread stamps the time and appends to an in-memory queue.
   That is all it does (about a microsecond).
 - The spooler thread drains the queue every few milliseconds, turns the records into one
-  Arrow batch, appends it to the run's spool (``bridge.spool``), and offers it to each
+  Arrow batch, appends it to the run's spool (``trackbridge.spool``), and offers it to each
   destination's own bounded queue.
 - One thread per destination sends what it is offered. A destination that fails, or
   falls more than ``backlog`` records behind, stops being fed from memory (so memory
@@ -45,13 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-
-from bridge import schema
-from bridge import spool as sp
-from bridge import wandb_common as wc
-from bridge.errors import UsageError, first_line
-from bridge.model import project_row
-from bridge.report import RunReport, scrub
+from trackbridge import schema
+from trackbridge import spool as sp
+from trackbridge.errors import UsageError, first_line
+from trackbridge.model import project_row
+from trackbridge.report import RunReport, scrub
+from trackbridge.trackers.wandb import common as wc
 
 ENV_TO = "TRACKBRIDGE_TO"  # comma-separated destination URIs
 ENV_SPOOL = "TRACKBRIDGE_SPOOL"  # the spool folder
@@ -143,7 +142,7 @@ class Run:
         backlog: int,
         flush_timeout: float,
     ) -> None:
-        from bridge.uri import parse, redact
+        from trackbridge.uri import parse, redact
 
         for uri in destinations:
             parse(uri)  # a bad URI fails here, in the caller's hands, not in a thread
@@ -380,12 +379,15 @@ class _Backend:
     """One destination: fed live while it keeps up, completed from the spool at the end."""
 
     def __init__(self, run: Run, uri: str) -> None:
-        from bridge.uri import parse, redact
+        from trackbridge.uri import parse, redact
 
         self.run = run
         self.uri = uri
         self.safe = redact(uri)
-        self.live = parse(uri).scheme == "mlflow"  # offline W&B is written at finish
+        t = parse(uri)
+        # a destination that takes points while the run runs is fed live; others (W&B
+        # offline run folders) are written whole at finish
+        self.live = t.tracker.capabilities.live_append
         self.q: collections.deque[pa.RecordBatch] = collections.deque()
         self.queued = 0
         self.fed = self.live  # False once it failed or fell behind: the spool catches it up
@@ -450,12 +452,12 @@ class _Backend:
         self._complete()
 
     def _start(self) -> tuple[Any, str]:
-        from bridge.uri import open_sink
+        from trackbridge.uri import open_sink
 
         sink = open_sink(self.uri)
         sink.begin(f"spool://{self.run.dir.parent}")
         sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
-        from exporters.spool import spooled_payload
+        from trackbridge.exporters.wandb.spool import spooled_payload
 
         head = spooled_payload(self.run.dir, self.run._meta)
         head.metrics = lambda: iter(())
@@ -469,8 +471,8 @@ class _Backend:
 
     def _complete(self) -> None:
         """Write the run from the spool: what the live feed missed, then the end state."""
-        from bridge.uri import open_sink
-        from exporters.spool import spooled_payload
+        from trackbridge.exporters.wandb.spool import spooled_payload
+        from trackbridge.uri import open_sink
 
         try:
             # one healthy destination at a time: each reads the whole spool, so memory at
@@ -532,7 +534,7 @@ def _json(v: Any) -> str:
 def _spool_files(src: Path, dest: Path) -> list[dict[str, Any]]:
     import shutil
 
-    from bridge.files import sha256_file
+    from trackbridge.files import sha256_file
 
     items = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     out = []

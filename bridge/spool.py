@@ -25,9 +25,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from bridge.errors import BadInputError, first_line
-from bridge.files import atomic_write_bytes
+from trackbridge.errors import BadInputError, first_line
+from trackbridge.files import atomic_write_bytes
 
 FORMAT = 1
 META = "meta.json"

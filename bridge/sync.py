@@ -20,27 +20,58 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import sqlite3
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bridge import engine
-from bridge.errors import TrackbridgeError, UsageError
-from bridge.locks import host_lock_path, try_lock
-from bridge.model import LABELS, STATUS, TOKEN, UPDATED, ModelRule, RunPayload, Selection
-from bridge.report import Report, RunReport, scrub
-from bridge.uri import canonical, redact
+from trackbridge import engine
+from trackbridge.errors import TrackbridgeError, UsageError
+from trackbridge.locks import host_lock_path, try_lock
+from trackbridge.model import (
+    LABELS,
+    STATUS,
+    TOKEN,
+    UPDATED,
+    IncrementalSink,
+    RunPayload,
+    Selection,
+)
+from trackbridge.report import Report, RunReport, scrub
+from trackbridge.sync_config import (
+    Filters,
+    Options,
+    Pair,
+    check_template,
+    default_state_dir,
+    experiment_name,
+    load_config,
+    parse_shard,
+    parse_when,
+    slug,
+)
+from trackbridge.uri import redact
 
-STATES = ("running", "finished", "failed", "crashed", "killed", "scheduled")
+# the config's names are the sync's own: ``trackbridge.sync.Pair`` and friends
+__all__ = [
+    "Filters",
+    "Options",
+    "Pair",
+    "check_template",
+    "default_state_dir",
+    "load_config",
+    "parse_shard",
+    "parse_when",
+    "prune_deltas",
+    "shard_of",
+    "sync_pair",
+]
 
 
 class LockedError(TrackbridgeError):
@@ -52,250 +83,6 @@ class LockedError(TrackbridgeError):
 # -- configuration
 
 
-@dataclass
-class Filters:
-    """Which runs a pair copies. Empty means all."""
-
-    projects: tuple[str, ...] = ()
-    runs: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()  # a run with any of these labels (W&B tags)
-    exclude_tags: tuple[str, ...] = ()  # ...and none of these
-    states: tuple[str, ...] = ()  # finished, failed, crashed, killed, running
-    started_since: datetime | None = None
-    updated_since: datetime | None = None
-
-
-@dataclass
-class Pair:
-    source: str
-    destination: str
-    name: str = ""
-    filters: Filters = field(default_factory=Filters)
-    experiment: str | None = None  # naming template: "{project}", "wandb/{entity}/{project}"
-    registry: bool = True  # registry links and rules
-    register_models: bool = False
-    rules: tuple[ModelRule, ...] = ()
-
-    def __post_init__(self) -> None:
-        self.name = self.name or f"{redact(self.source)} -> {redact(self.destination)}"
-
-    @property
-    def identity(self) -> str:
-        """The pair however it is spelt (``/x`` and ``/x/``, a relative path, a link to
-        the folder, another name in a config file): what its lock is keyed on."""
-        return f"{canonical(self.source)} -> {canonical(self.destination)}"
-
-    @property
-    def pair_id(self) -> str:
-        """Stable across runs, credentials left out: names the pair's state folder."""
-        return f"{_slug(self.name)[:40]}-{hashlib.sha256(self.identity.encode()).hexdigest()[:10]}"
-
-    def selection(self) -> Selection:
-        f = self.filters
-        return Selection(
-            projects=f.projects,
-            runs=f.runs,
-            since=f.started_since,
-            registry=self.registry,
-            register_models=self.register_models,
-            model_rules=self.rules,
-        )
-
-
-@dataclass
-class Options:
-    state_dir: Path
-    workers: int | None = None
-    shard: tuple[int, int] | None = None  # (K, N), K from 1
-    deltas: bool = False
-    delta_dir: Path | None = None
-    keep_deltas: int = 30  # days
-    full: bool = False  # ignore tokens and remembered filters: read every run
-    verify: bool = False
-    report: str | None = None
-    quiet: bool = False
-
-
-def default_state_dir() -> Path:
-    env = os.environ.get("TRACKBRIDGE_STATE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "trackbridge"
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
-        raise UsageError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 2/8")
-    return int(m.group(1)), int(m.group(2))
-
-
-def parse_when(text: Any, where: str) -> datetime | None:
-    """An ISO date or time (UTC unless it says), or an age: 36h, 7d, 2w."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, datetime):
-        return text if text.tzinfo else text.replace(tzinfo=UTC)
-    s = str(text).strip()
-    m = re.fullmatch(r"(\d+)\s*([hdw])", s)
-    if m:
-        hours = int(m.group(1)) * {"h": 1, "d": 24, "w": 168}[m.group(2)]
-        return datetime.now(UTC) - timedelta(hours=hours)
-    try:
-        dt = datetime.fromisoformat(s)
-    except ValueError as e:
-        raise UsageError(
-            f"{where}: {s!r} is neither an ISO date (2026-01-31) nor an age (36h, 7d, 2w)"
-        ) from e
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
-def _strs(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise UsageError(f"{where}: expected a string or a list of strings")
-
-
-def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise UsageError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(sorted(allowed))}")
-
-
-def load_config(path: str | Path) -> tuple[list[Pair], dict[str, Any], dict[str, Any]]:
-    """Read sync.toml: its pairs, its [sync] settings and its [retry] limits.
-
-    Strict: an unknown key is an error, not ignored, since a misspelt filter would
-    otherwise copy everything.
-    """
-    p = Path(path)
-    try:
-        doc = tomllib.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise UsageError(f"{p}: no such config file") from e
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{p}: not valid TOML ({e})") from e
-    _check_keys(doc, {"sync", "retry", "pair"}, str(p))
-    settings = doc.get("sync", {})
-    _check_keys(
-        settings,
-        {"state_dir", "workers", "deltas", "delta_dir", "keep_deltas", "report", "verify"},
-        f"{p}: [sync]",
-    )
-    retry = doc.get("retry", {})
-    _check_keys(retry, {"attempts", "initial_wait", "max_wait"}, f"{p}: [retry]")
-    types: dict[str, tuple[type, ...]] = {
-        "state_dir": (str,),
-        "delta_dir": (str,),
-        "report": (str,),
-        "workers": (int,),
-        "keep_deltas": (int,),
-        "deltas": (bool,),
-        "verify": (bool,),
-        "attempts": (int,),
-        "initial_wait": (int, float),
-        "max_wait": (int, float),
-    }
-    for table, where in ((settings, "[sync]"), (retry, "[retry]")):
-        for k, v in table.items():
-            # bool is an int in Python; a count of True workers is still a mistake
-            if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
-                names = " or ".join(t.__name__ for t in types[k])
-                raise UsageError(f"{p}: {where} {k} = {v!r}: expected {names}")
-            if (
-                isinstance(v, int | float)
-                and not isinstance(v, bool)
-                and v < (1 if k in ("workers", "attempts") else 0)
-            ):
-                raise UsageError(f"{p}: {where} {k} = {v!r}: too small")
-    pairs = []
-    raw_pairs = doc.get("pair", [])
-    if not raw_pairs:
-        raise UsageError(f"{p}: no [[pair]]; add at least one with a source and a destination")
-    for i, t in enumerate(raw_pairs, 1):
-        where = f"{p}: pair {t.get('name') or i}"
-        _check_keys(t, {"name", "source", "destination", "experiment", "filter", "registry"}, where)
-        for k in ("source", "destination"):
-            if not isinstance(t.get(k), str):
-                raise UsageError(f"{where}: {k} is required (a URI, see trackbridge --help)")
-        ft = t.get("filter", {})
-        _check_keys(
-            ft,
-            {"projects", "runs", "tags", "exclude_tags", "states", "started_since", "updated_since"},
-            f"{where}: [pair.filter]",
-        )
-        states = _strs(ft.get("states"), f"{where}: filter.states")
-        bad = [s for s in states if s not in STATES]
-        if bad:
-            raise UsageError(f"{where}: filter.states: {bad[0]!r} is not one of {', '.join(STATES)}")
-        rt = t.get("registry", {})
-        _check_keys(rt, {"enabled", "register_models", "rule"}, f"{where}: [pair.registry]")
-        rules = []
-        for j, r in enumerate(rt.get("rule", []), 1):
-            _check_keys(r, {"artifact", "type", "model", "aliases"}, f"{where}: registry rule {j}")
-            rules.append(
-                ModelRule(
-                    artifact=r.get("artifact", "*"),
-                    type=r.get("type", "*" if "artifact" in r else "model"),
-                    model=r.get("model", "{artifact}"),
-                    aliases=_strs(r.get("aliases"), f"{where}: registry rule {j}: aliases"),
-                )
-            )
-        template = t.get("experiment")
-        if template is not None:
-            check_template(template, where)
-        pairs.append(
-            Pair(
-                source=t["source"],
-                destination=t["destination"],
-                name=t.get("name", ""),
-                experiment=template,
-                filters=Filters(
-                    projects=_strs(ft.get("projects"), f"{where}: filter.projects"),
-                    runs=_strs(ft.get("runs"), f"{where}: filter.runs"),
-                    tags=_strs(ft.get("tags"), f"{where}: filter.tags"),
-                    exclude_tags=_strs(ft.get("exclude_tags"), f"{where}: filter.exclude_tags"),
-                    states=states,
-                    started_since=parse_when(ft.get("started_since"), f"{where}: filter.started_since"),
-                    updated_since=parse_when(ft.get("updated_since"), f"{where}: filter.updated_since"),
-                ),
-                registry=bool(rt.get("enabled", True)),
-                register_models=bool(rt.get("register_models", False)),
-                rules=tuple(rules),
-            )
-        )
-    names = [x.name for x in pairs]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise UsageError(f"{p}: two pairs are named {dup!r}; names key their state")
-    return pairs, settings, retry
-
-
-_FIELDS = ("project", "entity", "source_id", "system")
-
-
-def check_template(template: str, where: str) -> None:
-    try:
-        template.format(**dict.fromkeys(_FIELDS, "x"))
-    except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(
-            f"{where}: experiment template {template!r}: {e}; use {', '.join('{' + f + '}' for f in _FIELDS)}"
-        ) from e
-
-
-def experiment_name(template: str, row: dict[str, Any]) -> str:
-    source_id = str(row.get("source_id") or "")
-    entity = source_id.split("/", 1)[0] if "/" in source_id else ""
-    return template.format(
-        project=row["name"], entity=entity, source_id=source_id, system=row.get("system", "")
-    )
 
 
 # -- the state folder
@@ -455,8 +242,8 @@ class SyncPlan(engine.Plan):
     def _dest_index(self, project_key: str) -> dict[str, tuple[str | None, str]]:
         with self._lock:
             if project_key not in self._synced:
-                synced = getattr(self.sink, "synced", None)
-                self._synced[project_key] = synced(project_key) if synced else {}
+                incremental = isinstance(self.sink, IncrementalSink)
+                self._synced[project_key] = self.sink.synced(project_key) if incremental else {}
             return self._synced[project_key]
 
     def _listed_filter(self, row: dict[str, Any]) -> str | None:
@@ -505,7 +292,7 @@ class SyncPlan(engine.Plan):
         artifacts nor, offline, their aliases: only the runs read are asked. A source
         whose aliases move on their own (W&B online) is asked about every synced run."""
         synced = [r.run_key for r in report.runs if r.outcome in ("new", "updated", "unchanged")]
-        if not (self.opts.full or getattr(self.source, "aliases_move_without_runs", False)):
+        if not (self.opts.full or self.source.aliases_move_without_runs):
             was_read = set(read)
             synced = [k for k in synced if k in was_read]
         return replace(sel, runs=frozenset(synced)) if synced else None
@@ -635,9 +422,9 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
     """One pair, under its lock. What stops the whole pair (the lock, its configuration,
     a side that cannot be reached) raises a TrackbridgeError; a run's failure is in the
     report and the pair goes on."""
-    from bridge.bundle import BundleWriter
-    from bridge.retry import POLICY
-    from bridge.uri import default_workers, open_sink, open_source, parse
+    from trackbridge.bundle import BundleWriter
+    from trackbridge.retry import POLICY
+    from trackbridge.uri import default_workers, open_sink, open_source, parse
 
     parse(pair.source)
     parse(pair.destination)
@@ -654,7 +441,7 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
             source = open_source(pair.source)
             sink: Any = open_sink(pair.destination)
             if opts.deltas:
-                root = opts.delta_dir / _slug(pair.name) if opts.delta_dir else state.dir / "deltas"
+                root = opts.delta_dir / slug(pair.name) if opts.delta_dir else state.dir / "deltas"
                 delta_path = root / started.strftime("%Y%m%dT%H%M%SZ")
                 sink = DeltaSink(sink, BundleWriter(delta_path))
             plan = SyncPlan(pair, opts, state, source, sink)
@@ -676,7 +463,3 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
     result.retries = POLICY.retries - retries0
     result.exit_code = 1 if report.failed else 0
     return result
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:60] or "pair"

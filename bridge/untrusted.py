@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bridge import schema
-from bridge.errors import BadInputError
-from bridge.files import CHUNK, current_umask, safe_relpath
+from trackbridge import schema
+from trackbridge.errors import BadInputError
+from trackbridge.files import CHUNK, current_umask, safe_relpath
 
 UNIT_KINDS = ("project", "run", "artifact", "registry")
 _HEX64 = re.compile(r"[0-9a-f]{64}")

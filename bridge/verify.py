@@ -8,20 +8,31 @@ keeps its key. Memory stays at one run per side, as in the copy itself.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bridge import mlflow_common as mc
-from bridge.files import sha256_file
-from bridge.model import ArtifactPayload, RunPayload, Selection, Source
-from bridge.progress import Bar
-from bridge.uri import source_identity
+from trackbridge import schema
+from trackbridge.files import sha256_file
+from trackbridge.model import (
+    ArtifactPayload,
+    ProvenanceSource,
+    RunPayload,
+    Selection,
+    Source,
+    find_by_key,
+    legacy_key,
+)
+from trackbridge.progress import Bar
+from trackbridge.tracker import bookkeeping_tags
+from trackbridge.uri import source_identity
 
-# Run fields every destination so far can hold; times compare at millisecond precision.
+# Run fields every destination so far can hold; times compare at the precision both
+# trackers keep (their declarations' ``time_precision_ms``).
 RUN_FIELDS = (
     "name",
     "status",
@@ -40,17 +51,32 @@ RUN_FIELDS = (
     "source_incomplete",
     "step_scale",
 )
-# Tags a tracker manages itself, or that trackbridge compares through another field.
-IGNORED_TAGS = (mc.TAG_PARENT, mc.TAG_USER, mc.TAG_RUN_NAME)
+# The time unit both sides keep, in microseconds; set for the length of one verify.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PRECISION_US: contextvars.ContextVar[int] = contextvars.ContextVar("precision_us", default=1000)
 
 
 def origin(src: Source, kind: str, key: str) -> str:
-    f = getattr(src, "origin_of", None)
-    return f(kind, key) if f else key
+    return src.origin_of(kind, key) if isinstance(src, ProvenanceSource) else key
 
 
 def verify(
-    a: Source, b: Source, sel: Selection, bar: Bar | None = None, limit: int = 200
+    a: Source,
+    b: Source,
+    sel: Selection,
+    bar: Bar | None = None,
+    limit: int = 200,
+    precision_ms: int = 1,
+) -> tuple[list[str], dict[str, int]]:
+    token = _PRECISION_US.set(precision_ms * 1000)
+    try:
+        return _verify(a, b, sel, bar, limit)
+    finally:
+        _PRECISION_US.reset(token)
+
+
+def _verify(
+    a: Source, b: Source, sel: Selection, bar: Bar | None, limit: int
 ) -> tuple[list[str], dict[str, int]]:
     bar = bar or Bar(None)
     diffs: list[str] = []
@@ -61,19 +87,32 @@ def verify(
         if len(diffs) < limit:
             diffs.append(msg)
 
+    a_projects, matched = _compare_projects(a, b, sel, diff, stats)
+    _compare_runs(a, b, sel, a_projects, matched, bar, diff, stats)
+    _compare_standalone(a, b, sel, a_projects, matched, diff)
+    if sel.registry:
+        _compare_registry(a, b, sel, diff, stats)
+    return diffs, dict(stats)
+
+
+def _compare_projects(
+    a: Source, b: Source, sel: Selection, diff: Any, stats: Counter
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The source's projects, each against its destination project; returns the source's
+    and the matched destination's."""
     a_projects = a.projects(sel)
     b_projects = b.projects(Selection())
     b_by_name = {p["name"]: p for p in b_projects}
     # A project trackbridge imported carries its source key, so it is found even when a
     # naming template (sync's experiment = "...") gave it another name. One that an
     # earlier trackbridge imported carries the key without its creation time
-    # (mc.legacy_key): that matches only when no other destination project carries it.
+    # (legacy_key): that matches only when no other destination project carries it.
     b_origins = [origin(b, "project", q["project_key"]) for q in b_projects]
     b_by_origin = dict(zip(b_origins, b_projects, strict=True))
     legacy = Counter(b_origins)
     found: dict[str, dict[str, Any]] = {}
     for p in a_projects:
-        old = mc.legacy_key(p["project_key"])
+        old = legacy_key(p["project_key"])
         q = (
             b_by_origin.get(p["project_key"])
             or (b_by_origin.get(old) if old != p["project_key"] and legacy[old] == 1 else None)
@@ -90,9 +129,22 @@ def verify(
         ta, tb = _tags(p.get("tags")), _tags(q.get("tags"))
         if ta != tb:
             diff(f"project {p['name']!r}: tags differ: {_dict_diff(ta, tb)}")
+    return a_projects, list({q["project_key"]: q for q in found.values()}.values())
 
+
+def _compare_runs(
+    a: Source,
+    b: Source,
+    sel: Selection,
+    a_projects: list[dict[str, Any]],
+    matched: list[dict[str, Any]],
+    bar: Bar,
+    diff: Any,
+    stats: Counter,
+) -> None:
+    """Every source run against the destination run carrying its key, field by field and
+    point by point; duplicates, and runs the source no longer has, too."""
     a_runs = a.runs(sel, a_projects)
-    matched = list({q["project_key"]: q for q in found.values()}.values())
     b_runs = b.runs(Selection(), matched)
     b_origin = {r["run_key"]: origin(b, "run", r["run_key"]) for r in b_runs}
     b_by_origin = {b_origin[r["run_key"]]: r for r in b_runs}
@@ -131,11 +183,6 @@ def verify(
         stats["points"] += points
         bar.advance(task, 1, points)
 
-    _compare_standalone(a, b, sel, a_projects, matched, diff)
-    if sel.registry:
-        _compare_registry(a, b, sel, diff, stats)
-    return diffs, dict(stats)
-
 
 def _compare_run(label: str, ra: RunPayload, rb: RunPayload, a: Source, b: Source, diff: Any) -> int:
     params_a = {tuple(p["path"]): (p["value_json"], p["value_type"]) for p in ra.params.to_pylist()}
@@ -168,7 +215,7 @@ def _compare_run(label: str, ra: RunPayload, rb: RunPayload, a: Source, b: Sourc
         diff(f"{label}: dataset inputs differ")
     arts_a = {_art_identity(x): x for x in ra.artifacts}
     arts_b = {_art_identity(x): x for x in rb.artifacts}
-    models = [x.row["artifact_key"] for x in rb.artifacts if x.row["type"] == "mlflow.logged_model"]
+    models = [x.row["artifact_key"] for x in rb.artifacts if x.row["type"] == schema.LOGGED_MODEL]
     _copies(
         f"{label}: logged model",
         [(origin(b, "artifact", k), k, k) for k in models],
@@ -192,7 +239,7 @@ def _compare_run(label: str, ra: RunPayload, rb: RunPayload, a: Source, b: Sourc
 
 
 def _compare_artifact(label: str, x: ArtifactPayload, y: ArtifactPayload, diff: Any) -> None:
-    if x.row["type"] == "mlflow.logged_model":
+    if x.row["type"] == schema.LOGGED_MODEL:
         ma = _model_meta(x.row.get("metadata_json"))
         mb = _model_meta(y.row.get("metadata_json"))
         if ma != mb:
@@ -268,11 +315,11 @@ def _compare_registry(a: Source, b: Source, sel: Selection, diff: Any, stats: Co
         not (sel.projects or sel.runs or sel.since or sel.until),
         diff,
     )
-    b_runs = getattr(b, "origin_of", None)
+    b_runs = b.origin_of if isinstance(b, ProvenanceSource) else None
     for v in a_versions:
         stats["model_versions"] += 1
         label = f"model version {v['model_name']!r} v{v['version']}"
-        w = mc.find_by_key(vb, v["version_key"])
+        w = find_by_key(vb, v["version_key"])
         if w is None:
             diff(f"{label}: missing in destination")
             continue
@@ -303,7 +350,9 @@ def _none(v: Any) -> Any:
 
 def _norm(v: Any) -> Any:
     if isinstance(v, datetime):
-        return v.replace(microsecond=(v.microsecond // 1000) * 1000).isoformat()
+        unit = timedelta(microseconds=_PRECISION_US.get())
+        epoch = _EPOCH if v.tzinfo else _EPOCH.replace(tzinfo=None)
+        return (epoch + (v - epoch) // unit * unit).isoformat()
     if isinstance(v, list):
         return sorted(v)  # labels: a set; MLflow keeps them as tags, in key order
     if v is False:
@@ -324,14 +373,16 @@ def _tags(v: Any) -> dict[str, str]:
 
 
 def _run_tags(r: RunPayload) -> dict[str, str]:
+    ignored = bookkeeping_tags()  # what a tracker keeps for a field compared elsewhere
     return {
         t["key"]: t["value"]
         for t in r.tags.to_pylist()
-        if t["key"] not in IGNORED_TAGS and not t["key"].startswith("trackbridge.")
+        if t["key"] not in ignored and not t["key"].startswith("trackbridge.")
     }
 
 
 def _metric_counter(r: RunPayload) -> tuple[Counter, int]:
+    unit = _PRECISION_US.get()
     c: Counter = Counter()
     n = 0
     for b in r.metrics():
@@ -341,7 +392,7 @@ def _metric_counter(r: RunPayload) -> tuple[Counter, int]:
         vals = b.column("value").to_pylist()
         for i in range(len(keys)):
             v = vals[i]
-            c[(keys[i], steps[i], ts[i] // 1000, "nan" if v != v else repr(v))] += 1
+            c[(keys[i], steps[i], ts[i] // unit, "nan" if v != v else repr(v))] += 1
         n += len(keys)
     return c, n
 
@@ -384,7 +435,7 @@ def _model_meta(text: str | None) -> dict[str, Any]:
         "model_type": m.get("model_type"),
         "status": m.get("status"),
         "params": m.get("params", {}),
-        "tags": {k: v for k, v in _tags(m.get("tags", {})).items() if k not in mc.MANAGED_MODEL_TAGS},
+        "tags": {k: v for k, v in _tags(m.get("tags", {})).items() if k not in bookkeeping_tags()},
         "metrics": metrics,
     }
 
@@ -422,9 +473,10 @@ def _copies(
     if not whole:
         return
     here = source_identity(a)
-    recorded = getattr(b, "recorded_source", None)
+    if not isinstance(b, ProvenanceSource):
+        return
     for o, k, lbl in imported:
-        if o not in source_keys and recorded is not None and recorded(k) == here:
+        if o not in source_keys and b.recorded_source(k) == here:
             diff(f"{kind} {o}: only in destination ({lbl}); the source does not have it")
 
 

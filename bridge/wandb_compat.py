@@ -1,6 +1,6 @@
 """A drop-in for the part of the ``wandb`` module most training code uses.
 
-Change one line, ``import wandb`` → ``import bridge.wandb_compat as wandb``, and the
+Change one line, ``import wandb`` → ``import trackbridge.wandb_compat as wandb``, and the
 script logs through the shim: to W&B (an offline run, for ``wandb sync``) and to MLflow,
 or wherever ``$TRACKBRIDGE_TO`` says.
 
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge import shim
+from trackbridge import shim
 
 run: shim.Run | None = None
 

@@ -34,7 +34,7 @@ def sandbox() -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(sandbox: Path) -> Iterator[str]:
     """A real `mlflow server` subprocess with a SQLite backend; stopped by its PID."""
-    from bridge.mlflow_server import LocalMlflowServer
+    from trackbridge.trackers.mlflow.server import LocalMlflowServer
 
     with LocalMlflowServer(sandbox / "server", workers=1) as url:
         yield url
@@ -43,7 +43,7 @@ def mlflow_server(sandbox: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def demo_store(sandbox: Path) -> dict:
     """The demo MLflow dataset in a SQLite store, made once with the real SDK."""
-    from bridge.demo import make_mlflow_demo
+    from trackbridge.trackers.mlflow.demo import make_mlflow_demo
 
     db = sandbox / "demo" / "source.db"
     db.parent.mkdir()
@@ -55,7 +55,7 @@ def demo_store(sandbox: Path) -> dict:
 @pytest.fixture(scope="session")
 def wandb_demo(sandbox: Path) -> Path:
     """The demo W&B offline runs, written once by the real wandb SDK."""
-    from bridge.demo_wandb import make_wandb_demo
+    from trackbridge.trackers.wandb.demo import make_wandb_demo
 
     return make_wandb_demo(sandbox / "wandb-demo")
 
@@ -69,7 +69,7 @@ def new_sqlite(tmp_path: Path) -> str:
 def run_cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     """Run the real `trackbridge` command in a subprocess, as a user would."""
     p = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", *args],
+        [sys.executable, "-m", "trackbridge.cli", *args],
         capture_output=True,
         text=True,
         env=os.environ.copy(),
@@ -111,7 +111,7 @@ def hold_sync_lock(state: Path, source: str, destination: str) -> subprocess.Pop
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom bridge import sync as sy\n"
+            "import sys, time\nfrom pathlib import Path\nfrom trackbridge import sync as sy\n"
             "st = sy.State(Path(sys.argv[1]), sy.Pair(sys.argv[2], sys.argv[3]))\n"
             "with st.locked():\n    print('locked', flush=True)\n    time.sleep(600)\n",
             str(state),

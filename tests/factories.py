@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-
-from bridge import mlflow_common as mc
-from bridge import schema
-from bridge.bundle import BundleWriter
-from bridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload
-from bridge.report import Report
+from trackbridge import schema
+from trackbridge.bundle import BundleWriter
+from trackbridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload
+from trackbridge.report import Report
+from trackbridge.trackers.mlflow import common as mc
 
 START = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -138,7 +138,7 @@ EXPORT_SCHEMA_COLUMNS = (
 
 
 def _rows(project: str, rid: str, rows: list[dict]) -> pa.Table:
-    from exporters.neptune_exporter import EXPORT_SCHEMA
+    from trackbridge.exporters.neptune.exporter import EXPORT_SCHEMA
 
     full = [
         {c: None for c in EXPORT_SCHEMA_COLUMNS} | {"project_id": project, "run_id": rid} | r for r in rows

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from trackbridge.errors import BadInputError
+from trackbridge.files import safe_relpath
+from trackbridge.trackers.mlflow import common as mc
 
-from bridge import mlflow_common as mc
-from bridge.errors import BadInputError
-from bridge.files import safe_relpath
 from tests.conftest import one_line, run_cli
 
 

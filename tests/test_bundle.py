@@ -8,14 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
+from trackbridge import schema
+from trackbridge.bundle import BundleWriter, blob_relpath
+from trackbridge.bundle_reader import BundleSource
+from trackbridge.errors import UsageError
+from trackbridge.files import sha256_file
+from trackbridge.model import Selection
+from trackbridge.report import Report
+from trackbridge.uri import parse, redact
 
-from bridge import schema
-from bridge.bundle import BundleSource, BundleWriter, blob_relpath
-from bridge.errors import UsageError
-from bridge.files import sha256_file
-from bridge.model import Selection
-from bridge.report import Report
-from bridge.uri import parse, redact
 from tests import factories as f
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "schema.md"
@@ -87,7 +88,7 @@ def test_a_new_run_killed_mid_write_is_invisible(two_runs):
 
 def test_a_rewrite_killed_while_writing_files_hides_the_unit(two_runs, monkeypatch):
     """Once the marker is gone the unit is invisible: never half old, half new."""
-    import bridge.bundle as bundle_mod
+    import trackbridge.bundle as bundle_mod
 
     calls = {"n": 0}
     real = bundle_mod.pq.write_table

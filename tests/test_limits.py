@@ -7,14 +7,15 @@ import math
 from pathlib import Path
 
 import pyarrow as pa
+from trackbridge import engine
+from trackbridge.bundle import BundleWriter
+from trackbridge.bundle_reader import BundleSource
+from trackbridge.importers.mlflow.plan import MAX_KEY, MAX_PARAM, MAX_TAG, fit_key
+from trackbridge.model import Selection
+from trackbridge.trackers.mlflow import common as mc
+from trackbridge.uri import open_sink, open_source
+from trackbridge.verify import verify
 
-from bridge import engine
-from bridge import mlflow_common as mc
-from bridge.bundle import BundleSource, BundleWriter
-from bridge.model import Selection
-from bridge.uri import open_sink, open_source
-from bridge.verify import verify
-from importers.mlflow import MAX_KEY, MAX_PARAM, MAX_TAG, fit_key
 from tests import factories as f
 
 LONG_KEY = "k" * 300
@@ -131,10 +132,14 @@ def test_a_link_to_a_logged_model_outside_the_import_is_reported(tmp_path):
     assert [m.kind for _, m in report.all_mappings()] == ["model-link-dropped"]
 
 
+def _fingerprint(payload):
+    from trackbridge.write import Fingerprint
+
+    return Fingerprint(payload, "m1").value
+
+
 def test_fingerprint_without_a_source_digest_sees_every_point():
     """A run whose source offers no digest is hashed in full, not from a printed summary."""
-    from importers.mlflow import _fingerprint
-
     points = [("loss", i, float(i)) for i in range(100)]
     a = f.payload(f.run("test:run/fp"), points=points)
     changed = list(points)
@@ -143,6 +148,26 @@ def test_fingerprint_without_a_source_digest_sees_every_point():
     assert a.fingerprint is None and b.fingerprint is None
     assert _fingerprint(a) != _fingerprint(b)
     assert _fingerprint(a) == _fingerprint(f.payload(f.run("test:run/fp"), points=points))
+
+
+def test_a_fingerprint_taken_while_writing_is_the_one_a_second_read_gives():
+    """A new run's fingerprint comes from the points as they stream into the destination;
+    it must equal the one the next import computes by reading the run, or every re-run
+    would write every run again. A pass that stops early, or none, falls back to a read."""
+    from trackbridge.write import Fingerprint
+
+    points = [("loss", i, float(i)) for i in range(5_000)] + [("acc", i, 0.5) for i in range(3)]
+    p = f.payload(f.run("test:run/stream"), points=points)
+    expected = _fingerprint(p)
+    fp = Fingerprint(p, "m1")
+    streamed = fp.stream(p)
+    assert sum(b.num_rows for b in streamed.metrics()) == len(points)
+    assert sum(b.num_rows for b in streamed.metrics()) == len(points)  # a second pass is not hashed
+    assert fp.value == expected and expected.endswith(".m1")
+    early = Fingerprint(p, "m1")
+    next(iter(early.stream(p).metrics()))
+    assert early.value == expected
+    assert Fingerprint(p, "w3").value == expected[:-3] + ".w3"
 
 
 def test_sub_millisecond_times_and_infinities_are_reported(tmp_path):

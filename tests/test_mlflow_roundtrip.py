@@ -11,13 +11,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from trackbridge import engine
+from trackbridge.bundle import BundleWriter
+from trackbridge.bundle_reader import BundleSource
+from trackbridge.cli import run_migrate, run_verify
+from trackbridge.model import Selection
+from trackbridge.trackers.mlflow import common as mc
+from trackbridge.uri import open_sink, open_source
 
-from bridge import engine
-from bridge import mlflow_common as mc
-from bridge.bundle import BundleSource, BundleWriter
-from bridge.cli import run_migrate, run_verify
-from bridge.model import Selection
-from bridge.uri import open_sink, open_source
 from tests.conftest import run_cli
 
 
@@ -327,14 +328,13 @@ def test_cli_migrate_and_inspect(demo_store, tmp_path):
 
 
 def test_sql_fast_path_stores_what_log_batch_stores(tmp_path):
-    """Points into an in-process SQLite store bypass the ORM (``_SqlPoints``); the rows,
+    """Points into an in-process SQLite store bypass the ORM (``SqlPoints``); the rows,
     the duplicate rule and the latest values must be exactly ``log_batch``'s."""
     import pyarrow as pa
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-
-    from bridge import schema
-    from importers.mlflow import MlflowSink
+    from trackbridge import schema
+    from trackbridge.importers.mlflow.sink import MlflowSink
 
     inf, nan = math.inf, math.nan
     points = [  # (key, step, ms, value): NaN, ±inf, repeats, out of order, negative steps
@@ -390,9 +390,8 @@ def test_sql_fast_path_retries_a_locked_database(tmp_path, monkeypatch):
 
     import pyarrow as pa
     from mlflow import MlflowClient
-
-    from bridge import schema
-    from importers.mlflow import MlflowSink
+    from trackbridge import schema
+    from trackbridge.importers.mlflow.sink import MlflowSink
 
     uri = f"sqlite:///{tmp_path / 'locked.db'}"
     sink = MlflowSink(uri)
@@ -423,7 +422,7 @@ def test_history_pages_parse_exactly_as_python_json():
     import json
     import random
 
-    from exporters.mlflow import _parse_page
+    from trackbridge.exporters.mlflow.history import _parse_page
 
     rng = random.Random(3)
     values = [rng.uniform(-1e6, 1e6) for _ in range(2000)] + [5e-324, 1.7976931348623157e308, -0.0, 1 / 3]

@@ -18,10 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from trackbridge.errors import BadInputError
+from trackbridge.model import Selection
+from trackbridge.uri import open_source
 
-from bridge.errors import BadInputError
-from bridge.model import Selection
-from bridge.uri import open_source
 from tests.conftest import run_cli
 from tests.neptune_fixtures import write_exporter, write_legacy, write_scale
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from trackbridge.trackers.wandb import common as wc
 
-from bridge import wandb_common as wc
 from tests.conftest import run_cli
 
 pytest.importorskip("wandb")

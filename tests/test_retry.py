@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 from mlflow.exceptions import MlflowException
-
-from bridge import mlflow_common as mc
-from bridge import retry
-from bridge.report import scrub
+from trackbridge import retry
+from trackbridge.report import scrub
+from trackbridge.trackers.mlflow import common as mc
 
 
 @pytest.fixture(autouse=True)

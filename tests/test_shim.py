@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import trackbridge
+from trackbridge.model import Selection
+from trackbridge.trackers.mlflow.server import LocalMlflowServer
+from trackbridge.uri import open_source
+from trackbridge.verify import verify
 
-import bridge
-from bridge.mlflow_server import LocalMlflowServer
-from bridge.model import Selection
-from bridge.uri import open_source
-from bridge.verify import verify
 from tests.conftest import run_cli
 from tests.faultproxy import FAULTS, FaultProxy
 
@@ -47,7 +47,7 @@ def _same(spool: Path, dest: str) -> dict[str, int]:
 def test_every_point_of_a_20000_step_run_reaches_mlflow_and_wandb(tmp_path: Path) -> None:
     mlflow_uri = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
     wandb_uri = f"wandb+offline://{tmp_path / 'wb'}"
-    run = bridge.init(
+    run = trackbridge.init(
         project="shim",
         name="long",
         config={"lr": 0.01, "model": {"depth": 4}},
@@ -79,7 +79,9 @@ def test_a_server_stopped_mid_run_is_completed_from_the_spool(tmp_path: Path) ->
     server = LocalMlflowServer(tmp_path / "server")
     url = server.start()
     dest = f"mlflow+{url}"
-    run = bridge.init(project="shim", name="outage", to=[dest], spool=tmp_path / "spool", flush_timeout=5)
+    run = trackbridge.init(
+        project="shim", name="outage", to=[dest], spool=tmp_path / "spool", flush_timeout=5
+    )
     slowest = 0.0
     try:
         for step in range(3000):
@@ -110,7 +112,7 @@ def test_a_server_stopped_mid_run_is_completed_from_the_spool(tmp_path: Path) ->
 def test_a_flaky_server_behind_a_fault_proxy_ends_exact(mlflow_server: str, tmp_path: Path) -> None:
     with FaultProxy(mlflow_server, rate=0.2, seed=11) as proxy:
         dest = f"mlflow+{proxy.url}"
-        run = bridge.init(project="shim-flaky", to=[dest], spool=tmp_path / "spool", flush_timeout=120)
+        run = trackbridge.init(project="shim-flaky", to=[dest], spool=tmp_path / "spool", flush_timeout=120)
         for step in range(2000):
             run.log(_row(step), step=step)
         outcome = run.finish()
@@ -127,8 +129,8 @@ def test_a_flaky_server_behind_a_fault_proxy_ends_exact(mlflow_server: str, tmp_
 
 
 TRAIN = """
-import sys, bridge
-run = bridge.init(project="killed", name="k", to=[sys.argv[1]], spool=sys.argv[2], fsync="batch")
+import sys, trackbridge
+run = trackbridge.init(project="killed", name="k", to=[sys.argv[1]], spool=sys.argv[2], fsync="batch")
 step = 0
 while True:
     run.log({f"k{i}": step + i / 10 for i in range(10)}, step=step)
@@ -167,7 +169,7 @@ def test_kill_9_of_training_then_replay_leaves_nothing_missing(tmp_path: Path) -
 
 
 def test_wandb_drop_in_mirrors_to_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bridge.wandb_compat as wandb
+    import trackbridge.wandb_compat as wandb
 
     mlflow_uri = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("TRACKBRIDGE_TO", f"{mlflow_uri},wandb+offline://{tmp_path / 'wb'}")
@@ -200,24 +202,23 @@ def test_wandb_drop_in_mirrors_to_mlflow(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_a_bad_destination_fails_in_the_callers_hands(tmp_path: Path) -> None:
-    from bridge.errors import UsageError
+    from trackbridge.errors import UsageError
 
     with pytest.raises(UsageError, match="unknown URI scheme"):
-        bridge.init(project="p", to=["nosuch://x"], spool=tmp_path / "spool")
+        trackbridge.init(project="p", to=["nosuch://x"], spool=tmp_path / "spool")
 
 
 def test_spool_is_not_a_destination(tmp_path: Path) -> None:
-    from bridge.errors import UsageError
-    from bridge.uri import open_sink
+    from trackbridge.errors import UsageError
+    from trackbridge.uri import open_sink
 
-    with pytest.raises(UsageError, match=r"written by bridge\.init"):
+    with pytest.raises(UsageError, match=r"written by trackbridge\.init"):
         open_sink(f"spool://{tmp_path}")
 
 
 def test_hugging_face_callback_logs_what_the_trainer_logs(tmp_path: Path) -> None:
     import transformers  # a dev dependency: real TrainingArguments, TrainerState, TrainerControl
-
-    from bridge.integrations import hf_callback
+    from trackbridge.integrations import hf_callback
 
     dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
     cb = hf_callback(to=[dest], spool=tmp_path / "spool")
@@ -241,8 +242,7 @@ def test_lightning_logger_logs_a_real_fit(tmp_path: Path) -> None:
     """A real ``lightning.Trainer.fit`` on the CPU, logging through ``lightning_logger``."""
     import lightning as L  # a dev dependency, with the CPU build of torch
     import torch
-
-    from bridge.integrations import lightning_logger
+    from trackbridge.integrations import lightning_logger
 
     class Tiny(L.LightningModule):
         def __init__(self, lr: float = 0.05, width: int = 4) -> None:
@@ -296,7 +296,7 @@ def test_a_run_that_ends_before_its_destination_starts_loses_nothing(tmp_path: P
     """A short script, or a destination slow to start (MLflow's import and a new SQLite
     store take seconds), that logged more than the backlog meanwhile: the destination's
     first write already sees the whole spool, and none of it came live."""
-    from bridge import shim
+    from trackbridge import shim
 
     real = shim._Backend._start
 
@@ -307,7 +307,7 @@ def test_a_run_that_ends_before_its_destination_starts_loses_nothing(tmp_path: P
 
     monkeypatch.setattr(shim._Backend, "_start", late)
     dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
-    run = bridge.init(project="short", to=[dest], spool=tmp_path / "spool", backlog=500)
+    run = trackbridge.init(project="short", to=[dest], spool=tmp_path / "spool", backlog=500)
     for step in range(1000):
         run.log(_row(step))
     assert run.finish(quiet=True) == {dest: "complete"}

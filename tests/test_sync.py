@@ -17,10 +17,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from trackbridge import sync as sy
+from trackbridge.model import ModelRule, Selection
+from trackbridge.trackers.mlflow import common as mc
 
-from bridge import mlflow_common as mc
-from bridge import sync as sy
-from bridge.model import ModelRule, Selection
 from tests.conftest import hold_sync_lock, run_cli
 
 pytest.importorskip("wandb")
@@ -48,8 +48,8 @@ def _runs(db: Path) -> list:
 
 
 def _verify(src: str, dest: str, sel: Selection | None = None) -> list[str]:
-    from bridge.uri import open_source
-    from bridge.verify import verify
+    from trackbridge.uri import open_source
+    from trackbridge.verify import verify
 
     diffs, _ = verify(open_source(src), open_source(dest), sel or Selection(register_models=True))
     return diffs
@@ -58,7 +58,7 @@ def _verify(src: str, dest: str, sel: Selection | None = None) -> list[str]:
 def test_second_sync_reads_nothing_and_a_lost_state_folder_duplicates_nothing(
     wandb_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exporters.wandb import WandbOfflineSource
+    from trackbridge.exporters.wandb.offline import WandbOfflineSource
 
     src = f"wandb+offline://{_src(wandb_demo, tmp_path)}"
     db = tmp_path / "dest.db"
@@ -121,7 +121,7 @@ def test_a_growing_run_gets_only_its_new_points_and_a_new_run_is_added(
     shutil.copyfile(full, log)  # the job wrote the rest
     second = sy.sync_pair(pair, _opts(tmp_path))
     (r2,) = second.report.runs
-    from bridge.uri import open_source
+    from trackbridge.uri import open_source
 
     src_reader = open_source(uri)
     (row,) = src_reader.runs(Selection(), src_reader.projects(Selection()))
@@ -315,7 +315,7 @@ def test_kill_9_at_random_moments_then_sync_leaves_one_clean_copy(wandb_demo: Pa
     env = {**os.environ, "TRACKBRIDGE_STATE_DIR": str(tmp_path / "state")}
 
     def start(dest: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "bridge.cli", "sync", src, dest, "--register-models"]
+        cmd = [sys.executable, "-m", "trackbridge.cli", "sync", src, dest, "--register-models"]
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # how long one clean sync takes on this machine, so the kills land inside one
@@ -348,7 +348,8 @@ def test_kill_9_at_random_moments_then_sync_leaves_one_clean_copy(wandb_demo: Pa
 def test_sync_through_a_proxy_failing_10_percent_of_requests(
     wandb_demo: Path, tmp_path: Path, mlflow_server: str
 ) -> None:
-    from bridge import retry
+    from trackbridge import retry
+
     from tests.faultproxy import FAULTS, FaultProxy
 
     src = f"wandb+offline://{wandb_demo}"
@@ -393,8 +394,8 @@ def test_online_registry_links_sync_and_an_alias_moved_in_wandb_moves_in_mlflow(
     """W&B moves an alias without touching the run, so the runs are skipped unread and
     the registry is still asked: the alias moves in MLflow on the next sync."""
     import mlflow
+    import trackbridge.exporters.wandb.online as online
 
-    import exporters.wandb_online as online
     from tests.test_wandb_online import FakeApi
 
     api = FakeApi()
@@ -420,8 +421,8 @@ def test_offline_alias_moved_by_a_new_run_moves_on_the_next_sync(wandb_demo: Pat
     """The next night reads only the new run; its version takes "production" in MLflow,
     while the earlier version, skipped unread, keeps "candidate"."""
     import mlflow
+    from trackbridge.trackers.wandb import common as wc
 
-    from bridge import wandb_common as wc
     from tests.test_register_models import NEW_VERSION
 
     src = tmp_path / "src"
@@ -469,7 +470,7 @@ def test_a_sync_stopped_before_the_registry_registers_the_models_next_time(
     """Found by the kill trials: runs complete, registry not reached. Their change
     tokens are written only after the registry step, so the next sync reads them
     again (writing nothing) and registers what is missing."""
-    from importers.mlflow import MlflowSink
+    from trackbridge.importers.mlflow.sink import MlflowSink
 
     src = f"wandb+offline://{wandb_demo}"
     db = tmp_path / "dest.db"
@@ -509,7 +510,7 @@ PAIR = '[[pair]]\nsource = "a"\ndestination = "b"\n'
     ],
 )
 def test_config_mistakes_are_one_clear_line(tmp_path: Path, body: str, message: str) -> None:
-    from bridge.errors import UsageError
+    from trackbridge.errors import UsageError
 
     cfg = tmp_path / "sync.toml"
     cfg.write_text(body)

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trackbridge.bundle import blob_relpath
+from trackbridge.bundle_reader import BundleSource
+from trackbridge.errors import TrackbridgeError
+from trackbridge.model import Selection
+from trackbridge.trackers.mlflow import common as mc
 
-from bridge import mlflow_common as mc
-from bridge.bundle import BundleSource, blob_relpath
-from bridge.errors import TrackbridgeError
-from bridge.model import Selection
 from tests import factories as f
 from tests.conftest import one_line, run_cli
 

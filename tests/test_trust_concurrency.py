@@ -12,9 +12,9 @@ import tempfile
 import time
 
 import pytest
+from trackbridge import sync as sy
+from trackbridge.trackers.mlflow import common as mc
 
-from bridge import mlflow_common as mc
-from bridge import sync as sy
 from tests.conftest import hold_sync_lock, run_cli
 from tests.factories import small_mlflow_store
 
@@ -26,13 +26,16 @@ def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     after the other could fill up and stall a writer)."""
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
     p = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", *args], env={**os.environ, **(env or {})}, stdout=out, stderr=err
+        [sys.executable, "-m", "trackbridge.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=err,
     )
     p.files = (out, err)  # type: ignore[attr-defined]
     return p
 
 
-def _finish(procs: list[subprocess.Popen], allowed: tuple[int, ...] = (0,)) -> list[int]:
+def finish(procs: list[subprocess.Popen], allowed: tuple[int, ...] = (0,)) -> list[int]:
     codes = []
     for p in procs:
         p.wait(timeout=600)
@@ -86,7 +89,7 @@ def sources(demo_store, wandb_demo, tmp_path_factory) -> dict[str, str]:
 def test_an_import_and_a_migrate_creating_one_new_store(sources, tmp_path, trial):
     db = tmp_path / "dest.db"
     dest = f"mlflow+sqlite:///{db}"
-    _finish(
+    finish(
         [
             _start("import", sources["bundle"], dest),
             _start("migrate", sources["wandb"], dest, "--no-verify"),
@@ -102,7 +105,7 @@ def test_three_writers_creating_one_new_store(sources, tmp_path):
     """An import and the syncs of two pairs that share their destination."""
     db = tmp_path / "dest.db"
     dest = f"mlflow+sqlite:///{db}"
-    _finish(
+    finish(
         [
             _start("import", sources["bundle"], dest),
             _start("sync", sources["wandb"], dest, "--state-dir", str(tmp_path / "s1")),
@@ -118,7 +121,7 @@ def test_two_shards_into_one_new_store(sources, tmp_path):
     db = tmp_path / "dest.db"
     dest = f"mlflow+sqlite:///{db}"
     state = str(tmp_path / "state")
-    _finish(
+    finish(
         [_start("sync", sources["mlflow"], dest, "--shard", f"{k}/2", "--state-dir", state) for k in (1, 2)]
     )
     _each_once(_live_runs(f"sqlite:///{db}"), 6)
@@ -143,7 +146,7 @@ def test_a_sync_of_the_same_pair_spelt_otherwise_waits_its_turn(wandb_demo, tmp_
         _start("sync", *pair, "--state-dir", str(tmp_path / f"st{i}"))
         for i, pair in enumerate((first, second))
     ]
-    codes = _finish(both, allowed=(0, 75))
+    codes = finish(both, allowed=(0, 75))
     assert 0 in codes
     _each_once(_live_runs(f"sqlite:///{tmp_path / 'dest.db'}"), 3)
     assert "verify: identical" in run_cli("verify", *first).stdout
@@ -174,7 +177,7 @@ def test_two_machines_syncing_one_server_never_both_create_a_run(sources, mlflow
         )
         for i in range(2)
     ]
-    _finish(procs)
+    finish(procs)
     runs = _live_runs(mlflow_server, None)
     runs = [r for r in runs if r.info.experiment_id in _experiments_named(mlflow_server, name)]
     active = [r for r in runs if r.info.lifecycle_stage == "active"]
@@ -196,7 +199,7 @@ def _experiments_named(tracking_uri: str, prefix: str) -> set[str]:
 
 def test_two_writers_into_one_wandb_offline_folder(sources, tmp_path):
     dest = f"wandb+offline://{tmp_path / 'out'}"
-    _finish([_start("migrate", sources["mlflow"], dest, "--no-verify") for _ in range(2)])
+    finish([_start("migrate", sources["mlflow"], dest, "--no-verify") for _ in range(2)])
     folders = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
     ids = [f.name.rsplit("-", 1)[1] for f in folders]
     assert len(ids) == 6 and len(set(ids)) == 6, ids
@@ -210,10 +213,9 @@ def test_a_param_another_importer_wrote_a_moment_before_is_no_failure(sources, t
     moment (seen in the race above, not every time): the import reads the run afresh and
     writes only what it lacks, instead of failing the run."""
     from mlflow.exceptions import MlflowException
-
-    from bridge import engine
-    from bridge.model import Selection
-    from bridge.uri import open_sink, open_source
+    from trackbridge import engine
+    from trackbridge.model import Selection
+    from trackbridge.uri import open_sink, open_source
 
     dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
     sink = open_sink(dest)

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from trackbridge.trackers.mlflow import common as mc
+from trackbridge.trackers.wandb.leveldb import RecordLog
 
-from bridge import mlflow_common as mc
-from bridge.wandb_log import RecordLog
 from tests.conftest import one_line, run_cli
 
 
@@ -122,7 +122,7 @@ def test_a_dead_destination_is_found_before_the_export(demo_store, tmp_path):
     env_tmp = tmp_path / "tmp"
     env_tmp.mkdir()
     p = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "migrate", demo_store["tb"], "mlflow+http://127.0.0.1:9"],
+        [sys.executable, "-m", "trackbridge.cli", "migrate", demo_store["tb"], "mlflow+http://127.0.0.1:9"],
         capture_output=True,
         text=True,
         env={**os.environ, "TMPDIR": str(env_tmp)},
@@ -196,7 +196,7 @@ def test_migrate_reports_what_the_export_noted(wandb_demo, tmp_path):
 def test_a_killed_migrate_leaves_no_temporary_bundle_for_good(wandb_demo, tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
-    cmd = [sys.executable, "-m", "bridge.cli", "migrate", f"wandb+offline://{wandb_demo}"]
+    cmd = [sys.executable, "-m", "trackbridge.cli", "migrate", f"wandb+offline://{wandb_demo}"]
     proc = subprocess.Popen([*cmd, f"mlflow+sqlite:///{tmp_path / 'a.db'}"], env=env)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "tmp").glob("trackbridge-migrate-*/bundle/manifest.json")):
@@ -212,12 +212,12 @@ def test_a_killed_migrate_leaves_no_temporary_bundle_for_good(wandb_demo, tmp_pa
 
 
 def test_a_spool_folder_that_cannot_be_written_is_one_clear_error(read_only):
-    import bridge
-    from bridge.errors import UsageError
+    import trackbridge
+    from trackbridge.errors import UsageError
 
     folder, _ = read_only
     with pytest.raises(UsageError, match="cannot write there") as e:
-        bridge.init(project="p", to=[], spool=folder / "spool")
+        trackbridge.init(project="p", to=[], spool=folder / "spool")
     assert str(folder) in str(e.value) and "\n" not in str(e.value)
 
 

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from trackbridge.trackers.mlflow import common as mc
+from trackbridge.uri import canonical
 
-from bridge import mlflow_common as mc
-from bridge.uri import canonical
 from tests.conftest import run_cli
 from tests.factories import small_mlflow_store
 

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
+from trackbridge.trackers.wandb.leveldb import RecordLog
 
-from bridge.wandb_log import RecordLog
 from tests.conftest import run_cli
 
 pytest.importorskip("wandb")

@@ -1,6 +1,6 @@
 """W&B offline runs, written by the real wandb SDK, read by our own `.wandb` reader.
 
-The fixture is the quickstart's demo (``bridge.demo_wandb``); every W&B directory is in
+The fixture is the quickstart's demo (``trackbridge.trackers.wandb.demo``); every W&B directory is in
 the test sandbox. The checks compare against what the demo script logged, not against
 our own reader's idea of it.
 """
@@ -14,18 +14,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+from trackbridge import schema
+from trackbridge.errors import BadInputError
+from trackbridge.model import Selection
+from trackbridge.trackers.wandb.leveldb import BLOCK, RecordLog
 
-from bridge import schema
-from bridge.errors import BadInputError
-from bridge.model import Selection
-from bridge.wandb_log import BLOCK, RecordLog
 from tests.conftest import run_cli
 
 pytest.importorskip("wandb")
 
 
 def _source(path: Path):
-    from exporters.wandb import WandbOfflineSource
+    from trackbridge.exporters.wandb.offline import WandbOfflineSource
 
     return WandbOfflineSource(str(path))
 
@@ -162,7 +162,7 @@ def test_not_a_wandb_file(tmp_path: Path) -> None:
 
 
 def test_missing_staging_file_is_reported(tmp_path: Path) -> None:
-    from bridge.demo_wandb import make_wandb_demo
+    from trackbridge.trackers.wandb.demo import make_wandb_demo
 
     demo = make_wandb_demo(tmp_path / "demo")
     for f in (tmp_path / "demo" / "data" / "artifacts" / "staging").iterdir():
@@ -242,7 +242,7 @@ def test_corrupt_run_fails_alone_and_is_not_marked_complete(wandb_demo: Path, tm
 
 def test_fast_path_gives_exactly_what_the_sdk_classes_give(wandb_demo: Path) -> None:
     """History and summary records take a bulk decoding path; it must change nothing."""
-    from exporters.wandb import RunBuilder
+    from trackbridge.exporters.wandb.builder import RunBuilder
 
     logs = sorted(wandb_demo.glob("offline-run-*/run-*.wandb"))
     assert len(logs) >= 4

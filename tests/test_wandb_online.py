@@ -22,22 +22,16 @@ import pytest
 pytest.importorskip("wandb")
 
 import requests
+from trackbridge import engine
+from trackbridge.exporters.mlflow.source import MlflowSource
+from trackbridge.exporters.wandb.online import WandbOnlineSource
+from trackbridge.importers.mlflow.sink import MlflowSink
+from trackbridge.model import Selection
+from trackbridge.report import Report
+from trackbridge.retry import RetryPolicy, retryable
+from trackbridge.trackers.wandb.api import ArtifactInfo, Entry, Link, SdkApi
+from trackbridge.verify import verify
 from wandb.apis import public
-
-from bridge import engine
-from bridge.model import Selection
-from bridge.report import Report
-from bridge.retry import RetryPolicy, retryable
-from bridge.verify import verify
-from exporters.mlflow import MlflowSource
-from exporters.wandb_online import (
-    ArtifactInfo,
-    Entry,
-    Link,
-    SdkApi,
-    WandbOnlineSource,
-)
-from importers.mlflow import MlflowSink
 
 MODEL = b"\x00weights\xff" * 100
 
@@ -331,9 +325,8 @@ class SyncedApi(FakeApi):
     wrote exactly as the server would keep them."""
 
     def __init__(self, folder: Path, project: str) -> None:
+        from trackbridge.trackers.wandb.leveldb import RecordLog
         from wandb.proto import wandb_internal_pb2 as pb
-
-        from bridge.wandb_log import RecordLog
 
         self.runs_, self.history, self.files_, self.logged, self.used = [], {}, {}, {}, {}
         self.project, self.calls = project, []

@@ -23,17 +23,16 @@ pytest.importorskip("wandb")
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-
-from bridge import engine
-from bridge import wandb_common as wc
-from bridge.errors import UsageError
-from bridge.model import Selection
-from bridge.uri import open_sink
-from bridge.verify import verify
-from bridge.wandb_log import RecordLog
-from exporters.mlflow import MlflowSource
-from exporters.wandb import WandbOfflineSource
-from importers.wandb import WandbOnlineSink, WrittenRun
+from trackbridge import engine
+from trackbridge.errors import UsageError
+from trackbridge.exporters.mlflow.source import MlflowSource
+from trackbridge.exporters.wandb.offline import WandbOfflineSource
+from trackbridge.importers.wandb.online import WandbOnlineSink, WrittenRun
+from trackbridge.model import Selection
+from trackbridge.trackers.wandb import common as wc
+from trackbridge.trackers.wandb.leveldb import RecordLog
+from trackbridge.uri import open_sink
+from trackbridge.verify import verify
 
 
 class OfflineServer:
@@ -221,7 +220,7 @@ def test_history_changed_under_a_written_run_is_refused_not_doubled(tmp_path: Pa
 def test_registry_versions_are_linked_with_aliases_and_stage(tmp_path: Path) -> None:
     import warnings
 
-    from bridge import mlflow_common as mc
+    from trackbridge.trackers.mlflow import common as mc
 
     uri = f"sqlite:///{tmp_path / 'src.db'}"
     client = MlflowClient(uri)
@@ -281,7 +280,7 @@ def test_bad_destination_uri_is_one_line() -> None:
     reason="live W&B test: set WANDB_API_KEY and WANDB_LIVE_ENTITY",
 )
 def test_live_write_then_read(demo_store: dict) -> None:  # pragma: no cover - needs the network
-    from exporters.wandb_online import WandbOnlineSource
+    from trackbridge.exporters.wandb.online import WandbOnlineSource
 
     target = f"{os.environ['WANDB_LIVE_ENTITY']}/trackbridge-live-write"
     sel = Selection(projects=("demo-regression",), registry=False)
@@ -294,11 +293,10 @@ def test_live_write_then_read(demo_store: dict) -> None:  # pragma: no cover - n
 def test_sdk_write_api_asks_wandb_api_and_retries() -> None:
     """``SdkWriteApi`` over a stand-in for ``wandb.Api`` that serves the SDK's own objects."""
     import requests
+    from trackbridge.importers.wandb.online import SdkWriteApi
+    from trackbridge.retry import RetryPolicy
     from wandb.apis import public
     from wandb.apis.public.runs import RunNotFoundError
-
-    from bridge.retry import RetryPolicy
-    from importers.wandb import SdkWriteApi
 
     class Resp(requests.Response):
         def __init__(self) -> None:

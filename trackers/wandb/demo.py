@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bridge import wandb_common as wc
-from bridge.errors import MissingExtraError, TrackbridgeError
+from trackbridge.errors import MissingExtraError, TrackbridgeError
+from trackbridge.trackers.wandb import common as wc
 
 PROJECT = "demo-research"
 
@@ -36,7 +36,7 @@ def make_wandb_demo(root: str | os.PathLike[str], steps: int = 40) -> Path:
         "WANDB_DISABLE_GIT": "true",
     }
     p = subprocess.run(
-        [sys.executable, "-m", "bridge.demo_wandb", str(root), str(steps)],
+        [sys.executable, "-m", "trackbridge.trackers.wandb.demo", str(root), str(steps)],
         env=env,
         capture_output=True,
         text=True,

@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-
-from bridge import schema
-from bridge import spool as sp
-from bridge import wandb_common as wc
-from bridge.errors import SourceNotFoundError
-from bridge.files import local_fetch
-from bridge.model import (
+from trackbridge import schema
+from trackbridge import spool as sp
+from trackbridge.errors import SourceNotFoundError
+from trackbridge.files import local_fetch
+from trackbridge.model import (
     TOKEN,
     ArtifactPayload,
     FileRef,
@@ -33,8 +31,9 @@ from bridge.model import (
     Selection,
     TrackerSource,
     file_token,
-    project_row,
+    named_projects,
 )
+from trackbridge.trackers.wandb import common as wc
 
 
 class SpoolSource(TrackerSource):
@@ -51,12 +50,7 @@ class SpoolSource(TrackerSource):
         return f"spool://{self.root}"
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
-        out = {}
-        for meta in self._runs.values():
-            row = project_row(wc.project_key(meta["project"]), "wandb", meta["project"])
-            if sel.wants_project(row):
-                out[row["project_key"]] = row
-        return sorted(out.values(), key=lambda r: r["name"])
+        return named_projects(sel, (m["project"] for m in self._runs.values()), "wandb", wc.project_key)
 
     def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
         keys = {p["project_key"] for p in projects}

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bridge import mlflow_common as mc
+from trackbridge.trackers.mlflow import common as mc
 
 T0 = 1_736_900_000_000  # 2025-01-15, in ms: clearly not "now"
 

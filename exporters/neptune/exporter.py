@@ -29,12 +29,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from bridge import neptune_common as nc
-from bridge import schema
-from bridge.errors import BadInputError, SourceNotFoundError, first_line
-from bridge.files import safe_relpath
-from bridge.model import (
+from trackbridge import schema
+from trackbridge.errors import BadInputError, SourceNotFoundError, first_line
+from trackbridge.files import safe_relpath
+from trackbridge.model import (
     TOKEN,
     ArtifactPayload,
     RegistryPayload,
@@ -42,8 +40,9 @@ from bridge.model import (
     Selection,
     TrackerSource,
     file_token,
-    project_row,
+    named_projects,
 )
+from trackbridge.trackers.neptune import common as nc
 
 # The columns of neptune-exporter's Parquet, as this reader understands them.
 EXPORT_SCHEMA = pa.schema(
@@ -138,12 +137,7 @@ class NeptuneExporterSource(TrackerSource):
                 self._parts.setdefault((scope, project, rid), []).append(f)
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
-        out = {}
-        for _, project, _ in self._parts:
-            row = project_row(nc.project_key(project), "neptune", project)
-            if sel.wants_project(row):
-                out[row["project_key"]] = row
-        return sorted(out.values(), key=lambda r: r["name"])
+        return named_projects(sel, (project for _, project, _ in self._parts), "neptune", nc.project_key)
 
     def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
         keys = {p["project_key"] for p in projects}

@@ -1,23 +1,11 @@
-"""Read W&B offline runs (``wandb+offline://PATH``) into the neutral schema.
-
-PATH holds ``offline-run-*`` / ``run-*`` folders at any depth (the layout ``wandb
-offline`` leaves on an HPC cluster), or is one such folder. Each folder's
-``run-<id>.wandb`` is a record log (``bridge.wandb_log``); a run resumed offline leaves
-several folders with one id, read in order as one run.
-
-History is the bulk of the data, so it is decoded in one pass with all values of a run
-parsed by a single ``json.loads`` and turned into Arrow columns at the end, instead of
-building a Python object per point.
+"""One W&B run's data, from offline records or the online API's dicts, into the neutral
+tables: both readers build runs here, so a run read either way gives the same rows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import operator
-import os
-import re
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,42 +17,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from bridge import schema
-from bridge import wandb_common as wc
-from bridge.errors import BadInputError, MissingExtraError, SourceNotFoundError
-from bridge.files import local_fetch, sha256_file
-from bridge.model import (
+from trackbridge import schema
+from trackbridge.errors import BadInputError
+from trackbridge.exporters.wandb.decode import (
+    HISTORY_BATCH,
+    HISTORY_TAG,
+    SUMMARY_BATCH,
+    SUMMARY_TAG,
+    FastDecoder,
+    Items,
+    pb_items,
+    record_kind,
+)
+from trackbridge.files import local_fetch
+from trackbridge.model import (
     ArtifactPayload,
     FileRef,
-    RegistryPayload,
     RunPayload,
-    Selection,
-    TrackerSource,
-    file_token,
     no_local_bytes,
 )
-from bridge.wandb_log import RecordLog
-
-RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]+)$")
-
-
-@dataclass
-class _Head:
-    """What the run record at the top of a log says, read without the rest of the log."""
-
-    log: Path
-    project: str = ""
-    run_id: str = ""
-    entity: str = ""
-    name: str | None = None
-    start: float = 0.0
-    meta: dict[str, Any] = field(default_factory=dict)  # ``_trackbridge`` if we wrote it
-    error: str | None = None
+from trackbridge.trackers.wandb import common as wc
+from trackbridge.trackers.wandb.leveldb import RecordLog
 
 
 @dataclass
-class _RunFiles:
+class RunFiles:
     project: str
     run_id: str
     entity: str
@@ -73,186 +50,6 @@ class _RunFiles:
     name: str | None = None
     start: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-class WandbOfflineSource(TrackerSource):
-    def __init__(self, path: str, safe: str | None = None) -> None:
-        try:
-            from wandb.proto import wandb_internal_pb2  # noqa: F401  (the record classes)
-        except ImportError as e:  # pragma: no cover - depends on the installed extras
-            raise MissingExtraError("wandb", "wandb") from e
-        self.root = Path(path).expanduser()
-        self.safe = safe or str(self.root)
-        if not self.root.exists():
-            raise SourceNotFoundError(f"wandb+offline://{self.safe}: no such folder {self.root}")
-        self._origin: dict[str, str] = {}
-        self._origin_source: dict[str, str] = {}
-        self._artifact_rows: dict[str, list[tuple[dict[str, Any], Any]]] = {}
-        self._runs = self._discover()
-
-    def describe(self) -> str:
-        return f"wandb+offline://{self.safe}"
-
-    # -- discovery
-
-    def _discover(self) -> dict[str, _RunFiles]:
-        found: list[tuple[str, Path]] = []
-        candidates = [self.root] if RUN_DIR.match(self.root.name) else []
-        if not candidates:
-            # walk folders only, and never into a run folder (its files/ may be huge)
-            for parent, dirs, _ in os.walk(self.root):
-                runs = sorted(d for d in dirs if RUN_DIR.match(d))
-                candidates += [Path(parent) / d for d in runs]
-                dirs[:] = sorted(d for d in dirs if not RUN_DIR.match(d))
-        for d in candidates:
-            m = RUN_DIR.match(d.name)
-            assert m
-            found += [(m.group(1), log) for log in sorted(d.glob("run-*.wandb"))]
-        heads = [_head(log) for _, log in found]
-        # A resumed run's segments in the order they ran; the folder name's second is too
-        # coarse (two segments in one second get a "-1" suffix that sorts first).
-        heads.sort(key=lambda h: (h.start, str(h.log)))
-        runs: dict[str, _RunFiles] = {}
-        for h in heads:
-            key = wc.run_key(h.project, h.run_id)
-            rf = runs.get(key)
-            if rf is None:
-                rf = runs[key] = _RunFiles(h.project, h.run_id, h.entity, start=h.start)
-            rf.logs.append(h.log)
-            rf.head_error = rf.head_error or h.error
-            rf.name = h.name or rf.name
-            rf.meta = h.meta or rf.meta
-            if rf.meta.get("source_key"):
-                self._origin[key] = rf.meta["source_key"]
-                if rf.meta.get("source"):
-                    self._origin_source[key] = rf.meta["source"]
-        return runs
-
-    def projects(self, sel: Selection) -> list[dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for rf in self._runs.values():
-            if rf.head_error and not rf.project:
-                continue
-            kept = rf.meta.get("project") or {}  # a project trackbridge wrote from elsewhere
-            row = {
-                "project_key": wc.project_key(rf.project),
-                "system": "wandb",
-                "source_id": f"{rf.entity}/{rf.project}" if rf.entity else rf.project,
-                "name": kept.get("name") or rf.project,
-                "description": kept.get("description"),
-                "lifecycle": kept.get("lifecycle") or "active",
-                "tags": sorted((kept.get("tags") or {}).items()),
-            }
-            if sel.wants_project(row):
-                out.setdefault(row["project_key"], row)
-        return sorted(out.values(), key=lambda r: r["name"])
-
-    def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        keys = {p["project_key"] for p in projects}
-        out = []
-        for key, rf in self._runs.items():
-            if wc.project_key(rf.project) not in keys and not (rf.head_error and not rf.project):
-                continue
-            start = rf.meta.get("start_time") or rf.start or None
-            row = {
-                "run_key": key,
-                "project_key": wc.project_key(rf.project),
-                "source_id": rf.run_id,
-                "name": rf.name,
-                "start_time": wc.seconds_to_dt(start),
-                "lifecycle": rf.meta.get("lifecycle") or "active",
-                **file_token("wandb-offline", rf.logs),
-            }
-            if sel.wants_run(row):
-                out.append(row)
-        return out
-
-    # -- one run
-
-    def read_run(self, run: dict[str, Any]) -> RunPayload:
-        rf = self._runs[run["run_key"]]
-        parsed = RunBuilder(run["run_key"])
-        for log in rf.logs:
-            parsed.read(log)
-        metrics_tbl, series_tbl = parsed.tables()
-        row = parsed.run_row(run["project_key"], rf)
-        meta = parsed.config.get(wc.META_KEY) or {}
-        if isinstance(meta, dict) and meta.get("source_key"):
-            self._origin[run["run_key"]] = meta["source_key"]
-            if meta.get("source"):
-                self._origin_source[run["run_key"]] = meta["source"]
-        files_dirs = [log.parent / "files" for log in rf.logs]
-        run_files = _run_files(rf, files_dirs)
-        artifacts = [run_files, *parsed.artifacts(wc.project_key(rf.project))]
-        usage = [
-            {"run_key": row["run_key"], "artifact_key": a.row["artifact_key"], "direction": "output"}
-            for a in artifacts[1:]
-        ]
-        h = hashlib.sha256()
-        for log in rf.logs:
-            h.update(sha256_file(log).encode())
-        for f in run_files.files:
-            h.update(f"{f.path}:{f.size}".encode())
-        payload = RunPayload(
-            run=row,
-            params=schema.table("params", wc.param_rows(row["run_key"], parsed.config)),
-            tags=schema.table("tags", parsed.tag_rows()),
-            metrics=lambda: iter(metrics_tbl.to_batches(max_chunksize=100_000)),
-            summary=schema.table("summary", parsed.summary_rows()),
-            series=series_tbl,
-            artifact_usage=schema.table("artifact_usage", usage),
-            artifacts=artifacts,
-            fingerprint=h.hexdigest(),
-            source_notes=parsed.notes,
-        )
-        restore_written(payload, meta)
-        self._artifact_rows[run["run_key"]] = [(a.row, row["start_time"]) for a in payload.artifacts[1:]]
-        return payload
-
-    def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
-        return iter(())  # every offline artifact belongs to the run that logged it
-
-    def registry(self, sel: Selection) -> RegistryPayload:
-        """Registry links need the server, so offline runs have none; with
-        ``register_models`` their model artifacts become versions."""
-        if not sel.rules:
-            return RegistryPayload(schema.empty("registered_models"), schema.empty("model_versions"))
-        arts = []
-        for row in self.runs(sel, self.projects(sel)):
-            if row["run_key"] not in self._artifact_rows:
-                self.read_run(row)
-            arts += self._artifact_rows[row["run_key"]]
-        models, versions = wc.model_versions(arts, sel.rules)
-        return RegistryPayload(
-            schema.table("registered_models", models), schema.table("model_versions", versions)
-        )
-
-
-def _head(log: Path) -> _Head:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    m = RUN_DIR.match(log.parent.name)
-    h = _Head(log, run_id=m.group(2) if m else log.stem.removeprefix("run-"))
-    rec = pb.Record()
-    try:
-        for _, payload in RecordLog(log).payloads():
-            rec.ParseFromString(payload)
-            if rec.WhichOneof("record_type") == "run":
-                r = rec.run
-                h.project, h.run_id, h.entity = r.project or "uncategorized", r.run_id or h.run_id, r.entity
-                h.name = r.display_name or None
-                h.start = r.start_time.seconds + r.start_time.nanos / 1e9
-                for it in r.config.update:
-                    if it.key == wc.META_KEY or list(it.nested_key) == [wc.META_KEY]:
-                        meta = json.loads(it.value_json)
-                        h.meta = meta if isinstance(meta, dict) else {}
-                return h
-        h.error = f"{log}: no run record"
-    except BadInputError as e:
-        h.error = str(e)
-    except Exception as e:
-        h.error = f"{log}: {e}"
-    return h
 
 
 def _floats(values: pa.Array) -> pa.Array:
@@ -322,279 +119,6 @@ def _restore_artifact_row(art: ArtifactPayload) -> None:
     art.row = original
 
 
-def _run_files(rf: _RunFiles, dirs: list[Path]) -> ArtifactPayload:
-    """The run's ``files/`` folder (media, saved files): a later segment's copy wins."""
-    by_path: dict[str, Path] = {}
-    for d in dirs:
-        if d.is_dir():
-            for p in sorted(d.rglob("*")):
-                if p.is_file():
-                    by_path[p.relative_to(d).as_posix()] = p
-    files = [
-        FileRef(path=rel, size=p.stat().st_size, sha256=None, fetch=local_fetch(p))
-        for rel, p in sorted(by_path.items())
-    ]
-    row = {
-        "artifact_key": wc.files_key(rf.project, rf.run_id),
-        "project_key": wc.project_key(rf.project),
-        "name": "run-files",
-        "type": "run-files",
-        "aliases": [],
-        "producer_run_key": wc.run_key(rf.project, rf.run_id),
-    }
-    return ArtifactPayload(row=row, files=files)
-
-
-_Items = list[tuple[tuple[str, ...], str]]
-
-
-def _item_value_json(it: Any) -> str:
-    if it.value_json:
-        return it.value_json
-    which = it.WhichOneof("value") if "value" in it.DESCRIPTOR.oneofs_by_name else None
-    if which is None or which == "none":
-        return "null"
-    if which == "json":
-        return it.json
-    return json.dumps(getattr(it, which), allow_nan=True)
-
-
-def _pb_items(items: Any) -> _Items:
-    out = []
-    for it in items:
-        nk = it.nested_key
-        out.append((tuple(nk) if nk else (it.key,), it.value_json or _item_value_json(it)))
-    return out
-
-
-# -- the fast path for history and summary records
-#
-# They are nearly all of a long run's log, and reading their items through the SDK's
-# classes costs a Python object per item: ten times the parse itself. So they are also
-# parsed with message types of our own whose repeated fields come back as whole lists
-# in one C call. History records are decoded a batch at a time: each record's items are
-# left as raw bytes, then all of them are concatenated and parsed as one message
-# (protobuf appends repeated fields when messages are concatenated), giving every key
-# and every value_json in one list. That lines up only when each item is exactly one
-# nested key and one value_json, which ``_Fast`` checks; a batch that does not (a media
-# value, a typed value) goes record by record through the SDK's classes instead. The
-# fast path skips work; it never changes a result (tests compare both paths).
-
-_HISTORY_TAG, _SUMMARY_TAG = 0x12, 0x1A  # Record.history = 2, Record.summary = 3
-HISTORY_BATCH = 2048
-SUMMARY_BATCH = 4096
-# W&B's own summary key, in every other summary record: ``nested_key: "_wandb"``
-_WANDB_KEY = b"\x12\x06_wandb"
-
-
-def _kind(payload: bytes) -> int:
-    """The tag of the record's first field after ``num``: history, summary or other."""
-    if not payload:
-        return 0
-    p = 0
-    if payload[0] == 0x08:  # num, a varint
-        p = 1
-        while p < len(payload) and payload[p] & 0x80:
-            p += 1
-        p += 1
-    return payload[p] if p < len(payload) else 0
-
-
-def _varint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-class _Fast:
-    _types: tuple[Any, Any, Any] | None = None
-
-    def __init__(self) -> None:
-        if _Fast._types is None:
-            _Fast._types = _flat_types()
-        batch_t, rec_t, items_t = _Fast._types
-        self.batch, self.rec, self.items = batch_t(), rec_t(), items_t()
-        self.paths: dict[bytes, tuple[str, ...]] = {}
-
-    def history(self, payloads: list[bytes]) -> tuple[list[int], list[int], list[str], list[str]] | None:
-        """(item count per record, step per record, keys, value_jsons), or None."""
-        self.batch.ParseFromString(b"".join(b"\x0a" + _varint_bytes(len(p)) + p for p in payloads))
-        counts, steps, raw = [], [], []
-        for rec in self.batch.rec:
-            h = rec.history
-            items = h.item
-            counts.append(len(items))
-            steps.append(h.step.num)
-            raw.extend(items)
-        if len(counts) != len(payloads):
-            return None
-        return self._items(raw, counts, steps)
-
-    def summary_batch(self, payloads: list[bytes]) -> list[tuple[tuple[str, ...], str | bytes]] | None:
-        """The net effect of consecutive summary records: (path, value_json) for every path
-        they set, with its last value. None when a record removes a path, or when a path
-        of one kind of record nests inside a path of the other: then order matters record
-        by record, and the caller replays them one at a time.
-
-        The SDK writes two summary records per ``log`` call: the logged keys, one nested
-        key per item, and W&B's own ``_wandb.runtime`` / ``_runtime``. Each kind is
-        decoded in bulk: its records concatenated parse as one (protobuf merges repeated
-        fields), giving every update in order in one C call. The first kind's items then
-        line up in one more parse, as in history; the second's are split where their
-        value_json field starts, each distinct path decoded once. A path both kinds set
-        takes the value of whichever record set it last.
-        """
-        rec, its = self.rec, self.items
-        kinds = [_WANDB_KEY in p for p in payloads]
-        plain = [p for p, own in zip(payloads, kinds, strict=True) if not own]
-        other = [p for p, own in zip(payloads, kinds, strict=True) if own]
-        first: dict[tuple[str, ...], str | bytes] = {}
-        if plain:
-            rec.ParseFromString(b"".join(plain))
-            if rec.summary.remove:
-                return None
-            updates = list(rec.summary.update)
-            got = self._items(updates, [], [])
-            if got is None:
-                other, first = payloads, {}  # all of them item by item
-            else:
-                first = {(k,): v for k, v in dict(zip(got[2], got[3], strict=True)).items()}
-        second: dict[tuple[str, ...], str | bytes] = {}
-        if other:
-            rec.ParseFromString(b"".join(other))
-            if rec.summary.remove:
-                return None
-            known = self.paths
-            for b in rec.summary.update:
-                cut = _value_start(b)
-                if cut is None:
-                    return None
-                head, start = cut
-                path = known.get(head)
-                if path is None:
-                    its.ParseFromString(head)
-                    keys, nested = list(its.key), list(its.nested_key)
-                    if its.value_json or len(keys) + bool(nested) != 1:
-                        return None
-                    path = known[head] = tuple(nested) if nested else (keys[0],)
-                second[path] = b[start:]
-        for path in second.keys() & first.keys():
-            if self._last_sets_in(payloads, kinds, path) is False:
-                second.pop(path)  # a record of the first kind set it last
-            else:
-                first.pop(path)
-        for a in first:
-            for b in second:
-                if a[: len(b)] == b or b[: len(a)] == a:
-                    return None  # one nests in the other: order decides
-        return [*first.items(), *second.items()]
-
-    def _last_sets_in(self, payloads: list[bytes], kinds: list[bool], path: tuple[str, ...]) -> bool | None:
-        """Whether the last record that sets ``path`` is of the second kind (checked with
-        the SDK's classes: it takes a record or two, from the end)."""
-        from wandb.proto import wandb_internal_pb2 as pb
-
-        rec = pb.Record()
-        needle = path[-1].encode()
-        for i in range(len(payloads) - 1, -1, -1):
-            if needle in payloads[i]:
-                rec.ParseFromString(payloads[i])
-                if any(p == path for p, _ in _pb_items(rec.summary.update)):
-                    return kinds[i]
-        return None
-
-    def _items(
-        self, raw: list[bytes], counts: list[int], steps: list[int]
-    ) -> tuple[list[int], list[int], list[str], list[str]] | None:
-        its = self.items
-        its.ParseFromString(b"".join(raw))
-        keys, values = its.nested_key, its.value_json
-        n = len(raw)
-        if len(keys) != n or len(values) != n or its.key:
-            return None
-        if not _all_start_with_nested_key(raw):
-            return None
-        return counts, steps, list(keys), list(values)
-
-
-def _all_start_with_nested_key(items: list[bytes]) -> bool:
-    """Every item opens with a nested_key field (tag 0x12). Serializers write fields in
-    number order and key (1) is absent, so with as many nested keys as items, each item
-    has exactly one; and with as many value_jsons, exactly one value."""
-    return all(items) and set(map(_first_byte, items)) == {0x12}
-
-
-_first_byte = operator.itemgetter(0)
-
-
-def _value_start(b: bytes) -> tuple[bytes, int] | None:
-    """Split an item into its path fields and the start of its value_json bytes.
-
-    Walks the path fields (key = 1, nested_key = 2) by their lengths, so a 0x82 byte
-    inside a name or a length is never mistaken for the value's tag; None if the item
-    has any other shape.
-    """
-    p, n = 0, len(b)
-    while p < n:
-        tag = b[p]
-        if tag == 0x82 and p + 1 < n and b[p + 1] == 0x01:
-            length, q = b[p + 2], p + 3
-            if length >= 0x80:
-                length, shift = length & 0x7F, 7
-                while True:
-                    x = b[q]
-                    q += 1
-                    length |= (x & 0x7F) << shift
-                    if x < 0x80:
-                        break
-                    shift += 7
-            return (b[:p], q) if q + length == n else None
-        if tag != 0x12 and tag != 0x0A:
-            return None
-        length, q = b[p + 1], p + 2
-        if length >= 0x80:
-            return None  # a name over 127 bytes: rare; the SDK's classes handle it
-        p = q + length
-    return None
-
-
-def _flat_types() -> tuple[Any, Any, Any]:
-    """Our own views of wandb_internal.proto's Record, HistoryRecord and HistoryItem."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="trackbridge_flat.proto", package="tbflat", syntax="proto3")
-
-    def message(name: str, fields: list[tuple[str, int, int, int, str | None]]) -> None:
-        m = fdp.message_type.add(name=name)
-        for fname, number, ftype, label, tname in fields:
-            f = m.field.add(name=fname, number=number, type=ftype, label=label)
-            if tname:
-                f.type_name = tname
-
-    rep, opt, msg = F.LABEL_REPEATED, F.LABEL_OPTIONAL, F.TYPE_MESSAGE
-    message("Step", [("num", 1, F.TYPE_INT64, opt, None)])
-    message(
-        "Items",
-        [
-            ("key", 1, F.TYPE_STRING, rep, None),
-            ("nested_key", 2, F.TYPE_STRING, rep, None),
-            ("value_json", 16, F.TYPE_STRING, rep, None),
-        ],
-    )
-    message("History", [("item", 1, F.TYPE_BYTES, rep, None), ("step", 2, msg, opt, ".tbflat.Step")])
-    message("Summary", [("update", 1, F.TYPE_BYTES, rep, None), ("remove", 2, F.TYPE_BYTES, rep, None)])
-    message("Rec", [("history", 2, msg, opt, ".tbflat.History"), ("summary", 3, msg, opt, ".tbflat.Summary")])
-    message("Batch", [("rec", 1, msg, rep, ".tbflat.Rec")])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    get = message_factory.GetMessageClass
-    return tuple(get(pool.FindMessageTypeByName(f"tbflat.{n}")) for n in ("Batch", "Rec", "Items"))  # type: ignore[return-value]
-
-
 class RunBuilder:
     """One W&B run's data as it arrives, record by record (``read``) or as the online
     API's dicts (``history_row``…); ``tables()`` turns the history into Arrow at the end.
@@ -625,7 +149,7 @@ class RunBuilder:
         self.stats_n = 0
         self._config: dict[str, Any] | None = None
         self.fast = fast
-        self._fast = _Fast()
+        self._fast = FastDecoder()
         self.fast_records = 0  # how many records the bulk path decoded (tests look)
 
     def read(self, log_path: Path) -> None:
@@ -635,14 +159,14 @@ class RunBuilder:
         rec = pb.Record()
         batch: list[tuple[int, bytes]] = []
         for offset, payload in log.payloads():
-            kind = _kind(payload) if self.fast else 0
-            if kind == _HISTORY_TAG:
+            kind = record_kind(payload) if self.fast else 0
+            if kind == HISTORY_TAG:
                 batch.append((offset, payload))
                 if len(batch) >= HISTORY_BATCH:
                     self._history_batch(batch, log_path)
                     batch = []
                 continue
-            if kind == _SUMMARY_TAG:
+            if kind == SUMMARY_TAG:
                 self._summary_batch.append((offset, payload))
                 if len(self._summary_batch) >= SUMMARY_BATCH:
                     self._summary_flush(log_path)
@@ -653,13 +177,13 @@ class RunBuilder:
                 raise BadInputError(f"{log_path}: byte {offset}: record does not decode ({e})") from e
             kind = rec.WhichOneof("record_type")
             if kind == "history":
-                self._history(_pb_items(rec.history.item), rec.history.step.num)
+                self._history(pb_items(rec.history.item), rec.history.step.num)
             elif kind == "stats":
                 self._stats(rec.stats)
             elif kind == "summary":
-                self._apply(self._summary_ops, _pb_items(rec.summary.update), _pb_items(rec.summary.remove))
+                self._apply(self._summary_ops, pb_items(rec.summary.update), pb_items(rec.summary.remove))
             elif kind == "config":
-                self._apply(self._config_ops, _pb_items(rec.config.update), _pb_items(rec.config.remove))
+                self._apply(self._config_ops, pb_items(rec.config.update), pb_items(rec.config.remove))
             elif kind == "run":
                 self._run(rec.run)
             elif kind == "environment":
@@ -719,7 +243,7 @@ class RunBuilder:
                 rec.ParseFromString(payload)
             except Exception as e:
                 raise BadInputError(f"{log_path}: byte {offset}: record does not decode ({e})") from e
-            self._apply(self._summary_ops, _pb_items(rec.summary.update), _pb_items(rec.summary.remove))
+            self._apply(self._summary_ops, pb_items(rec.summary.update), pb_items(rec.summary.remove))
 
     def _run(self, r: Any) -> None:
         first = self.run
@@ -728,8 +252,8 @@ class RunBuilder:
         if first is not None and first.start_time.seconds:
             self.run.start_time.CopyFrom(first.start_time)  # the run started with its first segment
         self.exit_code = None
-        self._apply(self._config_ops, _pb_items(r.config.update), _pb_items(r.config.remove))
-        self._apply(self._summary_ops, _pb_items(r.summary.update), _pb_items(r.summary.remove))
+        self._apply(self._config_ops, pb_items(r.config.update), pb_items(r.config.remove))
+        self._apply(self._summary_ops, pb_items(r.summary.update), pb_items(r.summary.remove))
 
     def _env(self, e: Any) -> None:
         if self.env is None:
@@ -739,7 +263,7 @@ class RunBuilder:
     def _apply(
         self,
         ops: dict[tuple[str, ...], str | None],
-        updates: _Items,
+        updates: Items,
         removes: Iterable[tuple[tuple[str, ...], str]],
     ) -> None:
         """Record updates as raw JSON by path; parse once at the end (``_resolve``).
@@ -787,7 +311,7 @@ class RunBuilder:
                 rec.ParseFromString(payload)
             except Exception as e:
                 raise BadInputError(f"{log_path}: byte {offset}: record does not decode ({e})") from e
-            self._history(_pb_items(rec.history.item), rec.history.step.num)
+            self._history(pb_items(rec.history.item), rec.history.step.num)
             return
         counts, steps, keys, values = got
         self.fast_records += len(counts)
@@ -799,7 +323,7 @@ class RunBuilder:
         for i, c in enumerate(counts):
             self.item_row.extend([base + i] * c)
 
-    def _history(self, items: _Items, step: int) -> None:
+    def _history(self, items: Items, step: int) -> None:
         """One history row. Single keys go to the flat lists as they are, W&B's own
         (``_timestamp``, ``_step``…) included: ``tables()`` sorts them out for all rows
         at once. Nested keys (media, logged dicts) are rebuilt as a tree."""
@@ -838,7 +362,7 @@ class RunBuilder:
 
     def history_row(self, row: dict[str, Any]) -> None:
         """One ``scan_history`` row. Nested dicts that are not media are namespaces."""
-        items: _Items = []
+        items: Items = []
         for path, v in wc.flatten({k: v for k, v in row.items() if k != "_step"}):
             items.append((tuple(path), schema.dumps_value(v)))
         self._history(items, int(row.get("_step") or 0))
@@ -978,7 +502,7 @@ class RunBuilder:
         tags = meta.get("tags") or {} if isinstance(meta, dict) else {}
         return [{"run_key": self.run_key, "key": k, "value": v} for k, v in sorted(tags.items())]
 
-    def run_row(self, project_key: str, rf: _RunFiles) -> dict[str, Any]:
+    def run_row(self, project_key: str, rf: RunFiles) -> dict[str, Any]:
         r, env = self.run, self.env
         if r is None:
             raise BadInputError(f"{rf.logs[0]}: no run record; this is not a complete W&B run log")

@@ -18,16 +18,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bridge.errors import MissingExtraError
-from bridge.model import legacy_key
-from bridge.retry import POLICY, HttpStatusError, RetryingProxy
+from trackbridge.errors import MissingExtraError
+from trackbridge.model import find_by_key, legacy_key  # noqa: F401 (find_by_key: the importer's)
+from trackbridge.retry import POLICY, HttpStatusError, RetryingProxy
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # trackbridge draws its own progress; MLflow's per-file bars would flood the terminal.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # ...and its "View run at" line per terminated run would bury the summary.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# trackbridge retries itself (bridge.retry): MLflow's urllib3 retries would repeat a
+# trackbridge retries itself (trackbridge.retry): MLflow's urllib3 retries would repeat a
 # create-run whose response was lost and so make a duplicate run, and they hide the
 # status and Retry-After of the failure from us.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -36,14 +36,14 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 TB_PREFIX = "trackbridge."
 TAG_SOURCE_KEY = "trackbridge.source_key"
 TAG_FINGERPRINT = "trackbridge.fingerprint"
-# Where the object came from (``bridge.uri.canonical`` of the source), so verify can tell
+# Where the object came from (``trackbridge.uri.canonical`` of the source), so verify can tell
 # an object of this source that the source no longer has from one of another source.
 TAG_SOURCE = "trackbridge.source"
-# Set at creation: which of two copies of one source object is kept (``bridge.claims``).
+# Set at creation: which of two copies of one source object is kept (``trackbridge.claims``).
 TAG_CLAIM = "trackbridge.claim"
 # A copy that lost to an earlier claim: deleted, and ignored by every trackbridge reader.
 TAG_DUPLICATE_OF = "trackbridge.duplicate_of"
-# The source's change token (bridge.model.TOKEN), written with the fingerprint: a sync
+# The source's change token (trackbridge.model.TOKEN), written with the fingerprint: a sync
 # that lists the same token skips the run without reading it.
 TAG_SOURCE_TOKEN = "trackbridge.source_token"
 TAG_MAPPED = "trackbridge.mapped"  # set when mapping.json holds originals to restore
@@ -122,7 +122,7 @@ def _see_error_responses() -> None:
     sends every request through so that, in exactly that case (no retries of its own,
     a status it would retry), the error raised carries the response's headers; MLflow
     still wraps it in an MlflowException, which keeps it as ``__context__`` for
-    bridge.retry to read. With MLflow's retries on, nothing changes.
+    trackbridge.retry to read. With MLflow's retries on, nothing changes.
     """
     from mlflow.utils import rest_utils
 
@@ -171,7 +171,7 @@ def first_contact(client: Any) -> None:
     A wrong host or port should fail in seconds, not after the whole retry budget that
     a server restarting in the middle of a long sync deserves.
     """
-    from bridge.retry import RetryPolicy
+    from trackbridge.retry import RetryPolicy
 
     quick = RetryPolicy(attempts=min(3, POLICY.attempts), initial=0.5, maximum=2.0)
     quick.call(client.unwrapped.search_experiments, max_results=1)
@@ -248,7 +248,7 @@ def endpoint_missing(e: BaseException) -> bool:
 
 
 def sqlite_artifact_root(tracking_uri: str) -> Path | None:
-    from bridge.uri import sqlite_path
+    from trackbridge.trackers.mlflow.uris import sqlite_path
 
     db = sqlite_path(tracking_uri)
     if db is None:
@@ -261,9 +261,9 @@ def store_lock(tracking_uri: str) -> Any:
     """A lock that every trackbridge process writing the same in-process SQLite or file
     store shares (the store's folder), held while it looks an object up by its source
     key and creates it: two importers into one store then never both create it.
-    A server or a database server is not locked here; ``bridge.claims`` guards those."""
-    from bridge.locks import folder_lock
-    from bridge.uri import sqlite_path
+    A server or a database server is not locked here; ``trackbridge.claims`` guards those."""
+    from trackbridge.locks import folder_lock
+    from trackbridge.trackers.mlflow.uris import sqlite_path
 
     db = sqlite_path(tracking_uri)
     if db is not None:
@@ -286,8 +286,8 @@ def _create_sqlite_store(tracking_uri: str) -> None:
     which fails rather than replace a store that another process created meanwhile; the
     folder's lock makes the others wait for the first and then find its store.
     """
-    from bridge.locks import folder_lock
-    from bridge.uri import sqlite_path, sqlite_url
+    from trackbridge.locks import folder_lock
+    from trackbridge.trackers.mlflow.uris import sqlite_path, sqlite_url
 
     root = sqlite_artifact_root(tracking_uri)
     db = sqlite_path(tracking_uri)
@@ -369,20 +369,6 @@ def version_key(name: str, version: str, created_ms: int | None = None) -> str:
     ``project_key``: two stores' ``churn`` v1 are two versions."""
     base = f"mlflow:model-version/{name}/{version}"
     return f"{base}@{created_ms}" if created_ms is not None else base
-
-
-def find_by_key(index: dict[str, Any], key: str) -> Any:
-    """An object in ``index`` (source key -> object) by ``key``, in either form: a
-    destination written by an earlier trackbridge, or a bundle it exported, has the keys
-    without the creation time (``legacy_key``)."""
-    hit = index.get(key)
-    if hit is not None:
-        return hit
-    old = legacy_key(key)
-    if old != key:
-        return index.get(old)
-    matches = [v for k, v in index.items() if legacy_key(k) == key]
-    return matches[0] if len(matches) == 1 else None
 
 
 def version_origin(tags: dict[str, str]) -> str | None:

@@ -13,7 +13,7 @@ apart by what is on disk:
 
 Only the SDK packages' data formats are used (``neptune_api`` protobufs; plain JSON
 for 1.x), never their ``neptune`` console command. Both formats feed one
-``bridge.neptune_common.NeptuneRun``, so the neutral run is the same whichever way it
+``trackbridge.trackers.neptune.common.NeptuneRun``, so the neutral run is the same whichever way it
 was logged.
 
 What the offline formats never held: a 1.x offline run has no project and no
@@ -33,10 +33,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from bridge import neptune_common as nc
-from bridge import schema
-from bridge.errors import BadInputError, MissingExtraError, SourceNotFoundError, first_line
-from bridge.model import TOKEN, RegistryPayload, RunPayload, Selection, TrackerSource, file_token, project_row
+from trackbridge import schema
+from trackbridge.errors import BadInputError, MissingExtraError, SourceNotFoundError, first_line
+from trackbridge.model import (
+    TOKEN,
+    RegistryPayload,
+    RunPayload,
+    Selection,
+    TrackerSource,
+    file_token,
+    named_projects,
+)
+from trackbridge.trackers.neptune import common as nc
 
 SCALE_DB = "run_operations.sqlite3"
 _LOG = re.compile(r"data-(\d+)\.log$")
@@ -98,12 +106,7 @@ class NeptuneOfflineSource(TrackerSource):
         self._runs[key] = f
 
     def projects(self, sel: Selection) -> list[dict[str, Any]]:
-        out = {}
-        for f in self._runs.values():
-            row = project_row(nc.project_key(f.project), "neptune", f.project)
-            if sel.wants_project(row):
-                out[row["project_key"]] = row
-        return sorted(out.values(), key=lambda r: r["name"])
+        return named_projects(sel, (f.project for f in self._runs.values()), "neptune", nc.project_key)
 
     def runs(self, sel: Selection, projects: list[dict[str, Any]]) -> list[dict[str, Any]]:
         keys = {p["project_key"] for p in projects}

@@ -30,10 +30,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from bridge import schema
-from bridge.files import local_fetch, sha256_file
-from bridge.model import ArtifactPayload, FileRef, RunPayload
+from trackbridge import schema
+from trackbridge.files import local_fetch, sha256_file
+from trackbridge.model import ArtifactPayload, FileRef, RunPayload
 
 MICRO = 1_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -456,7 +455,7 @@ class NeptuneRun:
     def _tracked_artifacts(self) -> list[ArtifactPayload]:
         """Neptune artifacts track files where they live (S3, a disk); they move as
         references, never as copies."""
-        from bridge.model import no_local_bytes
+        from trackbridge.model import no_local_bytes
 
         out = []
         for attr, t in sorted(self.tracked.items()):

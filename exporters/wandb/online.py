@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from bridge import schema
-from bridge import wandb_common as wc
-from bridge.errors import MissingExtraError, SourceNotFoundError, first_line
-from bridge.files import download_fetch, temp_dir
-from bridge.model import (
+from trackbridge import schema
+from trackbridge.errors import SourceNotFoundError, first_line
+from trackbridge.exporters.wandb.builder import RunBuilder, restore_written
+from trackbridge.files import download_fetch, temp_dir
+from trackbridge.model import (
     LABELS,
     STATUS,
     TOKEN,
@@ -42,147 +40,11 @@ from bridge.model import (
     no_local_bytes,
     project_row,
 )
-from bridge.retry import RetryPolicy
-from exporters.wandb import RunBuilder, restore_written
+from trackbridge.trackers.wandb import common as wc
+from trackbridge.trackers.wandb.api import EVENTS_FILE, ArtifactInfo, SdkApi, WandbApi, wandb_time
 
-EVENTS_FILE = "wandb-events.jsonl"
 # W&B run states that are also neutral ones; anything else (running, pending…) is running
 ENDED_STATES = frozenset({"finished", "failed", "crashed", "killed"})
-
-
-@dataclass
-class Entry:
-    """One file of a logged artifact, as its manifest lists it."""
-
-    path: str
-    size: int | None
-    md5: str | None  # base64, as W&B gives it
-    ref: str | None = None
-
-
-@dataclass
-class Link:
-    """An artifact version linked into a W&B Registry collection or the legacy model registry."""
-
-    registry: str  # "model" for wandb-registry-model; "model-registry" for the legacy one
-    collection: str
-    version: str  # "v3"
-    aliases: list[str] = field(default_factory=list)
-    created_at: datetime | None = None
-
-
-@dataclass
-class ArtifactInfo:
-    """A logged artifact version. The SDK cannot build a logged ``Artifact`` without a
-    server, so the interface hands over these fields rather than the object."""
-
-    project: str
-    name: str  # without ":v3"
-    version: str | None
-    type: str
-    digest: str
-    aliases: list[str]
-    description: str | None
-    metadata: dict[str, Any]
-    created_at: datetime | None
-    entries: list[Entry]
-    links: list[Link] = field(default_factory=list)
-    handle: Any = None  # the SDK object, for downloads
-
-
-class WandbApi(Protocol):
-    """Everything trackbridge asks of W&B online. Runs and files are ``wandb.apis.public``
-    objects; artifacts are ``ArtifactInfo``."""
-
-    def projects(self, entity: str) -> list[str]: ...
-
-    def runs(self, entity: str, project: str) -> Iterable[Any]: ...
-
-    def scan_history(self, run: Any) -> Iterator[dict[str, Any]]: ...
-
-    def files(self, run: Any) -> list[Any]: ...
-
-    def download_file(self, run: Any, file: Any, folder: str) -> str: ...
-
-    def logged_artifacts(self, run: Any) -> list[ArtifactInfo]: ...
-
-    def used_artifacts(self, run: Any) -> list[ArtifactInfo]: ...
-
-    def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str: ...
-
-
-class SdkApi:
-    """``WandbApi`` over ``wandb.Api``; every call retried under ``RetryPolicy``."""
-
-    def __init__(self, policy: RetryPolicy | None = None) -> None:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:  # pragma: no cover - depends on the installed extras
-            raise MissingExtraError("wandb", "wandb") from e
-        self.policy = policy or RetryPolicy()
-        self._api: Any = None
-
-    @property
-    def api(self) -> Any:
-        """``wandb.Api``, made on first use: it reads the credentials then."""
-        if self._api is None:
-            import wandb
-
-            self._api = self.policy.call(wandb.Api, timeout=60)
-        return self._api
-
-    def projects(self, entity: str) -> list[str]:
-        return self.policy.call(lambda: [p.name for p in self.api.projects(entity)])
-
-    def runs(self, entity: str, project: str) -> Iterable[Any]:
-        return self.policy.call(lambda: list(self.api.runs(f"{entity}/{project}", per_page=500)))
-
-    def scan_history(self, run: Any) -> Iterator[dict[str, Any]]:
-        # A failed page is retried from the step after the last row we got, so a retry
-        # neither repeats nor skips a row.
-        last = -1
-        for attempt in self.policy.retrying():
-            with attempt:
-                for row in run.scan_history(page_size=1000, min_step=last + 1):
-                    last = int(row.get("_step", last + 1))
-                    yield row
-
-    def files(self, run: Any) -> list[Any]:
-        return self.policy.call(lambda: list(run.files()))
-
-    def download_file(self, run: Any, file: Any, folder: str) -> str:
-        return self.policy.call(lambda: file.download(root=folder, replace=True).name)
-
-    def _info(self, a: Any) -> ArtifactInfo:
-        name, _, version = a.name.partition(":")
-        links = []
-        for linked in getattr(a, "linked_artifacts", None) or []:
-            coll, _, lv = linked.name.partition(":")
-            registry = linked.project.removeprefix("wandb-registry-")
-            links.append(Link(registry, coll, lv, [x for x in linked.aliases if x != "latest"], None))
-        return ArtifactInfo(
-            project=a.project,
-            name=name,
-            version=version or a.version,
-            type=a.type,
-            digest=a.digest,
-            aliases=[x for x in a.aliases if x != "latest"],
-            description=a.description,
-            metadata=dict(a.metadata or {}),
-            created_at=_dt(a.created_at),
-            entries=[Entry(p, e.size, e.digest, e.ref) for p, e in a.manifest.entries.items()],
-            links=links,
-            handle=a,
-        )
-
-    def logged_artifacts(self, run: Any) -> list[ArtifactInfo]:
-        return self.policy.call(lambda: [self._info(a) for a in run.logged_artifacts()])
-
-    def used_artifacts(self, run: Any) -> list[ArtifactInfo]:
-        return self.policy.call(lambda: [self._info(a) for a in run.used_artifacts()])
-
-    def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str:
-        return self.policy.call(lambda: art.handle.get_entry(path).download(root=folder))
 
 
 # -- the exporter
@@ -244,10 +106,10 @@ class WandbOnlineSource(TrackerSource):
                 "project_key": wc.project_key(self._project_of[key]),
                 "source_id": r.id,
                 "name": r.display_name,
-                "start_time": _dt(r.created_at),
+                "start_time": wandb_time(r.created_at),
                 "lifecycle": "active",
                 TOKEN: _change_token(r),
-                UPDATED: _dt(getattr(r, "heartbeat_at", None)) or _dt(r.created_at),
+                UPDATED: wandb_time(getattr(r, "heartbeat_at", None)) or wandb_time(r.created_at),
                 LABELS: list(getattr(r, "tags", None) or []),
                 STATUS: _status(r),
             }
@@ -335,9 +197,9 @@ class WandbOnlineSource(TrackerSource):
             "name": r.display_name,
             "status": state,
             "lifecycle": "active",
-            "start_time": _dt(r.created_at),
+            "start_time": wandb_time(r.created_at),
             # W&B's last heartbeat is when a finished run stopped reporting
-            "end_time": _dt(getattr(r, "heartbeat_at", None)) if state in ENDED_STATES else None,
+            "end_time": wandb_time(getattr(r, "heartbeat_at", None)) if state in ENDED_STATES else None,
             "user": getattr(user, "username", None) if user else None,
             "group": getattr(r, "group", None) or None,
             "job_type": getattr(r, "job_type", None) or None,
@@ -446,11 +308,3 @@ def _change_token(r: Any) -> str:
         dict(r.summary_metrics or {}),
     ]
     return "wandb:" + hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _dt(value: Any) -> datetime | None:
-    """W&B gives ISO times, with or without a zone (UTC either way)."""
-    if value is None or value == "":
-        return None
-    dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)

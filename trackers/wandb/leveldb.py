@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from bridge.errors import BadInputError
+from trackbridge.errors import BadInputError
 
 IDENT = b":W&B"
 MAGIC = 0xBEE1

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge import schema
+from trackbridge import schema
 
 META_KEY = "_trackbridge"
 # The x-axis the importer logs when the source's steps cannot be W&B's ``_step``.
@@ -70,7 +70,7 @@ def model_versions(
     artifacts: list[tuple[dict[str, Any], datetime | None]],
     rules: tuple[Any, ...],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Registered models and versions for the artifacts that ``rules`` (bridge.model.
+    """Registered models and versions for the artifacts that ``rules`` (trackbridge.model.
     ModelRule) name: one version per logged artifact, keyed by its artifact key (name and
     digest), so the same bytes are never registered twice. ``artifacts`` are (artifact
     row, producing run's start) pairs; versions come out in that order, so where two

@@ -1,0 +1,274 @@
+"""What a sync is asked to do: its pairs, filters, naming and options, from the command
+line or a ``sync.toml``, checked in full before anything is read (a typo in a config
+file is one line naming the key, not a sync that quietly does something else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from trackbridge.errors import UsageError
+from trackbridge.model import (
+    ModelRule,
+    Selection,
+)
+from trackbridge.uri import canonical, redact
+
+_FIELDS = ("project", "entity", "source_id", "system")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:60] or "pair"
+
+
+STATES = ("running", "finished", "failed", "crashed", "killed", "scheduled")
+
+
+@dataclass
+class Filters:
+    """Which runs a pair copies. Empty means all."""
+
+    projects: tuple[str, ...] = ()
+    runs: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # a run with any of these labels (W&B tags)
+    exclude_tags: tuple[str, ...] = ()  # ...and none of these
+    states: tuple[str, ...] = ()  # finished, failed, crashed, killed, running
+    started_since: datetime | None = None
+    updated_since: datetime | None = None
+
+
+@dataclass
+class Pair:
+    source: str
+    destination: str
+    name: str = ""
+    filters: Filters = field(default_factory=Filters)
+    experiment: str | None = None  # naming template: "{project}", "wandb/{entity}/{project}"
+    registry: bool = True  # registry links and rules
+    register_models: bool = False
+    rules: tuple[ModelRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"{redact(self.source)} -> {redact(self.destination)}"
+
+    @property
+    def identity(self) -> str:
+        """The pair however it is spelt (``/x`` and ``/x/``, a relative path, a link to
+        the folder, another name in a config file): what its lock is keyed on."""
+        return f"{canonical(self.source)} -> {canonical(self.destination)}"
+
+    @property
+    def pair_id(self) -> str:
+        """Stable across runs, credentials left out: names the pair's state folder."""
+        return f"{slug(self.name)[:40]}-{hashlib.sha256(self.identity.encode()).hexdigest()[:10]}"
+
+    def selection(self) -> Selection:
+        f = self.filters
+        return Selection(
+            projects=f.projects,
+            runs=f.runs,
+            since=f.started_since,
+            registry=self.registry,
+            register_models=self.register_models,
+            model_rules=self.rules,
+        )
+
+
+@dataclass
+class Options:
+    state_dir: Path
+    workers: int | None = None
+    shard: tuple[int, int] | None = None  # (K, N), K from 1
+    deltas: bool = False
+    delta_dir: Path | None = None
+    keep_deltas: int = 30  # days
+    full: bool = False  # ignore tokens and remembered filters: read every run
+    verify: bool = False
+    report: str | None = None
+    quiet: bool = False
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("TRACKBRIDGE_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "trackbridge"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
+        raise UsageError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 2/8")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_when(text: Any, where: str) -> datetime | None:
+    """An ISO date or time (UTC unless it says), or an age: 36h, 7d, 2w."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, datetime):
+        return text if text.tzinfo else text.replace(tzinfo=UTC)
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+)\s*([hdw])", s)
+    if m:
+        hours = int(m.group(1)) * {"h": 1, "d": 24, "w": 168}[m.group(2)]
+        return datetime.now(UTC) - timedelta(hours=hours)
+    try:
+        dt = datetime.fromisoformat(s)
+    except ValueError as e:
+        raise UsageError(
+            f"{where}: {s!r} is neither an ISO date (2026-01-31) nor an age (36h, 7d, 2w)"
+        ) from e
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _strs(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise UsageError(f"{where}: expected a string or a list of strings")
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(sorted(allowed))}")
+
+
+def load_config(path: str | Path) -> tuple[list[Pair], dict[str, Any], dict[str, Any]]:
+    """Read sync.toml: its pairs, its [sync] settings and its [retry] limits.
+
+    Strict: an unknown key is an error, not ignored, since a misspelt filter would
+    otherwise copy everything.
+    """
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise UsageError(f"{p}: no such config file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{p}: not valid TOML ({e})") from e
+    _check_keys(doc, {"sync", "retry", "pair"}, str(p))
+    settings = doc.get("sync", {})
+    _check_keys(
+        settings,
+        {"state_dir", "workers", "deltas", "delta_dir", "keep_deltas", "report", "verify"},
+        f"{p}: [sync]",
+    )
+    retry = doc.get("retry", {})
+    _check_keys(retry, {"attempts", "initial_wait", "max_wait"}, f"{p}: [retry]")
+    types: dict[str, tuple[type, ...]] = {
+        "state_dir": (str,),
+        "delta_dir": (str,),
+        "report": (str,),
+        "workers": (int,),
+        "keep_deltas": (int,),
+        "deltas": (bool,),
+        "verify": (bool,),
+        "attempts": (int,),
+        "initial_wait": (int, float),
+        "max_wait": (int, float),
+    }
+    for table, where in ((settings, "[sync]"), (retry, "[retry]")):
+        for k, v in table.items():
+            # bool is an int in Python; a count of True workers is still a mistake
+            if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
+                names = " or ".join(t.__name__ for t in types[k])
+                raise UsageError(f"{p}: {where} {k} = {v!r}: expected {names}")
+            if (
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and v < (1 if k in ("workers", "attempts") else 0)
+            ):
+                raise UsageError(f"{p}: {where} {k} = {v!r}: too small")
+    pairs = []
+    raw_pairs = doc.get("pair", [])
+    if not raw_pairs:
+        raise UsageError(f"{p}: no [[pair]]; add at least one with a source and a destination")
+    for i, t in enumerate(raw_pairs, 1):
+        where = f"{p}: pair {t.get('name') or i}"
+        _check_keys(t, {"name", "source", "destination", "experiment", "filter", "registry"}, where)
+        for k in ("source", "destination"):
+            if not isinstance(t.get(k), str):
+                raise UsageError(f"{where}: {k} is required (a URI, see trackbridge --help)")
+        ft = t.get("filter", {})
+        _check_keys(
+            ft,
+            {"projects", "runs", "tags", "exclude_tags", "states", "started_since", "updated_since"},
+            f"{where}: [pair.filter]",
+        )
+        states = _strs(ft.get("states"), f"{where}: filter.states")
+        bad = [s for s in states if s not in STATES]
+        if bad:
+            raise UsageError(f"{where}: filter.states: {bad[0]!r} is not one of {', '.join(STATES)}")
+        rt = t.get("registry", {})
+        _check_keys(rt, {"enabled", "register_models", "rule"}, f"{where}: [pair.registry]")
+        rules = []
+        for j, r in enumerate(rt.get("rule", []), 1):
+            _check_keys(r, {"artifact", "type", "model", "aliases"}, f"{where}: registry rule {j}")
+            rules.append(
+                ModelRule(
+                    artifact=r.get("artifact", "*"),
+                    type=r.get("type", "*" if "artifact" in r else "model"),
+                    model=r.get("model", "{artifact}"),
+                    aliases=_strs(r.get("aliases"), f"{where}: registry rule {j}: aliases"),
+                )
+            )
+        template = t.get("experiment")
+        if template is not None:
+            check_template(template, where)
+        pairs.append(
+            Pair(
+                source=t["source"],
+                destination=t["destination"],
+                name=t.get("name", ""),
+                experiment=template,
+                filters=Filters(
+                    projects=_strs(ft.get("projects"), f"{where}: filter.projects"),
+                    runs=_strs(ft.get("runs"), f"{where}: filter.runs"),
+                    tags=_strs(ft.get("tags"), f"{where}: filter.tags"),
+                    exclude_tags=_strs(ft.get("exclude_tags"), f"{where}: filter.exclude_tags"),
+                    states=states,
+                    started_since=parse_when(ft.get("started_since"), f"{where}: filter.started_since"),
+                    updated_since=parse_when(ft.get("updated_since"), f"{where}: filter.updated_since"),
+                ),
+                registry=bool(rt.get("enabled", True)),
+                register_models=bool(rt.get("register_models", False)),
+                rules=tuple(rules),
+            )
+        )
+    names = [x.name for x in pairs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UsageError(f"{p}: two pairs are named {dup!r}; names key their state")
+    return pairs, settings, retry
+
+
+def check_template(template: str, where: str) -> None:
+    try:
+        template.format(**dict.fromkeys(_FIELDS, "x"))
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(
+            f"{where}: experiment template {template!r}: {e}; use {', '.join('{' + f + '}' for f in _FIELDS)}"
+        ) from e
+
+
+def experiment_name(template: str, row: dict[str, Any]) -> str:
+    source_id = str(row.get("source_id") or "")
+    entity = source_id.split("/", 1)[0] if "/" in source_id else ""
+    return template.format(
+        project=row["name"], entity=entity, source_id=source_id, system=row.get("system", "")
+    )

@@ -1,0 +1,146 @@
+"""A run's files, dataset inputs and what has no place of its own in MLflow
+(``trackbridge/extras.json``), uploaded once each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+from typing import Any
+
+import pyarrow as pa
+from trackbridge import schema
+from trackbridge.files import temp_dir
+from trackbridge.model import ArtifactPayload, RunPayload
+from trackbridge.report import RunReport
+from trackbridge.trackers.mlflow import common as mc
+
+
+def extras_of(payload: RunPayload) -> dict[str, Any] | None:
+    """The run's data that MLflow has no field for, as one JSON document (None if empty)."""
+    arts = [a for a in payload.artifacts if a.row["type"] not in ("run-files", schema.LOGGED_MODEL)]
+    own = {a.row["artifact_key"] for a in payload.artifacts if a.row["type"] == schema.LOGGED_MODEL}
+    usage = [u for u in payload.artifact_usage.to_pylist() if u["artifact_key"] not in own]
+    run = {
+        k: payload.run[k]
+        for k in ("fork_parent_run_key", "fork_step", "step_scale")
+        if payload.run.get(k) is not None
+    }
+    if not (arts or usage or run or payload.summary.num_rows):
+        return None
+    return {
+        "version": 1,
+        "run": run,
+        "summary": [{"path": r["path"], "value_json": r["value_json"]} for r in payload.summary.to_pylist()],
+        "artifacts": [
+            {
+                "row": a.row,
+                "files": [
+                    {"path": f.path, "size": f.size, "sha256": f.sha256, "uri": f.uri} for f in a.files
+                ],
+            }
+            for a in arts
+        ],
+        "usage": [{"artifact_key": u["artifact_key"], "direction": u["direction"]} for u in usage],
+    }
+
+
+def sendable(files: list[Any]) -> list[Any]:
+    """Files with bytes to upload; references (s3://…) stay where they are."""
+    return [f for f in files if not (f.uri and f.sha256 is None)]
+
+
+def under(art: ArtifactPayload, folder: str) -> ArtifactPayload:
+    """The same artifact with its files placed under ``folder`` (references stay out)."""
+    files = [dataclasses.replace(f, path=f"{folder}/{f.path}") for f in sendable(art.files)]
+    return ArtifactPayload(row=art.row, files=files)
+
+
+def upload_missing(art: ArtifactPayload, lister: Any, log: Any, report: RunReport | None) -> None:
+    """Upload the files the destination lacks (same path and size counts as present)."""
+    have = {fi.path: fi.file_size for fi in mc.walk_artifacts(lister)} if lister else {}
+    for f in art.files:
+        if f.path in have and (f.size is None or have[f.path] == f.size):
+            continue
+        with f.fetch() as local:
+            upload_one(local, f.path, log)
+        if report is not None:
+            report.files += 1
+            report.bytes += int(f.size or 0)
+
+
+def upload_one(local: str, rel: str, log: Any) -> None:
+    """Upload ``local`` so that it lands at ``rel``; MLflow names files by their basename."""
+    folder, name = posixpath.split(rel)
+    if os.path.basename(local) == name:
+        log(local, folder or None)
+        return
+    with temp_dir() as d:
+        link = d / name
+        try:
+            os.symlink(os.path.abspath(local), link)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(local, link)
+        log(str(link), folder or None)
+
+
+class FilesWriter:
+    """Run files, datasets and extras."""
+
+    def _write_extras(self, run_id: str, payload: RunPayload, report: RunReport) -> None:
+        """Keep what MLflow has no field for in run files the exporter reads back."""
+        extras = extras_of(payload)
+        if extras is None and payload.series.num_rows == 0:
+            return
+        with temp_dir() as d:
+            if extras is not None:
+                (d / "extras.json").write_text(json.dumps(extras, indent=1, ensure_ascii=False, default=str))
+            if payload.series.num_rows:
+                import pyarrow.parquet as pq
+
+                pq.write_table(payload.series, d / "series.parquet")
+            self.client.log_artifacts(run_id, str(d), mc.MAPPING_DIR)
+        self.client.set_tag(run_id, mc.TAG_EXTRAS, "1")
+        if payload.summary.num_rows:
+            n = payload.summary.num_rows
+            report.mapped("summary-kept", "summary", f"{n} value(s) in {mc.EXTRAS_ARTIFACT}")
+        if payload.series.num_rows:
+            n = payload.series.num_rows
+            report.mapped("series-kept", "series", f"{n} value(s) in {mc.SERIES_ARTIFACT}")
+
+    def _upload_run_files(self, run_id: str, art: ArtifactPayload, existed: bool, report: RunReport) -> None:
+        upload_missing(
+            art,
+            (lambda p: self.client.list_artifacts(run_id, p)) if existed else None,
+            lambda lp, ap: self.client.log_artifact(run_id, lp, ap),
+            report,
+        )
+
+    def _write_datasets(self, run_id: str, tbl: pa.Table, existing: Any) -> None:
+        if tbl.num_rows == 0:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        have = set()
+        if existing is not None and existing.inputs:
+            have = {
+                (d.dataset.name, d.dataset.digest, tuple(sorted((t.key, t.value) for t in d.tags)))
+                for d in existing.inputs.dataset_inputs
+            }
+        todo = []
+        for d in tbl.to_pylist():
+            tags = tuple(sorted(d["tags"] or []))
+            if (d["name"], d["digest"], tags) in have:
+                continue
+            todo.append(
+                DatasetInput(
+                    Dataset(d["name"], d["digest"], d["source_type"], d["source"], d["schema"], d["profile"]),
+                    [InputTag(k, v) for k, v in tags],
+                )
+            )
+        if todo:
+            self.client.log_inputs(run_id, datasets=todo)

@@ -1,0 +1,415 @@
+"""Write neutral data into an MLflow tracking server or store, idempotently.
+
+Identity lives in the destination: every run, logged model and model version carries
+the source key in the tag ``trackbridge.source_key``. Importing again finds it and fills
+in only what is missing, so a second import adds no run, no point and no version.
+
+A run's ``trackbridge.fingerprint`` tag is written last. It is the run's completion
+marker: a run that has it, with the source's current fingerprint, is skipped without a
+single write; a run without it (an import killed half-way) is reconciled point by point.
+
+MLflow's limits (key charset and length, 6,000-char params, 8,000-char tags, batch
+sizes) are met by documented mappings, each reported, with the originals kept in the
+run's ``trackbridge/mapping.json`` so the MLflow exporter can restore them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+from trackbridge import schema
+from trackbridge.errors import DestinationError, first_line
+from trackbridge.files import temp_dir
+from trackbridge.importers.mlflow.files import (
+    FilesWriter,
+    under,
+)
+from trackbridge.importers.mlflow.identity import RunIdentity
+from trackbridge.importers.mlflow.models import ModelsWriter
+from trackbridge.importers.mlflow.plan import (
+    MAPPING_VERSION,
+    MAX_BATCH_BYTES,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    Plan,
+)
+from trackbridge.importers.mlflow.points import (
+    PointsWriter,
+    SqlPoints,
+    chunks_by_size,
+)
+from trackbridge.model import RunPayload
+from trackbridge.report import RunReport
+from trackbridge.trackers.mlflow import common as mc
+from trackbridge.write import Attempt, Fingerprint, Found, RunWriter
+
+# How SQLite, PostgreSQL and MySQL word a second insert of one row (a param that another
+# importer wrote into the same run a moment before), through MLflow's store or server
+_CONFLICT = re.compile(r"UNIQUE constraint|unique constraint|Duplicate entry|IntegrityError", re.IGNORECASE)
+
+
+class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter):
+    # the fingerprint's version: the source content digest plus this; a change re-imports
+    FORMAT = f"m{MAPPING_VERSION}"
+
+    def __init__(self, tracking_uri: str, safe: str | None = None, dry_run: bool = False) -> None:
+        self.uri = tracking_uri
+        self.safe = safe or tracking_uri
+        self.dry_run = dry_run
+        self.client = mc.client(tracking_uri)
+        self._lock = threading.Lock()
+        self._exp_ids: dict[str, str | None] = {}
+        self._deleted_projects: list[str] = []
+        self._index: dict[str, dict[str, Any]] = {}
+        self._model_index: dict[str, dict[str, Any]] = {}
+        self._run_ids: dict[str, str] = {}
+        self._model_ids: dict[str, str] = {}
+        self._artifact_dirs: dict[str, tuple[str, str]] = {}  # artifact key -> (run id, folder)
+        self._tokens: dict[str, str] = {}  # run id -> source change token, written in finish()
+        self._registry_failed = False
+        self._exp_locks: dict[str, threading.Lock] = {}
+        self._creds = (
+            self.client._tracking_client.store.get_host_creds()
+            if tracking_uri.startswith(("http://", "https://"))
+            else None
+        )
+        self._sql = None if self._creds is not None else SqlPoints.of(self.client._tracking_client.store)
+        self._batch = SqlPoints.BATCH if self._sql is not None else MAX_METRICS_PER_BATCH
+        # a store every trackbridge process on this machine locks the same way (SQLite, a
+        # file store): a look-up and a create under its lock are exact; elsewhere the
+        # creator checks again after creating (trackbridge.claims)
+        self._locked_store = tracking_uri.startswith(("sqlite:", "file:"))
+        self.origin: str | None = None
+        # what the sink did beyond the runs it was given (duplicates it retired), for the report
+        self.notices: list[tuple[str, str, str]] = []
+
+    def describe(self) -> str:
+        return f"mlflow+{self.safe}"
+
+    # -- lifecycle
+
+    def begin(self, source: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.origin = source
+
+        try:
+            mc.first_contact(self.client)
+        except (MlflowException, OSError) as e:
+            raise DestinationError(f"{self.describe()}: cannot write ({first_line(e)})") from e
+
+    def _token_later(self, run_id: str, payload: RunPayload) -> None:
+        """Keep the run's change token for ``finish``: written only once the registry
+        step is through, so that a sync killed before it reads the run again next time
+        and registers its models then, instead of skipping it for good."""
+        if payload.token and not self.dry_run and payload.run.get("lifecycle") != "deleted":
+            with self._lock:
+                self._tokens[run_id] = payload.token
+
+    def finish(self) -> None:
+        if self.dry_run:
+            return
+        if not self._registry_failed:
+            for run_id, token in self._tokens.items():
+                self.client.set_tag(run_id, mc.TAG_SOURCE_TOKEN, token)
+        for exp_id in self._deleted_projects:
+            mc.change_once(
+                lambda e=exp_id: self.client.delete_experiment(e),
+                lambda e=exp_id: self.client.get_experiment(e).lifecycle_stage == "deleted",
+            )
+
+    # -- projects
+
+    def write_project(self, row: dict[str, Any]) -> None:
+        name = row["name"]
+        exp = self.client.get_experiment_by_name(name)
+        tags = dict(row.get("tags") or [])
+        if row.get("description"):
+            tags[mc.TAG_NOTE] = row["description"]
+        if self.dry_run:
+            self._exp_ids[row["project_key"]] = exp.experiment_id if exp else None
+            return
+        if exp is None:
+            raw = self.client.unwrapped
+            exp_id = mc.create_once(
+                lambda: raw.create_experiment(
+                    name,
+                    artifact_location=mc.experiment_artifact_location(self.uri, name),
+                    tags={**tags, mc.TAG_SOURCE_KEY: row["project_key"]},
+                ),
+                lambda: getattr(raw.get_experiment_by_name(name), "experiment_id", None),
+            )
+        else:
+            exp_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                mc.change_once(
+                    lambda: self.client.restore_experiment(exp_id),
+                    lambda: self.client.get_experiment(exp_id).lifecycle_stage == "active",
+                )
+            have = dict(exp.tags)
+            for k, v in tags.items():
+                if have.get(k) != v:
+                    self.client.set_experiment_tag(exp_id, k, v)
+        self._exp_ids[row["project_key"]] = exp_id
+        if row.get("lifecycle") == "deleted":
+            self._deleted_projects.append(exp_id)
+
+    # -- identity look-ups
+
+
+    # -- runs
+
+    def write_run(self, payload: RunPayload, report: RunReport) -> str:
+        for attempt_no in (1, 2):
+            attempt = Attempt()
+            try:
+                return self.attempt(payload, report, attempt)
+            except Exception as e:
+                if self._finished_by_another(payload, attempt):
+                    report.mapped(
+                        "written-concurrently", "runs", "another importer finished this run meanwhile"
+                    )
+                    return "unchanged"
+                if attempt_no == 2 or attempt.found is None or not _CONFLICT.search(str(e)):
+                    raise
+                # another importer is writing the same run right now (two machines, no shared
+                # lock): MLflow refuses the second insert of a param; read the run afresh and
+                # write only what it still lacks
+                self._forget(payload.run["project_key"], payload.key)
+                report.points = report.files = report.bytes = 0
+                report.mappings.clear()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _forget(self, project_key: str, key: str) -> None:
+        exp_id = self._exp_ids.get(project_key)
+        with self._lock:
+            if exp_id in self._index:
+                self._index[exp_id].pop(key, None)
+
+    def _finished_by_another(self, payload: RunPayload, attempt: Attempt) -> bool:
+        """A write that failed because another importer wrote the same run at the same
+        time (it finished first, and deleted it as the source has it) is no failure: the
+        run is complete, as the fingerprint it now carries says."""
+        if attempt.found is None:
+            return False
+        try:
+            r = self.client.unwrapped.get_run(attempt.found.id)
+        except Exception:
+            return False
+        fp = attempt.fingerprint or Fingerprint(payload, self.FORMAT).value
+        return (
+            r.data.tags.get(mc.TAG_FINGERPRINT) == fp
+            and r.info.lifecycle_stage == (payload.run.get("lifecycle") or "active")
+            and mc.TAG_DUPLICATE_OF not in r.data.tags
+        )
+
+    # -- the write template's primitives (trackbridge.write)
+
+    def _found(self, r: Any, payload: RunPayload, existed: bool = True) -> Found:
+        return Found(
+            r.info.run_id,
+            r.data.tags.get(mc.TAG_FINGERPRINT),
+            current=r.info.lifecycle_stage == (payload.run.get("lifecycle") or "active"),
+            existed=existed,
+            state=r,
+        )
+
+    def find(self, payload: RunPayload, report: RunReport) -> Found | None:
+        exp_id = self._exp_ids.get(payload.run["project_key"])
+        if exp_id is None and not self.dry_run:
+            raise DestinationError(
+                f"run {payload.key}: its project {payload.run['project_key']} was not imported"
+            )
+        existing = self._runs_index(exp_id).get(payload.key) if exp_id else None
+        return None if existing is None else self._found(existing, payload)
+
+    def settle(self, payload: RunPayload, found: Found | None, report: RunReport) -> Found:
+        if found is not None:
+            return found
+        # the index was read once; another importer may have made the run since
+        got, made = self._find_or_create(self._exp_ids[payload.run["project_key"]], payload)
+        return self._found(got, payload, existed=not made)
+
+    def unchanged(self, payload: RunPayload, run: Found, report: RunReport) -> None:
+        with self._lock:
+            self._run_ids[payload.key] = run.id
+        if run.state.data.tags.get(mc.TAG_SOURCE_TOKEN) != payload.token:
+            # the same content under a new token (a file touched, or imported by
+            # migrate): remember it, so the next sync skips this run unread
+            self._token_later(run.id, payload)
+        self._remember_artifact_dirs(payload, run.id)
+        exp_id = self._exp_ids.get(payload.run["project_key"])
+        for a in payload.artifacts:
+            if a.row["type"] == schema.LOGGED_MODEL and exp_id:
+                m = self._models_index(exp_id).get(a.row["artifact_key"])
+                if m is not None:
+                    with self._lock:
+                        self._model_ids[a.row["artifact_key"]] = m.model_id
+
+    def fit(self, payload: RunPayload, found: Found | None, report: RunReport) -> Any:
+        plan = Plan(report)
+        params = plan.params(payload.params)
+        tags = plan.tags(payload.tags, payload.run)
+        if self.origin:
+            tags[mc.TAG_SOURCE] = self.origin
+        return plan, params, tags
+
+    def write(self, payload: RunPayload, found: Found, fitted: Any, report: RunReport) -> None:
+        plan, params, tags = fitted
+        run, key, run_id = payload.run, payload.key, found.id
+        existing = found.state if found.existed else None
+        exp_id = self._exp_ids[run["project_key"]]
+        if existing is None:
+            have_params: dict[str, str] = {}
+            have_tags: dict[str, str] = dict(found.state.data.tags)
+            have_metric_keys: set[str] = set()
+        else:
+            if existing.info.lifecycle_stage == "deleted":
+                mc.change_once(
+                    lambda: self.client.restore_run(run_id),
+                    lambda: self.client.get_run(run_id).info.lifecycle_stage == "active",
+                )
+            have_params = dict(existing.data.params)
+            have_tags = dict(existing.data.tags)
+            have_metric_keys = set(existing.data.metrics)
+        with self._lock:
+            self._run_ids[key] = run_id
+        self._remember_artifact_dirs(payload, run_id)
+        self._write_fields(run_id, run, params, tags, have_params, have_tags, report)
+        for art in payload.artifacts:
+            if art.row["type"] == schema.LOGGED_MODEL:
+                self._write_logged_model(art, exp_id, run_id, report)
+        self._write_metrics(run_id, payload, plan, have_metric_keys if existing else None, report)
+        for art in payload.artifacts:
+            if art.row["type"] == "run-files":
+                self._upload_run_files(run_id, art, existing is not None, report)
+            elif art.row["type"] != schema.LOGGED_MODEL:
+                placed = under(art, mc.artifact_dir(art.row))
+                self._upload_run_files(run_id, placed, existing is not None, report)
+        self._write_datasets(run_id, payload.dataset_inputs, existing)
+        self._write_extras(run_id, payload, report)
+
+        if plan.mapping_needed():
+            with temp_dir() as d:
+                p = d / "mapping.json"
+                p.write_text(json.dumps(plan.mapping, indent=1, ensure_ascii=False))
+                self.client.log_artifact(run_id, str(p), mc.MAPPING_DIR)
+            self.client.set_tag(run_id, mc.TAG_MAPPED, str(len(report.mappings)))
+
+        status = mc.TO_MLFLOW_STATUS.get(run.get("status") or "finished", "FINISHED")
+        if existing is not None and run.get("name") and existing.info.run_name != run["name"]:
+            self.client.update_run(run_id, name=run["name"])  # renamed in the source since
+        if status in ("FINISHED", "FAILED", "KILLED") and run.get("end_time") is not None:
+            self.client.set_terminated(run_id, status, end_time=mc.dt_to_ms(run.get("end_time")))
+        else:
+            self.client.update_run(run_id, status=status)
+        self._forget_stale_tags(run_id, have_tags, tags)
+
+    def _write_fields(
+        self,
+        run_id: str,
+        run: dict[str, Any],
+        params: dict[str, str],
+        tags: dict[str, str],
+        have_params: dict[str, str],
+        have_tags: dict[str, str],
+        report: RunReport,
+    ) -> None:
+        """The params and tags the run lacks (MLflow params cannot change: a changed one is
+        reported, the destination keeps its value), and its parent."""
+        parent = run.get("parent_run_key")
+        if parent:
+            pid = self._find_run_id(parent)
+            if pid:
+                tags[mc.TAG_PARENT] = pid
+            else:
+                report.mapped(
+                    "parent-missing",
+                    "runs.parent_run_key",
+                    f"parent {parent} is not in the destination; nesting not set",
+                )
+        new_params = {}
+        for k, v in params.items():
+            if k not in have_params:
+                new_params[k] = v
+            elif have_params[k] != v:
+                report.mapped(
+                    "param-conflict",
+                    f"params.{k}",
+                    f"destination keeps {have_params[k]!r}; MLflow params are immutable "
+                    f"and the source now has {v!r}",
+                )
+        new_tags = {k: v for k, v in tags.items() if have_tags.get(k) != v}
+        self._log_params_tags(run_id, new_params, new_tags)
+
+    def seal(self, payload: RunPayload, found: Found, fingerprint: str, report: RunReport) -> None:
+        run_id = found.id
+        self.client.set_tag(run_id, mc.TAG_FINGERPRINT, fingerprint)
+        self._token_later(run_id, payload)
+        if payload.run.get("lifecycle") == "deleted":
+            # After the marker: MLflow refuses writes to a deleted run. A kill in between
+            # is caught by the lifecycle check (Found.current) of the next import.
+            mc.change_once(
+                lambda: self.client.delete_run(run_id),
+                lambda: self.client.get_run(run_id).info.lifecycle_stage == "deleted",
+            )
+
+
+    def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]:
+        """Runs a completed import left in the project's experiment: source key ->
+        (source token, run id). One paged search, so a sync knows what it may skip
+        without a local cache: identity lives in the destination."""
+        exp_id = self._exp_ids.get(project_key)
+        if not exp_id:
+            return {}
+        out = {}
+        for k, r in self._runs_index(exp_id).items():
+            if mc.TAG_FINGERPRINT in r.data.tags:
+                out[k] = (r.data.tags.get(mc.TAG_SOURCE_TOKEN), r.info.run_id)
+        return out
+
+    def _forget_stale_tags(self, run_id: str, have: dict[str, str], wanted: dict[str, str]) -> None:
+        """Tags an earlier import set from run state the source no longer has: a run no
+        longer incomplete or crashed, a W&B tag removed. Left alone, they would lie."""
+        from mlflow.exceptions import MlflowException
+
+        derived = (mc.TAG_INCOMPLETE, mc.TAG_SOURCE_STATUS)
+        for k in have:
+            if k not in wanted and (k in derived or k.startswith(mc.LABEL_PREFIX)):
+                try:
+                    self.client.delete_tag(run_id, k)
+                except MlflowException as e:
+                    # gone already: a retried delete whose first answer was lost
+                    if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+
+    def _remember_artifact_dirs(self, payload: RunPayload, run_id: str) -> None:
+        """Where each source artifact's files go in the run, for model versions made from them."""
+        with self._lock:
+            for a in payload.artifacts:
+                if a.row["type"] not in ("run-files", schema.LOGGED_MODEL):
+                    self._artifact_dirs[a.row["artifact_key"]] = (run_id, mc.artifact_dir(a.row))
+
+
+    def _log_params_tags(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        items = [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()]
+        for chunk in chunks_by_size(items, MAX_PARAMS_TAGS_PER_BATCH, MAX_BATCH_BYTES):
+            self.client.log_batch(
+                run_id,
+                params=[x for x in chunk if isinstance(x, Param)],
+                tags=[x for x in chunk if isinstance(x, RunTag)],
+                synchronous=True,
+            )
+
+
+    # -- MLflow 3 logged models
+
+
+    # -- registry
+
+
