@@ -111,44 +111,7 @@ def run_sync(src: str | None, dest: str | None, config_path: str | None, **kw: A
     from trackbridge import retry
     from trackbridge import sync as sy
 
-    settings: dict[str, Any] = {}
-    retry_cfg: dict[str, Any] = {}
-    if config_path:
-        if src or dest:
-            raise UsageError("give either SRC DEST or --config, not both")
-        pairs, settings, retry_cfg = sy.load_config(config_path)
-        if kw["pair_names"]:
-            unknown = sorted(set(kw["pair_names"]) - {p.name for p in pairs})
-            if unknown:
-                raise UsageError(f"--pair {unknown[0]!r}: not in {config_path}")
-            pairs = [p for p in pairs if p.name in kw["pair_names"]]
-        ignored = [o for o in ("tags", "exclude_tags", "states", "projects", "runs") if kw.get(o)]
-        if ignored or kw.get("updated_since") or kw.get("experiment_name"):
-            raise UsageError("with --config, put filters and naming in the config file's [pair.filter]")
-    else:
-        if not (src and dest):
-            raise UsageError("sync needs SRC and DEST, or --config FILE (see trackbridge sync --help)")
-        sel = selection_of(kw)
-        if kw.get("experiment_name"):
-            sy.check_template(kw["experiment_name"], "--experiment-name")
-        pairs = [
-            sy.Pair(
-                source=src,
-                destination=dest,
-                experiment=kw.get("experiment_name"),
-                registry=sel.registry,
-                register_models=sel.register_models,
-                filters=sy.Filters(
-                    projects=sel.projects,
-                    runs=sel.runs,
-                    tags=tuple(kw["tags"]),
-                    exclude_tags=tuple(kw["exclude_tags"]),
-                    states=tuple(kw["states"]),
-                    started_since=sel.since,
-                    updated_since=sy.parse_when(kw.get("updated_since"), "--updated-since"),
-                ),
-            )
-        ]
+    pairs, settings, retry_cfg = _pairs(src, dest, config_path, kw)
     retry.configure(
         attempts=kw.get("retries") or retry_cfg.get("attempts"),
         initial=retry_cfg.get("initial_wait"),
@@ -212,6 +175,54 @@ def run_sync(src: str | None, dest: str | None, config_path: str | None, **kw: A
         }
         path.write_text(scrub(json.dumps(doc, indent=2, default=str)))
     return code
+
+
+def _pairs(
+    src: str | None, dest: str | None, config_path: str | None, kw: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """The pairs to sync, with the config file's [sync] and [retry] settings: from
+    --config, or the one pair SRC DEST with the command line's filters."""
+    from trackbridge import sync as sy
+
+    settings: dict[str, Any] = {}
+    retry_cfg: dict[str, Any] = {}
+    if config_path:
+        if src or dest:
+            raise UsageError("give either SRC DEST or --config, not both")
+        pairs, settings, retry_cfg = sy.load_config(config_path)
+        if kw["pair_names"]:
+            unknown = sorted(set(kw["pair_names"]) - {p.name for p in pairs})
+            if unknown:
+                raise UsageError(f"--pair {unknown[0]!r}: not in {config_path}")
+            pairs = [p for p in pairs if p.name in kw["pair_names"]]
+        ignored = [o for o in ("tags", "exclude_tags", "states", "projects", "runs") if kw.get(o)]
+        if ignored or kw.get("updated_since") or kw.get("experiment_name"):
+            raise UsageError("with --config, put filters and naming in the config file's [pair.filter]")
+    else:
+        if not (src and dest):
+            raise UsageError("sync needs SRC and DEST, or --config FILE (see trackbridge sync --help)")
+        sel = selection_of(kw)
+        if kw.get("experiment_name"):
+            sy.check_template(kw["experiment_name"], "--experiment-name")
+        pairs = [
+            sy.Pair(
+                source=src,
+                destination=dest,
+                experiment=kw.get("experiment_name"),
+                registry=sel.registry,
+                register_models=sel.register_models,
+                filters=sy.Filters(
+                    projects=sel.projects,
+                    runs=sel.runs,
+                    tags=tuple(kw["tags"]),
+                    exclude_tags=tuple(kw["exclude_tags"]),
+                    states=tuple(kw["states"]),
+                    started_since=sel.since,
+                    updated_since=sy.parse_when(kw.get("updated_since"), "--updated-since"),
+                ),
+            )
+        ]
+    return pairs, settings, retry_cfg
 
 
 def _print_sync(res: Any, quiet: bool) -> None:

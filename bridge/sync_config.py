@@ -170,6 +170,20 @@ def load_config(path: str | Path) -> tuple[list[Pair], dict[str, Any], dict[str,
     )
     retry = doc.get("retry", {})
     _check_keys(retry, {"attempts", "initial_wait", "max_wait"}, f"{p}: [retry]")
+    _check_settings(p, settings, retry)
+    raw_pairs = doc.get("pair", [])
+    if not raw_pairs:
+        raise UsageError(f"{p}: no [[pair]]; add at least one with a source and a destination")
+    pairs = [_pair(t, f"{p}: pair {t.get('name') or i}") for i, t in enumerate(raw_pairs, 1)]
+    names = [x.name for x in pairs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UsageError(f"{p}: two pairs are named {dup!r}; names key their state")
+    return pairs, settings, retry
+
+
+def _check_settings(p: Path, settings: dict[str, Any], retry: dict[str, Any]) -> None:
+    """[sync] and [retry] values of the right type and size."""
     types: dict[str, tuple[type, ...]] = {
         "state_dir": (str,),
         "delta_dir": (str,),
@@ -194,67 +208,58 @@ def load_config(path: str | Path) -> tuple[list[Pair], dict[str, Any], dict[str,
                 and v < (1 if k in ("workers", "attempts") else 0)
             ):
                 raise UsageError(f"{p}: {where} {k} = {v!r}: too small")
-    pairs = []
-    raw_pairs = doc.get("pair", [])
-    if not raw_pairs:
-        raise UsageError(f"{p}: no [[pair]]; add at least one with a source and a destination")
-    for i, t in enumerate(raw_pairs, 1):
-        where = f"{p}: pair {t.get('name') or i}"
-        _check_keys(t, {"name", "source", "destination", "experiment", "filter", "registry"}, where)
-        for k in ("source", "destination"):
-            if not isinstance(t.get(k), str):
-                raise UsageError(f"{where}: {k} is required (a URI, see trackbridge --help)")
-        ft = t.get("filter", {})
-        _check_keys(
-            ft,
-            {"projects", "runs", "tags", "exclude_tags", "states", "started_since", "updated_since"},
-            f"{where}: [pair.filter]",
-        )
-        states = _strs(ft.get("states"), f"{where}: filter.states")
-        bad = [s for s in states if s not in STATES]
-        if bad:
-            raise UsageError(f"{where}: filter.states: {bad[0]!r} is not one of {', '.join(STATES)}")
-        rt = t.get("registry", {})
-        _check_keys(rt, {"enabled", "register_models", "rule"}, f"{where}: [pair.registry]")
-        rules = []
-        for j, r in enumerate(rt.get("rule", []), 1):
-            _check_keys(r, {"artifact", "type", "model", "aliases"}, f"{where}: registry rule {j}")
-            rules.append(
-                ModelRule(
-                    artifact=r.get("artifact", "*"),
-                    type=r.get("type", "*" if "artifact" in r else "model"),
-                    model=r.get("model", "{artifact}"),
-                    aliases=_strs(r.get("aliases"), f"{where}: registry rule {j}: aliases"),
-                )
-            )
-        template = t.get("experiment")
-        if template is not None:
-            check_template(template, where)
-        pairs.append(
-            Pair(
-                source=t["source"],
-                destination=t["destination"],
-                name=t.get("name", ""),
-                experiment=template,
-                filters=Filters(
-                    projects=_strs(ft.get("projects"), f"{where}: filter.projects"),
-                    runs=_strs(ft.get("runs"), f"{where}: filter.runs"),
-                    tags=_strs(ft.get("tags"), f"{where}: filter.tags"),
-                    exclude_tags=_strs(ft.get("exclude_tags"), f"{where}: filter.exclude_tags"),
-                    states=states,
-                    started_since=parse_when(ft.get("started_since"), f"{where}: filter.started_since"),
-                    updated_since=parse_when(ft.get("updated_since"), f"{where}: filter.updated_since"),
-                ),
-                registry=bool(rt.get("enabled", True)),
-                register_models=bool(rt.get("register_models", False)),
-                rules=tuple(rules),
+
+
+def _pair(t: dict[str, Any], where: str) -> Pair:
+    """One [[pair]] table, checked key by key."""
+    _check_keys(t, {"name", "source", "destination", "experiment", "filter", "registry"}, where)
+    for k in ("source", "destination"):
+        if not isinstance(t.get(k), str):
+            raise UsageError(f"{where}: {k} is required (a URI, see trackbridge --help)")
+    ft = t.get("filter", {})
+    _check_keys(
+        ft,
+        {"projects", "runs", "tags", "exclude_tags", "states", "started_since", "updated_since"},
+        f"{where}: [pair.filter]",
+    )
+    states = _strs(ft.get("states"), f"{where}: filter.states")
+    bad = [s for s in states if s not in STATES]
+    if bad:
+        raise UsageError(f"{where}: filter.states: {bad[0]!r} is not one of {', '.join(STATES)}")
+    rt = t.get("registry", {})
+    _check_keys(rt, {"enabled", "register_models", "rule"}, f"{where}: [pair.registry]")
+    rules = []
+    for j, r in enumerate(rt.get("rule", []), 1):
+        _check_keys(r, {"artifact", "type", "model", "aliases"}, f"{where}: registry rule {j}")
+        rules.append(
+            ModelRule(
+                artifact=r.get("artifact", "*"),
+                type=r.get("type", "*" if "artifact" in r else "model"),
+                model=r.get("model", "{artifact}"),
+                aliases=_strs(r.get("aliases"), f"{where}: registry rule {j}: aliases"),
             )
         )
-    names = [x.name for x in pairs]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise UsageError(f"{p}: two pairs are named {dup!r}; names key their state")
-    return pairs, settings, retry
+    template = t.get("experiment")
+    if template is not None:
+        check_template(template, where)
+    return Pair(
+        source=t["source"],
+        destination=t["destination"],
+        name=t.get("name", ""),
+        experiment=template,
+        filters=Filters(
+            projects=_strs(ft.get("projects"), f"{where}: filter.projects"),
+            runs=_strs(ft.get("runs"), f"{where}: filter.runs"),
+            tags=_strs(ft.get("tags"), f"{where}: filter.tags"),
+            exclude_tags=_strs(ft.get("exclude_tags"), f"{where}: filter.exclude_tags"),
+            states=states,
+            started_since=parse_when(ft.get("started_since"), f"{where}: filter.started_since"),
+            updated_since=parse_when(ft.get("updated_since"), f"{where}: filter.updated_since"),
+        ),
+        registry=bool(rt.get("enabled", True)),
+        register_models=bool(rt.get("register_models", False)),
+        rules=tuple(rules),
+    )
 
 
 def check_template(template: str, where: str) -> None:

@@ -106,6 +106,9 @@ class RunWriter:
     fill in the primitives; ``write_run`` is not theirs to change."""
 
     FORMAT: ClassVar[str] = "v1"
+    # whether the destination keeps the source's change token with each run (so a sync
+    # can skip a run unread); such a writer fills in ``token_of`` and ``store_token``
+    KEEPS_TOKENS: ClassVar[bool] = False
     dry_run: bool = False
 
     # -- primitives
@@ -140,6 +143,33 @@ class RunWriter:
     def unchanged(self, payload: RunPayload, run: Found, report: Any) -> None:
         """A run already complete with this content: remember what later steps need."""
 
+    def token_of(self, run: Found) -> str | None:
+        """The change token the destination keeps with ``run``."""
+        return None
+
+    def store_token(self, run_id: str, token: str) -> None:
+        """Keep ``token`` with the run: called by ``write_tokens`` only."""
+        raise NotImplementedError
+
+    # -- change tokens, kept until the registry step is through
+
+    def _keep_token(self, run_id: str, payload: RunPayload) -> None:
+        if not self.KEEPS_TOKENS or not payload.token or self.dry_run:
+            return
+        if payload.run.get("lifecycle") == "deleted":
+            return  # a deleted run takes no tags; the next sync reads it (cheaply) again
+        pending = self.__dict__.setdefault("_tokens", {})
+        pending[run_id] = payload.token  # one key a run: safe from several worker threads
+
+    def write_tokens(self, registry_ok: bool) -> None:
+        """Keep every run's change token, after the registry step and only if it went
+        through: a sync killed or failed before it reads those runs again next time, and
+        registers their models then, instead of skipping them for good."""
+        pending = self.__dict__.pop("_tokens", {})
+        if registry_ok:
+            for run_id, token in pending.items():
+                self.store_token(run_id, token)
+
     # -- the protocol
 
     def write_run(self, payload: RunPayload, report: Any) -> str:
@@ -152,7 +182,7 @@ class RunWriter:
         if found is not None:
             report.destination_id = found.id
             if self._complete(found, fp):
-                self.unchanged(payload, found, report)
+                self._unchanged(payload, found, report)
                 return UNCHANGED
         plan = self.fit(payload, found, report)
         if self.dry_run:
@@ -163,14 +193,22 @@ class RunWriter:
             attempt.found = run
             report.destination_id = run.id
             if run.existed and run is not found and self._complete(run, fp):
-                self.unchanged(payload, run, report)  # another writer finished it meanwhile
+                self._unchanged(payload, run, report)  # another writer finished it meanwhile
                 return UNCHANGED
             if run.existed:
                 attempt.fingerprint = fp.value  # known before: the run was there to compare
             self.write(payload if run.existed else fp.stream(payload), run, plan, report)
             attempt.fingerprint = fp.value
             self.seal(payload, run, fp.value, report)
+        self._keep_token(run.id, payload)
         return UPDATED if run.existed else NEW
+
+    def _unchanged(self, payload: RunPayload, run: Found, report: Any) -> None:
+        self.unchanged(payload, run, report)
+        if self.token_of(run) != payload.token:
+            # the same content under a new token (a file touched, or imported by
+            # migrate): keep it, so the next sync skips this run unread
+            self._keep_token(run.id, payload)
 
     @staticmethod
     def _complete(run: Found, fp: Fingerprint) -> bool:

@@ -54,6 +54,7 @@ _CONFLICT = re.compile(r"UNIQUE constraint|unique constraint|Duplicate entry|Int
 class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter):
     # the fingerprint's version: the source content digest plus this; a change re-imports
     FORMAT = f"m{MAPPING_VERSION}"
+    KEEPS_TOKENS = True
 
     def __init__(self, tracking_uri: str, safe: str | None = None, dry_run: bool = False) -> None:
         self.uri = tracking_uri
@@ -68,7 +69,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
         self._run_ids: dict[str, str] = {}
         self._model_ids: dict[str, str] = {}
         self._artifact_dirs: dict[str, tuple[str, str]] = {}  # artifact key -> (run id, folder)
-        self._tokens: dict[str, str] = {}  # run id -> source change token, written in finish()
         self._registry_failed = False
         self._exp_locks: dict[str, threading.Lock] = {}
         self._creds = (
@@ -101,20 +101,16 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
         except (MlflowException, OSError) as e:
             raise DestinationError(f"{self.describe()}: cannot write ({first_line(e)})") from e
 
-    def _token_later(self, run_id: str, payload: RunPayload) -> None:
-        """Keep the run's change token for ``finish``: written only once the registry
-        step is through, so that a sync killed before it reads the run again next time
-        and registers its models then, instead of skipping it for good."""
-        if payload.token and not self.dry_run and payload.run.get("lifecycle") != "deleted":
-            with self._lock:
-                self._tokens[run_id] = payload.token
+    def token_of(self, run: Found) -> str | None:
+        return run.state.data.tags.get(mc.TAG_SOURCE_TOKEN)
+
+    def store_token(self, run_id: str, token: str) -> None:
+        self.client.set_tag(run_id, mc.TAG_SOURCE_TOKEN, token)
 
     def finish(self) -> None:
         if self.dry_run:
             return
-        if not self._registry_failed:
-            for run_id, token in self._tokens.items():
-                self.client.set_tag(run_id, mc.TAG_SOURCE_TOKEN, token)
+        self.write_tokens(registry_ok=not self._registry_failed)
         for exp_id in self._deleted_projects:
             mc.change_once(
                 lambda e=exp_id: self.client.delete_experiment(e),
@@ -236,10 +232,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
     def unchanged(self, payload: RunPayload, run: Found, report: RunReport) -> None:
         with self._lock:
             self._run_ids[payload.key] = run.id
-        if run.state.data.tags.get(mc.TAG_SOURCE_TOKEN) != payload.token:
-            # the same content under a new token (a file touched, or imported by
-            # migrate): remember it, so the next sync skips this run unread
-            self._token_later(run.id, payload)
         self._remember_artifact_dirs(payload, run.id)
         exp_id = self._exp_ids.get(payload.run["project_key"])
         for a in payload.artifacts:
@@ -348,7 +340,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
     def seal(self, payload: RunPayload, found: Found, fingerprint: str, report: RunReport) -> None:
         run_id = found.id
         self.client.set_tag(run_id, mc.TAG_FINGERPRINT, fingerprint)
-        self._token_later(run_id, payload)
         if payload.run.get("lifecycle") == "deleted":
             # After the marker: MLflow refuses writes to a deleted run. A kill in between
             # is caught by the lifecycle check (Found.current) of the next import.
