@@ -107,7 +107,7 @@ class Tracker:
     """One tracker's declaration. Only ``name``, ``schemes`` and one factory are needed;
     the rest has defaults that suit a local folder format."""
 
-    name: str  # the key reports and Target.scheme use ("mlflow")
+    name: str  # what reports, Target.name and source keys ("mlflow:run/…") use
     title: str  # as users spell it ("MLflow")
     schemes: tuple[str, ...]  # URI schemes it answers to, as listed to users
     uris: tuple[tuple[str, str], ...] = ()  # (pattern, meaning) lines for --help and the README

@@ -1,1 +1,3 @@
-"""Exporters: one module per source tracker; each reads it into the neutral schema."""
+"""Readers: one package per tracker (``mlflow``, ``wandb``, ``neptune``), each reading its
+tracker into the neutral schema; what a reader shares with its writer is in
+``trackbridge.trackers.<name>``."""
