@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import getpass
 import json
 import numbers
@@ -44,12 +43,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from trackbridge import schema
 from trackbridge import spool as sp
 from trackbridge.errors import UsageError, first_line
-from trackbridge.model import project_row
-from trackbridge.report import RunReport, scrub
+from trackbridge.shim_backend import Backend, warn_once
 from trackbridge.trackers.wandb import common as wc
 
 ENV_TO = "TRACKBRIDGE_TO"  # comma-separated destination URIs
@@ -195,7 +192,7 @@ class Run:
         self.summary = _Recorder(self, "u")
         if config:
             self.config.update(config)
-        self._backends = [_Backend(self, uri) for uri in destinations]
+        self._backends = [Backend(self, uri) for uri in destinations]
         self._spooler = threading.Thread(target=self._spool_loop, name="trackbridge-spooler", daemon=True)
         self._spooler.start()
         atexit.register(self._at_exit)
@@ -279,7 +276,7 @@ class Run:
             try:
                 self._drain()
             except Exception as e:  # never take training down; say it once
-                _warn_once(self, "spooler", f"could not spool some records: {first_line(e)}")
+                warn_once(self, "spooler", f"could not spool some records: {first_line(e)}")
             if closing:
                 return
 
@@ -330,7 +327,7 @@ class Run:
         try:
             self._writer.write(rb)
         except OSError as e:  # a full disk: say so once, keep training
-            _warn_once(self, "spool", f"cannot write the spool {self.dir}: {first_line(e)}")
+            warn_once(self, "spool", f"cannot write the spool {self.dir}: {first_line(e)}")
             return
         for b in self._backends:
             b.offer(rb)
@@ -370,142 +367,6 @@ class Run:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
-
-
-_COMPLETING = threading.Lock()
-
-
-class _Backend:
-    """One destination: fed live while it keeps up, completed from the spool at the end."""
-
-    def __init__(self, run: Run, uri: str) -> None:
-        from trackbridge.uri import parse, redact
-
-        self.run = run
-        self.uri = uri
-        self.safe = redact(uri)
-        t = parse(uri)
-        # a destination that takes points while the run runs is fed live; others (W&B
-        # offline run folders) are written whole at finish
-        self.live = t.tracker.capabilities.live_append
-        self.q: collections.deque[pa.RecordBatch] = collections.deque()
-        self.queued = 0
-        self.fed = self.live  # False once it failed or fell behind: the spool catches it up
-        self.error: str | None = None
-        self.done = False
-        self._wake = threading.Event()
-        self._closing = False
-        self.thread = threading.Thread(target=self._loop, name=f"trackbridge-{self.safe}", daemon=True)
-        self.thread.start()
-
-    def offer(self, rb: pa.RecordBatch) -> None:
-        if not self.fed:
-            return
-        if self.queued + rb.num_rows > self.run._backlog:
-            self._stop_feeding("fell more than the backlog behind")
-            return
-        self.q.append(rb)
-        self.queued += rb.num_rows
-        self._wake.set()
-
-    def _stop_feeding(self, why: str) -> None:
-        self.fed = False
-        self.q.clear()
-        self.queued = 0
-        _warn_once(
-            self.run,
-            self.safe,
-            f"{self.safe} {why}; training goes on and every point stays in the spool for finish(), "
-            f"or for: trackbridge sync spool://{self.run.dir.parent} {self.safe}",
-        )
-
-    def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-
-    def _loop(self) -> None:
-        sink = run_id = None
-        try:
-            if self.live:
-                sink, run_id = self._start()
-        except Exception as e:
-            self.error = first_line(e)
-            self._stop_feeding(f"could not be reached ({scrub(self.error)})")
-        while True:
-            self._wake.wait(0.05)
-            self._wake.clear()
-            while self.q:
-                rb = self.q.popleft()
-                self.queued -= rb.num_rows
-                if not self.fed or sink is None:
-                    continue
-                points = _metric_batch(self.run.key, rb)
-                if points is None:
-                    continue
-                try:
-                    sink.append_points(run_id, points)
-                except Exception as e:
-                    self.error = first_line(e)
-                    self._stop_feeding(f"failed ({scrub(self.error)})")
-            if self._closing and not self.q:
-                break
-        self._complete()
-
-    def _start(self) -> tuple[Any, str]:
-        from trackbridge.uri import open_sink
-
-        sink = open_sink(self.uri)
-        sink.begin(f"spool://{self.run.dir.parent}")
-        sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
-        from trackbridge.exporters.wandb.spool import spooled_payload
-
-        head = spooled_payload(self.run.dir, self.run._meta)
-        head.metrics = lambda: iter(())
-        # the spool's fingerprint names a run with its points; the head has none, so it
-        # must never pass for that run (a run that ended before this destination started
-        # would otherwise look complete, with no points)
-        head.fingerprint = f"live-{head.fingerprint}"
-        rr = RunReport(run_key=self.run.key)
-        sink.write_run(head, rr)
-        return sink, rr.destination_id
-
-    def _complete(self) -> None:
-        """Write the run from the spool: what the live feed missed, then the end state."""
-        from trackbridge.exporters.wandb.spool import spooled_payload
-        from trackbridge.uri import open_sink
-
-        try:
-            # one healthy destination at a time: each reads the whole spool, so memory at
-            # the end holds one copy of the run, not one per destination. One that has
-            # already failed goes on its own, so its retries never hold the others up.
-            with contextlib.nullcontext() if self.error else _COMPLETING:
-                sink = open_sink(self.uri)
-                sink.begin(f"spool://{self.run.dir.parent}")
-                sink.write_project(project_row(wc.project_key(self.run.project), "wandb", self.run.project))
-                sink.write_run(spooled_payload(self.run.dir, self.run._meta), RunReport(run_key=self.run.key))
-                sink.finish()
-            self.done = True
-        except Exception as e:
-            self.error = first_line(e)
-
-    def outcome(self) -> str:
-        if self.done:
-            return "complete"
-        why = f" ({scrub(self.error)})" if self.error else " (still writing when the flush timeout ran out)"
-        return f"behind{why}; catch up with: trackbridge sync spool://{self.run.dir.parent} {self.safe}"
-
-
-def _metric_batch(key: str, rb: pa.RecordBatch) -> pa.RecordBatch | None:
-    """The spool batch's metric records in the neutral metrics schema (None if it has none)."""
-    import pyarrow.compute as pc
-
-    m = rb.filter(pc.equal(rb.column("kind"), "m"))
-    if m.num_rows == 0:
-        return None
-    c = m.column
-    return (
-        schema.metrics_table(key, c("key"), c("step"), c("time"), c("value")).combine_chunks().to_batches()[0]
-    )
 
 
 def _number(v: Any) -> float | None:
@@ -564,8 +425,3 @@ def _user() -> str | None:
         return None
 
 
-def _warn_once(run: Run, what: str, message: str) -> None:
-    warned = run.__dict__.setdefault("_warned", set())
-    if what not in warned:
-        warned.add(what)
-        print(f"trackbridge: warning: {scrub(message)}", file=sys.stderr)

@@ -296,16 +296,16 @@ def test_a_run_that_ends_before_its_destination_starts_loses_nothing(tmp_path: P
     """A short script, or a destination slow to start (MLflow's import and a new SQLite
     store take seconds), that logged more than the backlog meanwhile: the destination's
     first write already sees the whole spool, and none of it came live."""
-    from trackbridge import shim
+    from trackbridge.shim_backend import Backend
 
-    real = shim._Backend._start
+    real = Backend._start
 
-    def late(self: shim._Backend):  # starts only once finish() has closed the spool
+    def late(self: Backend):  # starts only once finish() has closed the spool
         while not self._closing:
             time.sleep(0.01)
         return real(self)
 
-    monkeypatch.setattr(shim._Backend, "_start", late)
+    monkeypatch.setattr(Backend, "_start", late)
     dest = f"mlflow+sqlite:///{tmp_path / 'm.db'}"
     run = trackbridge.init(project="short", to=[dest], spool=tmp_path / "spool", backlog=500)
     for step in range(1000):
