@@ -103,7 +103,8 @@ def count_points(payload: RunPayload) -> int:
 class RunWriter:
     """The write template. Subclasses set ``FORMAT`` (bumped when what they write for
     the same source changes, so every run is written again once) and ``dry_run``, and
-    fill in the primitives; ``write_run`` is not theirs to change."""
+    fill in the primitives. ``attempt`` is the protocol and not theirs to change; a
+    writer may wrap it (MLflow's ``write_run`` tries once more after a concurrent insert)."""
 
     FORMAT: ClassVar[str] = "v1"
     # whether the destination keeps the source's change token with each run (so a sync
