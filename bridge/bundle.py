@@ -40,6 +40,7 @@ from trackbridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayl
 from trackbridge.untrusted import blob_relpath, check_manifest, check_marker, readable_version
 from trackbridge.uri import same_place
 from trackbridge.version import __version__
+from trackbridge.write import count_points
 
 FORMAT = "trackbridge-bundle"
 MANIFEST = "manifest.json"
@@ -103,10 +104,12 @@ def load_markers(root: Path) -> Iterator[dict[str, Any]]:
 
 
 class BundleWriter:
-    """A Sink that writes a bundle folder."""
+    """A Sink that writes a bundle folder. A dry run checks the folder, counts what
+    would be written and writes nothing."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, dry_run: bool = False) -> None:
         self.root = Path(path)
+        self.dry_run = dry_run
         self.source = ""
         self.notices: list[tuple[str, str, str]] = []
 
@@ -118,7 +121,6 @@ class BundleWriter:
             raise UsageError(f"{self.root}: exists and is not a folder")
         if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / MANIFEST).exists():
             raise UsageError(f"{self.root}: folder is not empty and is not a bundle; choose a new path")
-        self.root.mkdir(parents=True, exist_ok=True)
         self.source = source
         old = self._old_manifest()
         if old and old.get("source") is not None and not same_place(old["source"], source):
@@ -126,7 +128,9 @@ class BundleWriter:
                 f"{self.root}: bundle holds data from {old.get('source')}, not {source}; "
                 "use a new bundle path"
             )
-        self._write_manifest(complete=False)
+        if not self.dry_run:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write_manifest(complete=False)
 
     def _old_manifest(self) -> dict[str, Any] | None:
         p = self.root / MANIFEST
@@ -135,12 +139,17 @@ class BundleWriter:
         return read_manifest(self.root)
 
     def write_project(self, row: dict[str, Any]) -> None:
+        if self.dry_run:
+            return
         self._write_unit("project", row["project_key"], {"projects": schema.table("projects", [row])})
 
     def write_run(self, payload: RunPayload, report: Any) -> str:
         key = payload.key
         uid = unit_id("run", key)
         existed = (self.root / MARKERS / f"{uid}.json").exists()
+        if self.dry_run:
+            report.points += count_points(payload)
+            return "updated" if existed else "new"
         tables: dict[str, pa.Table] = {
             "runs": schema.table("runs", [payload.run]),
             "params": payload.params,
@@ -172,6 +181,8 @@ class BundleWriter:
         return "updated" if existed else "new"
 
     def write_artifact(self, payload: ArtifactPayload, report: Any) -> None:
+        if self.dry_run:
+            return
         art_rows, file_rows, blobs = self._store_artifacts([payload], report)
         self._write_unit(
             "artifact",
@@ -184,6 +195,8 @@ class BundleWriter:
         )
 
     def write_registry(self, payload: RegistryPayload, report: Any) -> None:
+        if self.dry_run:
+            return
         self._write_unit(
             "registry",
             "registry",
@@ -194,7 +207,8 @@ class BundleWriter:
         )
 
     def finish(self) -> None:
-        self._write_manifest(complete=True)
+        if not self.dry_run:
+            self._write_manifest(complete=True)
 
     # -- internals
 

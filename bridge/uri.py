@@ -70,7 +70,13 @@ def check_destination(t: Target) -> None:
 def default_workers(*uris: str) -> int:
     """Runs in parallel: 4 when every side is a server, 1 when one is a local store or
     folder (SQLite allows one writer; a disk gains nothing from more)."""
-    return 1 if any(parse(u).tracker.is_local(parse(u)) for u in uris) else 4
+    targets = [parse(u) for u in uris]
+    return 1 if any(t.tracker.is_local(t) for t in targets) else 4
+
+
+def folder_destination(t: Target) -> None:
+    """``check_destination`` for a tracker whose destination is a local folder."""
+    writable_folder(t, Path(t.inner))
 
 
 def writable_folder(t: Target, folder: Path) -> None:
@@ -101,9 +107,12 @@ def canonical(uri: str) -> str:
     same text (a tracker with servers declares how; a folder is its real path).
     """
     t = parse(uri)
-    if t.tracker.canonical is not None:
-        return t.tracker.canonical(t)
-    query = uri.split("?", 1)[1] if "?" in uri.split("://", 1)[-1] else ""
+    return t.tracker.canonical(t) if t.tracker.canonical is not None else folder_canonical(t)
+
+
+def folder_canonical(t: Target) -> str:
+    """A local folder's one spelling: its real path, the query kept."""
+    query = t.raw.split("?", 1)[1] if "?" in t.raw.split("://", 1)[-1] else ""
     path = t.inner.split("?", 1)[0]
     return f"{t.scheme}://{os.path.realpath(path)}" + (f"?{query}" if query else "")
 

@@ -431,11 +431,12 @@ def _model_meta(text: str | None) -> dict[str, Any]:
         )
         for x in m.get("metrics", [])
     )
+    ignored = bookkeeping_tags()
     return {
         "model_type": m.get("model_type"),
         "status": m.get("status"),
         "params": m.get("params", {}),
-        "tags": {k: v for k, v in _tags(m.get("tags", {})).items() if k not in bookkeeping_tags()},
+        "tags": {k: v for k, v in _tags(m.get("tags", {})).items() if k not in ignored},
         "metrics": metrics,
     }
 

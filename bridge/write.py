@@ -17,6 +17,7 @@ point twice.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
@@ -100,7 +101,7 @@ def count_points(payload: RunPayload) -> int:
     return sum(b.num_rows for b in payload.metrics())
 
 
-class RunWriter:
+class RunWriter(ABC):
     """The write template. Subclasses set ``FORMAT`` (bumped when what they write for
     the same source changes, so every run is written again once) and ``dry_run``, and
     fill in the primitives. ``attempt`` is the protocol and not theirs to change; a
@@ -114,34 +115,34 @@ class RunWriter:
 
     # -- primitives
 
+    @abstractmethod
     def find(self, payload: RunPayload, report: Any) -> Found | None:
         """The run this destination holds for ``payload.key`` (from an index read once)."""
-        raise NotImplementedError
 
     def exclusive(self, payload: RunPayload) -> AbstractContextManager[Any]:
         """Held from the fresh look to the seal: a lock where the destination has one."""
         return nullcontext()
 
+    @abstractmethod
     def settle(self, payload: RunPayload, found: Found | None, report: Any) -> Found:
         """The run as it is now, under ``exclusive``: looked up afresh (another writer
         may have made or finished it), and made when missing (``existed=False``)."""
-        raise NotImplementedError
 
     def fit(self, payload: RunPayload, found: Found | None, report: Any) -> Any:
         """Keys and values fitted to the destination's limits, each change reported; runs
         in a dry run too, so it says what a real one would map."""
         return None
 
+    @abstractmethod
     def write(self, payload: RunPayload, run: Found, plan: Any, report: Any) -> None:
         """Everything but the fingerprint. ``payload.metrics`` feeds the fingerprint:
         read it once, in full, where possible."""
-        raise NotImplementedError
 
+    @abstractmethod
     def seal(self, payload: RunPayload, run: Found, fingerprint: str, report: Any) -> None:
         """Mark the run complete with ``fingerprint``: the last write of a run."""
-        raise NotImplementedError
 
-    def unchanged(self, payload: RunPayload, run: Found, report: Any) -> None:
+    def unchanged(self, payload: RunPayload, run: Found, report: Any) -> None:  # noqa: B027 (optional)
         """A run already complete with this content: remember what later steps need."""
 
     def token_of(self, run: Found) -> str | None:

@@ -27,9 +27,10 @@ from typing import Any
 import pyarrow as pa
 from trackbridge import schema
 from trackbridge.errors import BadInputError, SourceNotFoundError
-from trackbridge.files import atomic_write_bytes, local_fetch, sha256_file
+from trackbridge.files import atomic_write_bytes, local_fetch, safe_relpath, sha256_file
 from trackbridge.model import ArtifactPayload, FileRef, RegistryPayload, RunPayload, Selection, TrackerSource
-from trackbridge.tracker import Capabilities, Target, Tracker
+from trackbridge.tracker import Capabilities, Tracker
+from trackbridge.uri import folder_destination
 from trackbridge.write import Found, RunWriter
 
 TABLES = ("params", "tags", "summary", "series", "dataset_inputs", "artifact_usage")
@@ -118,7 +119,7 @@ class JsonlSource(TrackerSource):
                         p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p), local_fetch(p)
                     )
                     for p in sorted(folder.rglob("*"))
-                    if p.is_file()
+                    if p.is_file() and not p.is_symlink()  # a link would reach outside the folder
                 ]
                 arts.append(ArtifactPayload({k: _dec(v) for k, v in obj["artifact"].items()}, files))
         key = run["run_key"]
@@ -215,7 +216,7 @@ class JsonlSink(RunWriter):
         shutil.rmtree(files_dir, ignore_errors=True)
         for n, art in enumerate(payload.artifacts):
             for ref in art.files:
-                target = files_dir / str(n) / ref.path
+                target = files_dir / str(n) / safe_relpath(ref.path, f"run {payload.key}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with ref.fetch() as local:
                     shutil.copyfile(local, target)
@@ -235,12 +236,6 @@ class JsonlSink(RunWriter):
             report.mapped("registry-not-written", "model_versions", "a JSON-lines folder has no registry")
 
 
-def _check_destination(t: Target) -> None:
-    from trackbridge.uri import writable_folder
-
-    writable_folder(t, Path(t.inner))
-
-
 TRACKER = Tracker(
     name="jsonl",
     title="JSON lines (test tracker)",
@@ -249,7 +244,7 @@ TRACKER = Tracker(
     capabilities=Capabilities(local=True, rewrites_history=True),
     open_source=lambda t, **o: JsonlSource(t.inner, **o),
     open_sink=lambda t, **o: JsonlSink(t.inner, **o),
-    check_destination=_check_destination,
+    check_destination=folder_destination,
     scratch=lambda folder: f"jsonl://{folder / 'runs'}",
     order=95,
 )

@@ -18,6 +18,7 @@ destination and reads them back with the tracker's own reader:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from trackbridge import engine, schema, tracker
+from trackbridge import engine, tracker
 from trackbridge.bundle_reader import BundleSource
 from trackbridge.errors import ExitCode, TrackbridgeError
 from trackbridge.model import RunPayload, Selection
@@ -48,35 +50,80 @@ SITE = Path(tempfile.mkdtemp(prefix="trackbridge-plugin-"))
 atexit.register(shutil.rmtree, SITE, True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def plugin() -> Iterator[dict[str, str]]:
-    """The JSON-lines tracker, installed as a separate distribution would be."""
+@contextlib.contextmanager
+def _installed() -> Iterator[dict[str, str]]:
+    """The JSON-lines tracker, installed as a separate distribution would be, for this
+    process and the commands it starts."""
     env = jsonl_tracker.install(SITE)
     sys.path.insert(0, str(SITE))
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]
     tracker.reload()
-    yield env
-    sys.path.remove(str(SITE))
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
-    tracker.reload()
-
-
-def _writable() -> list[str]:
-    jsonl_tracker.install(SITE)
-    sys.path.insert(0, str(SITE))
-    tracker.reload()
     try:
-        return [t.name for t in tracker.registry() if t.scratch is not None and t.capabilities.writes]
+        yield env
     finally:
         sys.path.remove(str(SITE))
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
         tracker.reload()
 
 
-WRITABLE = _writable()
+@pytest.fixture(scope="module", autouse=True)
+def plugin() -> Iterator[dict[str, str]]:
+    with _installed() as env:
+        yield env
+
+
+with _installed():
+    WRITABLE = [t.name for t in tracker.registry() if t.scratch is not None and t.capabilities.writes]
+
+
+def _native_copies(name: str, dest: str) -> Counter:
+    """Each source key, counted in the destination as the tracker's own client shows it
+    to its users: MLflow's active runs, W&B's run records in the offline folders. A
+    bundle and the JSON-lines folder have no client but trackbridge's reader."""
+    if name == "mlflow":
+        from mlflow import MlflowClient
+        from mlflow.entities import ViewType
+
+        client = MlflowClient(dest.removeprefix("mlflow+"))
+        exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        runs = client.search_runs(exps, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        return Counter(r.data.tags.get("trackbridge.source_key") for r in runs)
+    if name == "wandb":
+        from trackbridge.trackers.wandb.runfolder import read_head
+
+        root = Path(dest.removeprefix("wandb+offline://"))
+        heads = [read_head(log) for log in root.glob("wandb/offline-run-*/run-*.wandb")]
+        assert all(h.error is None for h in heads), [h.error for h in heads]
+        return Counter(h.meta.get("source_key") for h in heads)
+    back = open_source(dest)
+    return Counter(r["run_key"] for r in back.runs(Selection(), back.projects(Selection())))
+
+
+def _native_file(name: str, dest: str, tmp_path: Path) -> bytes | None:
+    """The parent run's ``model/weights.bin`` as the tracker's own client serves it."""
+    if name == "mlflow":
+        from mlflow import MlflowClient
+
+        client = MlflowClient(dest.removeprefix("mlflow+"))
+        exps = [e.experiment_id for e in client.search_experiments()]
+        found = "tags.`trackbridge.source_key` = 'test:run/parent'"  # as a user searches
+        (run,) = client.search_runs(exps, filter_string=found)
+        local = client.download_artifacts(run.info.run_id, "model/weights.bin", str(tmp_path))
+        return Path(local).read_bytes()
+    if name == "wandb":
+        root = Path(dest.removeprefix("wandb+offline://"))
+        (path,) = root.glob("wandb/offline-run-*/files/model/weights.bin")
+        return path.read_bytes()  # the file ``wandb sync`` uploads
+    return None
+
+
+def _once_each(name: str, dest: str, keys: set[str]) -> None:
+    copies = _native_copies(name, dest)
+    assert copies == Counter(dict.fromkeys(keys, 1)), copies
 
 
 def test_the_plugin_is_found_through_its_entry_point_alone():
@@ -85,12 +132,16 @@ def test_the_plugin_is_found_through_its_entry_point_alone():
     assert "jsonl:///ABS/PATH" in tracker.uri_help()
 
 
+KEYS = {"test:run/parent", "test:run/child", "test:run/plain"}
+WEIGHTS = bytes(range(256)) * 40
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Three runs every destination can hold, in a bundle."""
     d = tmp_path_factory.mktemp("conformance")
     blob = d / "weights.bin"
-    blob.write_bytes(bytes(range(256)) * 40)
+    blob.write_bytes(WEIGHTS)
     parent = f.run("test:run/parent", labels=["baseline"])
     child = f.run("test:run/child", parent_run_key="test:run/parent", status="failed")
     plain = f.run("test:run/plain", notes="a run with notes")
@@ -133,9 +184,8 @@ def test_a_round_trip_verifies_and_a_second_import_adds_nothing(name: str, sourc
     again = _copy(BundleSource(source), dest)
     # a bundle is a snapshot: exported into again, its runs are rewritten in place
     assert again.count("unchanged" if name != "bundle" else "updated") == 3, again
-    back = open_source(dest)
-    projects = back.projects(Selection())
-    assert len(back.runs(Selection(), projects)) == 3
+    _once_each(name, dest, KEYS)
+    assert _native_file(name, dest, tmp_path) in (None, WEIGHTS)
     assert _verify(BundleSource(source), dest) == []
 
 
@@ -166,19 +216,19 @@ def test_a_write_that_fails_half_way_is_completed_next_time(name: str, source: s
     second = _copy(BundleSource(source), dest)
     assert second.count("failed") == 0
     assert _verify(BundleSource(source), dest) == []  # verify reports duplicates too
+    _once_each(name, dest, KEYS)
 
 
 @pytest.mark.parametrize("name", WRITABLE)
 def test_a_dry_run_writes_nothing(name: str, source: str, tmp_path: Path):
     dest = _dest(name, tmp_path)
     report = engine.copy(BundleSource(source), open_sink(dest, dry_run=True), Selection())
-    if name != "bundle":  # a bundle has no dry run: it is the copy itself (documented)
-        assert report.count("new") == 3
-        try:
-            back = open_source(dest)
-        except TrackbridgeError:
-            return  # nothing there to read: nothing was written
-        assert back.runs(Selection(), back.projects(Selection())) == []
+    assert report.count("new") == 3 and sum(r.points for r in report.runs) == 352, report
+    try:
+        back = open_source(dest)
+    except TrackbridgeError:
+        return  # nothing there to read: nothing was written
+    assert back.runs(Selection(), back.projects(Selection())) == []
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +272,7 @@ def test_an_import_killed_at_a_random_moment_is_completed_by_the_next(
     assert again.returncode == 0, again.stderr[-2000:]
     diffs, stats = verify(BundleSource(big_source), open_source(dest), Selection())
     assert diffs == [] and stats["runs"] == 4 and stats["points"] == 20_000, (killed, diffs)
+    _once_each(name, dest, {f"test:run/big{i}" for i in range(4)})
 
 
 class _Planted(BundleSource):
@@ -274,8 +325,3 @@ def test_damaged_input_is_one_line(name: str, source: str, tmp_path: Path, plugi
     assert p.returncode in (ExitCode.PARTIAL, ExitCode.BAD_INPUT), f"{victim}: {p.returncode} {p.stderr}"
     line = one_line(p.stderr)
     assert victim.name in line, line  # names the file (and the byte, where it is a format)
-
-
-def test_every_schema_table_a_run_carries_is_kept_by_the_plugin():
-    """The plug-in keeps the run's tables whole (its reader is the other half of the test)."""
-    assert set(jsonl_tracker.TABLES) <= set(schema.TABLES)

@@ -4,10 +4,10 @@ be exported into one and any destination imported from one. A plain path is a bu
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from trackbridge.tracker import Capabilities, Target, Tracker
+from trackbridge.uri import folder_destination
 
 
 def _open_source(t: Target, **options: Any) -> Any:
@@ -19,13 +19,7 @@ def _open_source(t: Target, **options: Any) -> Any:
 def _open_sink(t: Target, **options: Any) -> Any:
     from trackbridge.bundle import BundleWriter
 
-    return BundleWriter(t.inner)  # a bundle has no dry run: it is the copy itself
-
-
-def _check_destination(t: Target) -> None:
-    from trackbridge.uri import writable_folder
-
-    writable_folder(t, Path(t.inner))
+    return BundleWriter(t.inner, **options)
 
 
 TRACKER = Tracker(
@@ -38,7 +32,7 @@ TRACKER = Tracker(
     parse=lambda scheme, rest, raw: rest,
     open_source=_open_source,
     open_sink=_open_sink,
-    check_destination=_check_destination,
+    check_destination=folder_destination,
     canonical=lambda t: f"bundle://{os.path.realpath(t.inner)}",
     scratch=lambda folder: f"bundle://{folder / 'bundle'}",
     order=80,

@@ -17,8 +17,6 @@ from trackbridge.model import (
 )
 from trackbridge.trackers.mlflow import common as mc
 
-_PAGE = 1000  # registered models a request
-
 
 def _model_points(models: list[Any]) -> Links:
     """Metric key → (step, timestamp, value) → (model key, dataset name, dataset digest)
@@ -122,7 +120,7 @@ class ModelsReader:
             }
         filtered = bool(sel.projects or sel.runs or sel.since or sel.until)
         models = list(
-            mc.paged(lambda t: self.client.search_registered_models(max_results=_PAGE, page_token=t))
+            mc.paged(lambda t: self.client.search_registered_models(max_results=mc.PAGE, page_token=t))
         )
         versions = list(
             mc.paged(lambda t: self.client.search_model_versions(max_results=10000, page_token=t))

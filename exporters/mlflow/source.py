@@ -29,8 +29,6 @@ from trackbridge.model import (
 )
 from trackbridge.trackers.mlflow import common as mc
 
-PAGE = 1000  # experiments, runs and versions a request
-
 
 class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
     def __init__(self, tracking_uri: str, safe: str | None = None) -> None:
@@ -106,7 +104,7 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
                 self._exps = list(
                     mc.paged(
                         lambda t: self.client.search_experiments(
-                            view_type=ViewType.ALL, max_results=PAGE, page_token=t
+                            view_type=ViewType.ALL, max_results=mc.PAGE, page_token=t
                         )
                     )
                 )
@@ -132,7 +130,7 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
                     experiment_ids=chunk,
                     filter_string=" and ".join(filters),
                     run_view_type=view,
-                    max_results=PAGE,
+                    max_results=mc.PAGE,
                     order_by=["attributes.start_time ASC"],
                     page_token=t,
                 )

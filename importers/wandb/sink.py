@@ -43,12 +43,13 @@ from trackbridge.errors import DestinationError, MissingExtraError
 from trackbridge.importers.wandb.history import History
 from trackbridge.model import ArtifactPayload, RunPayload
 from trackbridge.report import RunReport
+from trackbridge.trackers.wandb import TRACKER
 from trackbridge.trackers.wandb import common as wc
 from trackbridge.write import RunWriter
 
 FORMAT = 1  # bump when the way runs are written changes: every run is then rewritten
 MARKER = "trackbridge.json"
-MAX_LABEL = 64
+MAX_LABEL: int = TRACKER.capabilities.limits.tag_value_chars  # type: ignore[assignment]  # W&B tags
 BAD_PROJECT = re.compile(r"[/\\#?%:]")
 BAD_ARTIFACT = re.compile(r"[^\w.-]")
 

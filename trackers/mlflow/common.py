@@ -219,6 +219,9 @@ def create_once(create: Callable[[], Any], find: Callable[[], Any]) -> Any:
     return POLICY.call(go)
 
 
+PAGE = 1000  # experiments, runs, versions and registered models a search request
+
+
 def paged(search: Callable[[str | None], Any]) -> Iterator[Any]:
     """Every item of a paged MLflow search; ``search(token)`` returns one PagedList."""
     token = None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trackbridge.tracker import Capabilities, Limits, Target, Tracker, local_path
+from trackbridge.uri import folder_canonical, folder_destination
 
 OFFLINE = "wandb+offline"
 ONLINE = "wandb"
@@ -46,16 +47,12 @@ def _open_sink(t: Target, **options: Any) -> Any:
 
 def _check_destination(t: Target) -> None:
     if t.scheme == OFFLINE:
-        from trackbridge.uri import writable_folder
-
-        writable_folder(t, Path(t.inner))
+        folder_destination(t)
 
 
 def _canonical(t: Target) -> str:
-    import os
-
     if t.scheme == OFFLINE:
-        return f"{OFFLINE}://{os.path.realpath(t.inner.split('?', 1)[0])}"
+        return folder_canonical(t)
     return "wandb://" + "/".join(p for p in t.inner.split("?")[0].split("/") if p)
 
 
