@@ -83,8 +83,6 @@ class LockedError(TrackbridgeError):
 # -- configuration
 
 
-
-
 # -- the state folder
 
 _STATE_SCHEMA = """

@@ -125,6 +125,13 @@ class Tracker:
     canonical: Callable[[Target], str] | None = None  # one spelling per place
     transient: Callable[[BaseException], bool] | None = None  # errors worth retrying
     bookkeeping_tags: tuple[str, ...] = ()  # tags its reader reports that hold no user data
+    # native landing (trackbridge.native): its reader's key for a system metric -> the
+    # neutral name (None: not a system metric), and the neutral name -> its writer's key
+    system_metric: Callable[[str], str | None] | None = None
+    system_metric_key: Callable[[str], str] | None = None
+    # series its reader passes on that the tracker itself keeps in every run (W&B's
+    # ``_runtime``): a destination keeps them out of the user's metrics
+    bookkeeping_metrics: tuple[str, ...] = ()
     # the key an earlier trackbridge gave an object whose key form has changed since, so
     # destinations written before are still recognised
     legacy_key: Callable[[str], str] | None = None

@@ -215,4 +215,3 @@ class RunWriter(ABC):
     @staticmethod
     def _complete(run: Found, fp: Fingerprint) -> bool:
         return run.current and run.fingerprint is not None and run.fingerprint == fp.value
-

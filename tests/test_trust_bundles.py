@@ -87,7 +87,10 @@ def _dest_state(db: Path) -> dict[str, dict]:
         for p in root.rglob("*") if root.exists() else []:
             if p.is_file():
                 files[p.relative_to(root).as_posix()] = p.read_bytes()
-        out[r.data.tags[mc.TAG_SOURCE_KEY]] = {"complete": mc.TAG_FINGERPRINT in r.data.tags, "files": files}
+        out[r.data.tags[mc.TAG_SOURCE_KEY]] = {
+            "complete": "fingerprint" in mc.run_state(r.data.tags),
+            "files": files,
+        }
     return out
 
 

@@ -17,6 +17,7 @@ import pytest
 from trackbridge import schema
 from trackbridge.errors import BadInputError
 from trackbridge.model import Selection
+from trackbridge.trackers.mlflow import common as mc
 from trackbridge.trackers.wandb.leveldb import BLOCK, RecordLog
 
 from tests.conftest import run_cli
@@ -194,7 +195,7 @@ def test_migrate_to_mlflow_keeps_everything_and_is_idempotent(wandb_demo: Path, 
     assert base.data.params["amp"] == "true"
     tags = base.data.tags
     assert tags["run.group"] == "sweep-1" and tags["run.job_type"] == "train"
-    assert tags["label.baseline"] == "" and tags["label.resnet"] == ""
+    assert tags["label.baseline"] == "true" and tags["label.resnet"] == "true"
     assert tags["mlflow.note.content"] == "First baseline of the demo sweep"
     assert base.info.status == "FINISHED" and runs["diverged"].info.status == "FAILED"
     hist = client.get_metric_history(base.info.run_id, "train/loss")
@@ -237,7 +238,7 @@ def test_corrupt_run_fails_alone_and_is_not_marked_complete(wandb_demo: Path, tm
     exp = client.get_experiment_by_name("demo-research")
     names = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert {"diverged", "resumed"} <= set(names)
-    assert "baseline" not in names or "trackbridge.fingerprint" not in names["baseline"].data.tags
+    assert "baseline" not in names or "fingerprint" not in mc.run_state(names["baseline"].data.tags)
 
 
 def test_fast_path_gives_exactly_what_the_sdk_classes_give(wandb_demo: Path) -> None:

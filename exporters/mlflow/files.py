@@ -46,7 +46,8 @@ class FilesReader:
                     return json.load(f)
             except Exception as e:
                 raise BadInputError(
-                    f"run {run_id} is tagged {mc.TAG_MAPPED} but its {mc.MAPPING_ARTIFACT} cannot be read "
+                    f"run {run_id} says ({mc.TAG_STATE}) it has mapped values, but its "
+                    f"{mc.MAPPING_ARTIFACT} cannot be read "
                     f"({first_line(e)}); its mapped params and tags cannot be restored"
                 ) from e
 
@@ -65,10 +66,14 @@ class FilesReader:
                 series_path = os.path.join(local, "series.parquet")
                 if os.path.exists(series_path):
                     out["series"] = pq.read_table(series_path).cast(schema.SCHEMAS["series"])
+                kept_path = os.path.join(local, posixpath.basename(mc.KEPT_METRICS_ARTIFACT))
+                if os.path.exists(kept_path):
+                    out["kept_metrics"] = pq.read_table(kept_path).cast(schema.SCHEMAS["metrics"])
                 return out
             except Exception as e:
                 raise BadInputError(
-                    f"run {run_id} is tagged {mc.TAG_EXTRAS} but its {mc.MAPPING_DIR}/ files cannot be read "
+                    f"run {run_id} says ({mc.TAG_STATE}) it has extras, but its "
+                    f"{mc.MAPPING_DIR}/ files cannot be read "
                     f"({first_line(e)}); its summary, series and artifacts cannot be restored"
                 ) from e
 

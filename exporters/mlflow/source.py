@@ -30,6 +30,18 @@ from trackbridge.model import (
 from trackbridge.trackers.mlflow import common as mc
 
 
+def _own_metric_keys(metrics: Any, renamed: dict[str, str], shown: dict[str, Any]) -> list[str]:
+    """The run's metric keys that hold its source's history, in the order of the names
+    they restore to: not what the importer added for the runs table (summary values),
+    not a bookkeeping series it keeps in a file, and not a key an earlier import wrote
+    under the original name that a later one moved to a native one (an upgraded run has
+    both, with the same points)."""
+    added = set(shown.get("metrics", [])) | set(shown.get("hidden", []))
+    moved = {orig for k, orig in renamed.items() if k in metrics}
+    keys = [k for k in metrics if k not in added and (k in renamed or k not in moved)]
+    return sorted(keys, key=lambda k: renamed.get(k, k))
+
+
 class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
     def __init__(self, tracking_uri: str, safe: str | None = None) -> None:
         self.uri = tracking_uri
@@ -53,10 +65,11 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         tags = dict(tags)
         src = tags.get(mc.TAG_SOURCE_KEY)
         if src:
+            origin = mc.run_state(tags).get("source")
             with self._lock:
                 self._origin[key] = src
-                if mc.TAG_SOURCE in tags:
-                    self._origin_source[key] = tags[mc.TAG_SOURCE]
+                if origin:
+                    self._origin_source[key] = origin
 
     def _check_reachable(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -180,7 +193,18 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         key = run["run_key"]
         tags = dict(r.data.tags)
         repo = self._run_repo(r)
-        mapping = self._mapping(run_id, repo) if mc.TAG_MAPPED in tags else {}
+        state = mc.run_state(tags)
+        mapping = self._mapping(run_id, repo) if "mapped" in state else {}
+        extras = self._extras(run_id, repo) if "extras" in state else {}
+        # what the importer added so MLflow's UI shows the run natively: taken back out
+        shown = extras.get("native") or {}
+        for k in shown.get("tags", []):
+            tags.pop(k, None)
+        for k, original in (shown.get("restore_tags") or {}).items():
+            if original is None:
+                tags.pop(k, None)
+            else:
+                tags[k] = original
         params = dict(r.data.params)
         param_rows = []
         restored_params = mapping.get("params", {})
@@ -216,10 +240,10 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
             else:
                 tag_rows.append({"run_key": key, "key": orig["key"], "value": orig["value"]})
         run = {**run, "labels": sorted(labels)}
-        extras = self._extras(run_id, repo) if mc.TAG_EXTRAS in tags else {}
         run.update(extras.get("run", {}))
         renamed_metrics = mapping.get("metrics", {})
-        metric_keys = sorted(r.data.metrics)
+        metric_keys = _own_metric_keys(r.data.metrics, renamed_metrics, shown)
+        kept_metrics = extras.get("kept_metrics")
         models = self._logged_models_of(run_id)
         model_points = _model_points(models)
         datasets = [
@@ -237,10 +261,11 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         ]
         source_arts = [self._source_artifact(repo, a) for a in extras.get("artifacts", [])]
         # our own files, only where the tags say we wrote them: a user's are theirs
-        ours = [mc.MAPPING_ARTIFACT] if mc.TAG_MAPPED in tags else []
-        if mc.TAG_EXTRAS in tags:
-            ours += [mc.EXTRAS_ARTIFACT, mc.SERIES_ARTIFACT]
+        ours = [mc.MAPPING_ARTIFACT] if "mapped" in state else []
+        if "extras" in state:
+            ours += [mc.EXTRAS_ARTIFACT, mc.SERIES_ARTIFACT, mc.KEPT_METRICS_ARTIFACT]
             ours += [mc.artifact_dir(a.row) + "/" for a in source_arts]
+            ours += shown.get("files", [])
         skip = tuple(ours)
         artifacts = [self._run_files(r, repo, skip), *source_arts]
         artifacts += [self._logged_model_artifact(m, run["project_key"]) for m in models]
@@ -251,6 +276,8 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         series = extras.get("series")
 
         def metrics() -> Iterator[pa.RecordBatch]:
+            if kept_metrics is not None:
+                yield from kept_metrics.replace_schema_metadata(None).to_batches()
             for mk in metric_keys:
                 yield from self._history_table(
                     key, run_id, mk, renamed_metrics.get(mk, mk), model_points
@@ -270,12 +297,9 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
 
     # -- metrics
 
-
     # -- artifacts
 
-
     # -- MLflow 3 logged models
-
 
     def artifacts(self, sel: Selection, projects: list[dict[str, Any]]) -> Iterator[ArtifactPayload]:
         """Logged models that no run produced (a run's own ones travel with the run)."""

@@ -283,9 +283,7 @@ class RunBuilder(HistoryTables):
                 wc.set_path(tree, list(path), json.loads(text))  # str or bytes
         return tree
 
-
     # -- the same, from the online API's dicts (exporters.wandb_online)
-
 
     def set_config(self, config: dict[str, Any]) -> None:
         for path, v in wc.flatten(config):
@@ -298,7 +296,6 @@ class RunBuilder(HistoryTables):
             self._summary_ops[tuple(path)] = schema.dumps_value(v)
 
     # -- results
-
 
     def summary_rows(self) -> list[dict[str, Any]]:
         meta = self.config.get(wc.META_KEY)

@@ -188,8 +188,6 @@ class WandbOfflineSource(TrackerSource):
         )
 
 
-
-
 def _run_files(rf: RunFiles, dirs: list[Path]) -> ArtifactPayload:
     """The run's ``files/`` folder (media, saved files): a later segment's copy wins."""
     by_path: dict[str, Path] = {}
@@ -225,6 +223,3 @@ def _run_files(rf: RunFiles, dirs: list[Path]) -> ArtifactPayload:
 # nested key and one value_json, which ``FastDecoder`` checks; a batch that does not (a media
 # value, a typed value) goes record by record through the SDK's classes instead. The
 # fast path skips work; it never changes a result (tests compare both paths).
-
-
-

@@ -18,8 +18,10 @@ from trackbridge.report import RunReport
 from trackbridge.trackers.mlflow import common as mc
 
 
-def extras_of(payload: RunPayload) -> dict[str, Any] | None:
-    """The run's data that MLflow has no field for, as one JSON document (None if empty)."""
+def extras_of(payload: RunPayload, shown: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The run's data that MLflow has no field for, as one JSON document (None if empty),
+    and what the importer added to make the rest native (``shown``: the exporter takes
+    it back out)."""
     arts = [a for a in payload.artifacts if a.row["type"] not in ("run-files", schema.LOGGED_MODEL)]
     own = {a.row["artifact_key"] for a in payload.artifacts if a.row["type"] == schema.LOGGED_MODEL}
     usage = [u for u in payload.artifact_usage.to_pylist() if u["artifact_key"] not in own]
@@ -28,10 +30,14 @@ def extras_of(payload: RunPayload) -> dict[str, Any] | None:
         for k in ("fork_parent_run_key", "fork_step", "step_scale")
         if payload.run.get(k) is not None
     }
-    if not (arts or usage or run or payload.summary.num_rows):
+    if not payload.run.get("name"):
+        run["name"] = None  # MLflow's run is named after the source id (``display_name``)
+    shown = {k: v for k, v in (shown or {}).items() if v}
+    if not (arts or usage or run or payload.summary.num_rows or shown):
         return None
     return {
         "version": 1,
+        "native": shown,
         "run": run,
         "summary": [{"path": r["path"], "value_json": r["value_json"]} for r in payload.summary.to_pylist()],
         "artifacts": [
@@ -91,26 +97,42 @@ def upload_one(local: str, rel: str, log: Any) -> None:
 class FilesWriter:
     """Run files, datasets and extras."""
 
-    def _write_extras(self, run_id: str, payload: RunPayload, report: RunReport) -> None:
-        """Keep what MLflow has no field for in run files the exporter reads back."""
-        extras = extras_of(payload)
+    def _write_extras(
+        self,
+        run_id: str,
+        payload: RunPayload,
+        report: RunReport,
+        shown: dict[str, Any] | None = None,
+        kept: list[pa.RecordBatch] | None = None,
+    ) -> bool:
+        """Keep what MLflow has no field for in run files the exporter reads back: the
+        summary and series, source artifacts and lineage, and the source's bookkeeping
+        series (``kept``, W&B's ``_runtime``), which are no user's metrics. Returns whether
+        it wrote any (the run's state says so: the exporter then reads them)."""
+        import pyarrow.parquet as pq
+
+        if kept:
+            shown = shown or {}
+            hidden = {k for b in kept for k in b.column("key").to_pylist()} | set(shown.get("hidden") or [])
+            shown = {**shown, "hidden": sorted(hidden)}
+        extras = extras_of(payload, shown)
         if extras is None and payload.series.num_rows == 0:
-            return
+            return False
         with temp_dir() as d:
             if extras is not None:
                 (d / "extras.json").write_text(json.dumps(extras, indent=1, ensure_ascii=False, default=str))
             if payload.series.num_rows:
-                import pyarrow.parquet as pq
-
                 pq.write_table(payload.series, d / "series.parquet")
+            if kept:
+                pq.write_table(pa.Table.from_batches(kept), d / "metrics.parquet")
             self.client.log_artifacts(run_id, str(d), mc.MAPPING_DIR)
-        self.client.set_tag(run_id, mc.TAG_EXTRAS, "1")
         if payload.summary.num_rows:
             n = payload.summary.num_rows
             report.mapped("summary-kept", "summary", f"{n} value(s) in {mc.EXTRAS_ARTIFACT}")
         if payload.series.num_rows:
             n = payload.series.num_rows
             report.mapped("series-kept", "series", f"{n} value(s) in {mc.SERIES_ARTIFACT}")
+        return True
 
     def _upload_run_files(self, run_id: str, art: ArtifactPayload, existed: bool, report: RunReport) -> None:
         upload_missing(

@@ -88,9 +88,9 @@ class RunIdentity:
         written into it by this import."""
         keep = claims.keeper(
             copies,
-            lambda r: r.data.tags.get(mc.TAG_CLAIM),
+            lambda r: mc.run_state(r.data.tags).get("claim"),
             lambda r: r.info.run_id,
-            lambda r: mc.TAG_FINGERPRINT in r.data.tags,
+            lambda r: "fingerprint" in mc.run_state(r.data.tags),
         )
         notice = ("duplicate-removed", "deleted the others (tagged trackbridge.duplicate_of)")
         for r in copies:
@@ -163,9 +163,9 @@ class RunIdentity:
                     tags={
                         mc.TAG_USER: run.get("user") or "",
                         mc.TAG_SOURCE_KEY: key,
-                        mc.TAG_CLAIM: claims.new_claim(),
+                        mc.TAG_STATE: mc.state_text({"claim": claims.new_claim()}),
                     },
-                    run_name=run.get("name"),
+                    run_name=mc.display_name(run),
                 ),
                 lambda: self._search_run(raw, exp_id, key),
             )

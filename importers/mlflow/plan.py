@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-from trackbridge import fit, schema
+import pyarrow.compute as pc
+from trackbridge import fit, native, schema
 from trackbridge.report import RunReport
-from trackbridge.trackers.mlflow import LIMITS
+from trackbridge.tracker import Tracker
+from trackbridge.trackers.mlflow import LIMITS, TRACKER
 from trackbridge.trackers.mlflow import common as mc
 
 # MLflow's limits, as its declaration states them (trackbridge.trackers.mlflow)
@@ -20,7 +22,7 @@ MAX_TAG: int = LIMITS.tag_value_chars  # type: ignore[assignment]
 MAX_METRICS_PER_BATCH: int = LIMITS.metrics_per_batch  # type: ignore[assignment]
 MAX_PARAMS_TAGS_PER_BATCH: int = LIMITS.params_tags_per_batch  # type: ignore[assignment]
 MAX_BATCH_BYTES: int = LIMITS.batch_bytes  # type: ignore[assignment]
-MAPPING_VERSION = 1
+MAPPING_VERSION = 2  # 2: native landing (trackbridge.native)
 
 
 def fit_key(key: str) -> str:
@@ -38,8 +40,14 @@ def param_text(value_json: str, value_type: str) -> str:
 class Plan:
     """How one run's keys and values are fitted into MLflow, and the record to undo it."""
 
-    def __init__(self, report: RunReport) -> None:
+    def __init__(self, report: RunReport, source: Tracker | None = None) -> None:
         self.report = report
+        # the tracker the run came from: its system metrics get MLflow's names, its own
+        # bookkeeping series (W&B's _runtime) go to a private file (trackbridge.native)
+        self.source = source
+        self.hidden = pa.array(sorted(source.bookkeeping_metrics) if source else [], pa.string())
+        self.kept: list[pa.RecordBatch] = []
+        self.system_named = 0
         self.mapping: dict[str, Any] = {"version": MAPPING_VERSION, "params": {}, "tags": {}, "metrics": {}}
         self._param_keys = fit.KeySpace(LIMITS)
         self._tag_keys = fit.KeySpace(LIMITS)
@@ -100,7 +108,7 @@ class Plan:
             if key != original:
                 self.report.mapped("key-renamed", f"runs.labels.{label}", f"written as tag {key!r}")
                 self.mapping["tags"][key] = {"key": original, "value": ""}
-            out[key] = ""
+            out[key] = "true"  # a value, so that the runs table shows it and a filter finds it
         if run.get("source_incomplete"):
             out[mc.TAG_INCOMPLETE] = "true"
         if run.get("step_scale"):
@@ -126,9 +134,27 @@ class Plan:
             self._reported.add((kind, where, detail))
             self.report.mapped(kind, where, detail)
 
+    def keep_hidden(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch without the source's bookkeeping series, which are kept aside."""
+        if not len(self.hidden):
+            return batch
+        mask = pc.is_in(batch.column("key"), value_set=self.hidden)
+        if not pc.any(mask).as_py():
+            return batch
+        self.kept.append(batch.filter(mask))
+        return batch.filter(pc.invert(mask))
+
     def metric_key(self, original: str) -> str:
         k = self._metric_cache.get(original)
         if k is None:
+            system = native.system_metric_key(self.source, original, TRACKER)
+            if system is not None:
+                k = self._metric_keys.fit(system, original)
+                self._metric_cache[original] = k
+                self.system_named += 1
+                if k != original:
+                    self.mapping["metrics"][k] = original
+                return k
             k = self._metric_keys.fit(original)
             self._metric_cache[original] = k
             if k != original:

@@ -173,7 +173,7 @@ class PointsWriter:
         have: dict[str, Counter[tuple[int, int, str]]] = {}
         pending: list[dict[str, Any]] = []
         for batch in payload.metrics():
-            recs = to_records(batch, plan, self._model_ids)
+            recs = to_records(plan.keep_hidden(batch), plan, self._model_ids)
             if have_keys:
                 recs = self._missing(run_id, recs, have_keys, have)
             pending += recs

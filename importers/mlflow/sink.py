@@ -20,7 +20,7 @@ import re
 import threading
 from typing import Any
 
-from trackbridge import schema
+from trackbridge import native, schema
 from trackbridge.errors import DestinationError, first_line
 from trackbridge.files import temp_dir
 from trackbridge.importers.mlflow.files import (
@@ -29,6 +29,7 @@ from trackbridge.importers.mlflow.files import (
 )
 from trackbridge.importers.mlflow.identity import RunIdentity
 from trackbridge.importers.mlflow.models import ModelsWriter
+from trackbridge.importers.mlflow.native import NativeWriter, plan_native
 from trackbridge.importers.mlflow.plan import (
     MAPPING_VERSION,
     MAX_BATCH_BYTES,
@@ -51,7 +52,7 @@ from trackbridge.write import Attempt, Fingerprint, Found, RunWriter
 _CONFLICT = re.compile(r"UNIQUE constraint|unique constraint|Duplicate entry|IntegrityError", re.IGNORECASE)
 
 
-class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter):
+class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWriter, RunWriter):
     # the fingerprint's version: the source content digest plus this; a change re-imports
     FORMAT = f"m{MAPPING_VERSION}"
     KEEPS_TOKENS = True
@@ -70,6 +71,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
         self._model_ids: dict[str, str] = {}
         self._artifact_dirs: dict[str, tuple[str, str]] = {}  # artifact key -> (run id, folder)
         self._registry_failed = False
+        self._states: dict[str, dict[str, str]] = {}  # run id -> its TAG_STATE
         self._exp_locks: dict[str, threading.Lock] = {}
         self._creds = (
             self.client._tracking_client.store.get_host_creds()
@@ -102,10 +104,17 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
             raise DestinationError(f"{self.describe()}: cannot write ({first_line(e)})") from e
 
     def token_of(self, run: Found) -> str | None:
-        return run.state.data.tags.get(mc.TAG_SOURCE_TOKEN)
+        return mc.run_state(run.state.data.tags).get("token")
 
     def store_token(self, run_id: str, token: str) -> None:
-        self.client.set_tag(run_id, mc.TAG_SOURCE_TOKEN, token)
+        self._set_state(run_id, token=token)
+
+    def _set_state(self, run_id: str, **changes: str | None) -> None:
+        """Update the run's one bookkeeping tag (``TAG_STATE``), keeping what it held."""
+        with self._lock:
+            state = {**self._states.get(run_id, {}), **{k: v for k, v in changes.items() if v is not None}}
+            self._states[run_id] = state
+        self.client.set_tag(run_id, mc.TAG_STATE, mc.state_text(state))
 
     def finish(self) -> None:
         if self.dry_run:
@@ -155,7 +164,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
 
     # -- identity look-ups
 
-
     # -- runs
 
     def write_run(self, payload: RunPayload, report: RunReport) -> str:
@@ -197,7 +205,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
             return False
         fp = attempt.fingerprint or Fingerprint(payload, self.FORMAT).value
         return (
-            r.data.tags.get(mc.TAG_FINGERPRINT) == fp
+            mc.run_state(r.data.tags).get("fingerprint") == fp
             and r.info.lifecycle_stage == (payload.run.get("lifecycle") or "active")
             and mc.TAG_DUPLICATE_OF not in r.data.tags
         )
@@ -205,9 +213,12 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
     # -- the write template's primitives (trackbridge.write)
 
     def _found(self, r: Any, payload: RunPayload, existed: bool = True) -> Found:
+        state = mc.run_state(r.data.tags)
+        with self._lock:
+            self._states[r.info.run_id] = state
         return Found(
             r.info.run_id,
-            r.data.tags.get(mc.TAG_FINGERPRINT),
+            state.get("fingerprint"),
             current=r.info.lifecycle_stage == (payload.run.get("lifecycle") or "active"),
             existed=existed,
             state=r,
@@ -242,15 +253,15 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
                         self._model_ids[a.row["artifact_key"]] = m.model_id
 
     def fit(self, payload: RunPayload, found: Found | None, report: RunReport) -> Any:
-        plan = Plan(report)
+        plan = Plan(report, native.system_of(payload.key))
         params = plan.params(payload.params)
         tags = plan.tags(payload.tags, payload.run)
-        if self.origin:
-            tags[mc.TAG_SOURCE] = self.origin
-        return plan, params, tags
+        shown = plan_native(payload, tags, report)
+        tags.update(shown.tags)
+        return plan, params, tags, shown
 
     def write(self, payload: RunPayload, found: Found, fitted: Any, report: RunReport) -> None:
-        plan, params, tags = fitted
+        plan, params, tags, shown = fitted
         run, key, run_id = payload.run, payload.key, found.id
         existing = found.state if found.existed else None
         exp_id = self._exp_ids[run["project_key"]]
@@ -275,6 +286,8 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
             if art.row["type"] == schema.LOGGED_MODEL:
                 self._write_logged_model(art, exp_id, run_id, report)
         self._write_metrics(run_id, payload, plan, have_metric_keys if existing else None, report)
+        previous = self._previous_native(run_id, self._states.get(run_id, {})) if existing else {}
+        self._show_natively(run_id, payload, plan, shown, previous, existing is not None, report)
         for art in payload.artifacts:
             if art.row["type"] == "run-files":
                 self._upload_run_files(run_id, art, existing is not None, report)
@@ -282,14 +295,14 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
                 placed = under(art, mc.artifact_dir(art.row))
                 self._upload_run_files(run_id, placed, existing is not None, report)
         self._write_datasets(run_id, payload.dataset_inputs, existing)
-        self._write_extras(run_id, payload, report)
-
+        extras = self._write_extras(run_id, payload, report, shown.done(previous), plan.kept)
+        mapped = None
         if plan.mapping_needed():
             with temp_dir() as d:
                 p = d / "mapping.json"
                 p.write_text(json.dumps(plan.mapping, indent=1, ensure_ascii=False))
                 self.client.log_artifact(run_id, str(p), mc.MAPPING_DIR)
-            self.client.set_tag(run_id, mc.TAG_MAPPED, str(len(report.mappings)))
+            mapped = str(len(report.mappings))
 
         status = mc.TO_MLFLOW_STATUS.get(run.get("status") or "finished", "FINISHED")
         if existing is not None and run.get("name") and existing.info.run_name != run["name"]:
@@ -298,7 +311,9 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
             self.client.set_terminated(run_id, status, end_time=mc.dt_to_ms(run.get("end_time")))
         else:
             self.client.update_run(run_id, status=status)
-        self._forget_stale_tags(run_id, have_tags, tags)
+        self._set_state(run_id, source=self.origin, extras="1" if extras else None, mapped=mapped)
+        stale = set(previous.get("tags") or []) - set(shown.summary_tags)
+        self._forget_stale_tags(run_id, have_tags, tags, stale)
 
     def _write_fields(
         self,
@@ -339,7 +354,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
 
     def seal(self, payload: RunPayload, found: Found, fingerprint: str, report: RunReport) -> None:
         run_id = found.id
-        self.client.set_tag(run_id, mc.TAG_FINGERPRINT, fingerprint)
+        self._set_state(run_id, fingerprint=fingerprint)
         if payload.run.get("lifecycle") == "deleted":
             # After the marker: MLflow refuses writes to a deleted run. A kill in between
             # is caught by the lifecycle check (Found.current) of the next import.
@@ -347,7 +362,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
                 lambda: self.client.delete_run(run_id),
                 lambda: self.client.get_run(run_id).info.lifecycle_stage == "deleted",
             )
-
 
     def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]:
         """Runs a completed import left in the project's experiment: source key ->
@@ -358,18 +372,23 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
             return {}
         out = {}
         for k, r in self._runs_index(exp_id).items():
-            if mc.TAG_FINGERPRINT in r.data.tags:
-                out[k] = (r.data.tags.get(mc.TAG_SOURCE_TOKEN), r.info.run_id)
+            state = mc.run_state(r.data.tags)
+            if "fingerprint" in state:
+                out[k] = (state.get("token"), r.info.run_id)
         return out
 
-    def _forget_stale_tags(self, run_id: str, have: dict[str, str], wanted: dict[str, str]) -> None:
+    def _forget_stale_tags(
+        self, run_id: str, have: dict[str, str], wanted: dict[str, str], stale: set[str]
+    ) -> None:
         """Tags an earlier import set from run state the source no longer has: a run no
-        longer incomplete or crashed, a W&B tag removed. Left alone, they would lie."""
+        longer incomplete or crashed, a W&B tag or summary text removed (``stale``). Left
+        alone, they would lie. And the separate bookkeeping tags of an earlier
+        trackbridge, now in ``TAG_STATE``."""
         from mlflow.exceptions import MlflowException
 
-        derived = (mc.TAG_INCOMPLETE, mc.TAG_SOURCE_STATUS)
+        derived = (mc.TAG_INCOMPLETE, mc.TAG_SOURCE_STATUS, *mc.LEGACY_STATE_TAGS)
         for k in have:
-            if k not in wanted and (k in derived or k.startswith(mc.LABEL_PREFIX)):
+            if k not in wanted and (k in derived or k in stale or k.startswith(mc.LABEL_PREFIX)):
                 try:
                     self.client.delete_tag(run_id, k)
                 except MlflowException as e:
@@ -384,7 +403,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
                 if a.row["type"] not in ("run-files", schema.LOGGED_MODEL):
                     self._artifact_dirs[a.row["artifact_key"]] = (run_id, mc.artifact_dir(a.row))
 
-
     def _log_params_tags(self, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
 
@@ -397,10 +415,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, RunWriter
                 synchronous=True,
             )
 
-
     # -- MLflow 3 logged models
 
-
     # -- registry
-
-

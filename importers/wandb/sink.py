@@ -331,5 +331,3 @@ def artifact_name(row: dict[str, Any]) -> tuple[str, str]:
     if kind in wc.RESERVED_ARTIFACT_TYPES:
         kind = f"trackbridge-{kind}"
     return BAD_ARTIFACT.sub("-", row["name"] or "artifact"), kind
-
-

@@ -64,6 +64,10 @@ def _legacy_key(key: str) -> str:
     return key
 
 
+# where MLflow's system metrics monitor logs, and its UI's System metrics tab looks
+SYSTEM = "system/"
+
+
 def _open_source(t: Target, **options: Any) -> Any:
     from trackbridge.exporters.mlflow.source import MlflowSource
 
@@ -113,6 +117,9 @@ TRACKER = Tracker(
     # the tag it maintains on a logged model for the versions made from it
     bookkeeping_tags=("mlflow.parentRunId", "mlflow.user", "mlflow.runName", "mlflow.modelVersions"),
     legacy_key=_legacy_key,
+    # MLflow's own system metric names are the neutral ones (trackbridge.native)
+    system_metric=lambda key: key[len(SYSTEM) :] if key.startswith(SYSTEM) else None,
+    system_metric_key=lambda name: SYSTEM + name,
     process_env=(("MLFLOW_DISABLE_TELEMETRY", "true"),),
     demo=_demo,
     scratch=lambda folder: f"mlflow+{uris.sqlite_url(folder / 'mlflow.db')}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -58,8 +59,24 @@ TAG_STEP_SCALE = "trackbridge.step_scale"  # metric steps are the exact step × 
 # What MLflow has no field for (summary, series, non-MLflow artifacts and lineage, fork
 # points) travels in these run files, which the exporter reads back.
 TAG_EXTRAS = "trackbridge.extras"
+# A run's bookkeeping beyond its identity, in one tag, so that MLflow's runs table shows
+# trackbridge in two columns (the source key and this) rather than six: its claim, source,
+# fingerprint, change token and which of its own files it wrote ("extras", "mapped").
+# Runs written before 0.3 hold one tag each (the TAG_* above): ``run_state`` reads both.
+TAG_STATE = "trackbridge.state"
+_STATE_TAGS = {
+    "claim": TAG_CLAIM,
+    "source": TAG_SOURCE,
+    "fingerprint": TAG_FINGERPRINT,
+    "token": TAG_SOURCE_TOKEN,
+    "extras": TAG_EXTRAS,
+    "mapped": TAG_MAPPED,
+}
+LEGACY_STATE_TAGS = tuple(_STATE_TAGS.values())
 EXTRAS_ARTIFACT = "trackbridge/extras.json"
 SERIES_ARTIFACT = "trackbridge/series.parquet"
+# The source's bookkeeping series (W&B's _runtime), kept out of the user's metrics
+KEPT_METRICS_ARTIFACT = "trackbridge/metrics.parquet"
 # Source artifacts (W&B artifacts, Neptune files) land under this run folder.
 ARTIFACTS_DIR = "artifacts"
 
@@ -93,6 +110,33 @@ TO_MLFLOW_STATUS = {
     "crashed": "FAILED",
 }
 FROM_MLFLOW_STATUS = {v: k for k, v in TO_MLFLOW_STATUS.items() if k != "crashed"}
+
+
+def run_state(tags: dict[str, str]) -> dict[str, str]:
+    """A run's bookkeeping (``TAG_STATE``), from its one tag or from the separate tags an
+    earlier trackbridge wrote; an unreadable state counts as none (the run is written
+    again, never skipped on a guess)."""
+    out = {f: tags[t] for f, t in _STATE_TAGS.items() if t in tags}
+    text = tags.get(TAG_STATE)
+    if text:
+        try:
+            got = json.loads(text)
+        except ValueError:
+            got = None
+        if isinstance(got, dict):
+            out.update({k: v for k, v in got.items() if k in _STATE_TAGS and isinstance(v, str)})
+    return out
+
+
+def state_text(state: dict[str, str]) -> str:
+    return json.dumps(dict(sorted(state.items())), separators=(",", ":"))
+
+
+def display_name(run: dict[str, Any]) -> str | None:
+    """The run's name in MLflow. A source run without one (a W&B offline run is named
+    only when synced) is called by its source id, which its users know, rather than a
+    random name MLflow would make up; the exporter restores the missing name."""
+    return run.get("name") or run.get("source_id") or None
 
 
 def artifact_dir(row: dict[str, Any]) -> str:

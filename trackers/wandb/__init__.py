@@ -56,6 +56,12 @@ def _canonical(t: Target) -> str:
     return "wandb://" + "/".join(p for p in t.inner.split("?")[0].split("/") if p)
 
 
+def _system_metric(key: str) -> str | None:
+    from trackbridge.trackers.wandb.system import neutral_name
+
+    return neutral_name(key)
+
+
 def _demo(root: Path, say: Callable[[str], None]) -> str:
     from trackbridge.trackers.wandb.demo import make_wandb_demo
 
@@ -90,6 +96,9 @@ TRACKER = Tracker(
     check_destination=_check_destination,
     canonical=_canonical,
     in_process=lambda t: t.scheme == OFFLINE,
+    system_metric=_system_metric,
+    # W&B's clock since the run started, in every history row
+    bookkeeping_metrics=("_runtime",),
     # a trackbridge process runs its own W&B service: attached to a parent's, a killed
     # import would leave its runs open there, and the next one fail with "run ID in use"
     process_env=(("WANDB_SERVICE", None),),

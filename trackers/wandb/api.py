@@ -151,6 +151,7 @@ class SdkApi:
     def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str:
         return self.policy.call(lambda: art.handle.get_entry(path).download(root=folder))
 
+
 def wandb_time(value: Any) -> datetime | None:
     """W&B gives ISO times, with or without a zone (UTC either way)."""
     if value is None or value == "":
