@@ -71,9 +71,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("host", STR),
             ("source_url", STR),
             ("source_incomplete", pa.bool_()),
-            # Neptune's decimal steps: this run's metric and series ``step`` is the exact
-            # step × step_scale (a power of ten); null means 1, integer steps as logged.
+            # Neptune's decimal steps, as bundles before 0.3 wrote them: every metric and
+            # series ``step`` of the run is the exact step × step_scale (a power of ten)
             ("step_scale", pa.int64()),
+            # ... and since: per key, a JSON object {key: scale} of the keys whose steps
+            # are the exact step × scale; every other key's steps are as logged
+            ("step_scales", STR),
         ]
     ),
     "params": pa.schema(
@@ -182,7 +185,7 @@ TABLES = tuple(SCHEMAS)
 
 # Nullable columns added to schema v1 after its first bundles were written. A bundle
 # without them still reads: they come back null, which is what the older writer meant.
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"runs": ("step_scale",)}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"runs": ("step_scale", "step_scales")}
 
 # Run states in the neutral schema. Adapters map their own vocabulary onto these.
 RUN_STATUSES = ("running", "scheduled", "finished", "failed", "killed", "crashed")

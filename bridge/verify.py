@@ -50,6 +50,7 @@ RUN_FIELDS = (
     "labels",
     "source_incomplete",
     "step_scale",
+    "step_scales",
 )
 # The time unit both sides keep, in microseconds; set for the length of one verify.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -70,7 +70,8 @@ def test_legacy_offline_run_reads_every_field(neptune_data: dict[str, Path]) -> 
     assert r["name"] == "legacy run" and r["notes"] == "a 1.x run" and r["status"] == "finished"
     assert r["labels"] == ["baseline", "cnn", "extra"]
     assert r["project_key"] == "neptune:project/offline/legacy"  # 1.x offline runs hold no project
-    assert r["start_time"] is not None and r["step_scale"] == 10  # steps 0, 0.5, 1, ...
+    # steps 0, 0.5, 1, ... of two keys; eval/acc's 0, 1, 2 and the image's 0 stay as logged
+    assert r["start_time"] is not None and json.loads(r["step_scales"]) == {"train/log": 10, "train/loss": 10}
     p = _params(run)
     assert p["parameters/lr"] == ("0.001", "float") and p["parameters/epochs"] == ("3", "int")
     assert p["parameters/augment"] == ("true", "bool") and p["parameters/model/depth"] == ("18", "int")
@@ -81,7 +82,7 @@ def test_legacy_offline_run_reads_every_field(neptune_data: dict[str, Path]) -> 
     # the 1.x client itself drops NaN with a warning: it never reaches the log
     assert [s for s, _ in pts["train/loss"]] == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]
     assert pts["train/loss"][1][1] == 0.5
-    assert pts["eval/acc"] == [(0, 0.5), (10, 0.6), (20, 0.7)]  # no step given: 0, 1, 2 (× 10)
+    assert pts["eval/acc"] == [(0, 0.5), (1, 0.6), (2, 0.7)]  # no step given: 0, 1, 2, unscaled
     kinds = {(s["key"], s["kind"]) for s in run.series.to_pylist()}
     assert kinds == {("train/log", "string"), ("samples", "neptune-file")}
     files = {f.path: f for f in run.artifacts[0].files}
@@ -106,7 +107,8 @@ def test_scale_offline_runs_read_every_field(neptune_data: dict[str, Path]) -> N
         and base.run["start_time"].isoformat() == "2025-01-02T03:04:05+00:00"
     )
     assert base.run["labels"] == ["family-a", "gpu", "sweep"]
-    assert base.run["step_scale"] == 100
+    # only the keys logged at quarter steps are scaled (issue 16): the others keep theirs
+    assert json.loads(base.run["step_scales"]) == {"train/acc": 100, "train/loss": 100}
     assert fork.run["fork_parent_run_key"] == base.key and fork.run["fork_step"] == 1.5
     p = _params(base)
     assert p["params/batch"] == ("64", "int") and p["params/aug"] == ('["crop","flip"]', "string_set")
@@ -114,15 +116,15 @@ def test_scale_offline_runs_read_every_field(neptune_data: dict[str, Path]) -> N
     pts = _points(base)
     assert [s for s, _ in pts["train/loss"]] == [0, 25, 50, 75, 100, 125, 150, 175]
     # a preview point a final value replaced is gone; one never replaced stays
-    assert pts["val/loss"] == [(300, 0.8), (400, 0.7)]
+    assert pts["val/loss"] == [(3, 0.8), (4, 0.7)]
     series = {(s["key"], s["step"]): s for s in base.series.to_pylist()}
-    assert json.loads(series[("weights/hist", 100)]["value_json"]) == {
+    assert json.loads(series[("weights/hist", 1)]["value_json"]) == {
         "_type": "histogram",
         "bins": [0, 0.5, 1],
         "values": [3, 5],
     }
-    assert json.loads(series[("logs/stdout", 200)]["value_json"]) == "epoch 2 done"
-    assert series[("media/frame", 100)]["file_path"] == "media/frame/1.bin"
+    assert json.loads(series[("logs/stdout", 2)]["value_json"]) == "epoch 2 done"
+    assert series[("media/frame", 1)]["file_path"] == "media/frame/1.bin"
     paths = {f.path for f in base.artifacts[0].files}
     assert {"files/notes/notes.txt", "media/frame/0.bin", "media/frame/1.bin"} <= paths
     assert any(n[0] == "source-file-missing" and "gone.txt" in n[2] for n in base.source_notes)
@@ -133,7 +135,7 @@ def test_exporter_parquet_reads_every_field_and_the_registry(neptune_data: dict[
     runs = _read(uri)
     r1, r2 = runs["RUN-1"], runs["RUN-2"]
     assert r1.run["name"] == "exported run" and r1.run["user"] == "alice" and r1.run["group"] == "exp-main"
-    assert r1.run["step_scale"] == 1_000_000  # a step of 0.000001
+    assert json.loads(r1.run["step_scales"])["train/loss"] == 1_000_000  # a step of 0.000001
     tags = {t["key"]: t["value"] for t in r1.tags.to_pylist()}
     assert tags["sys/custom_run_id"] == "custom-abc" and tags["sys/id"] == "EXP-1"
     steps = [s for s, _ in _points(r1)["train/loss"]]
@@ -194,7 +196,10 @@ def test_neptune_to_mlflow_field_by_field_and_again(
     c = MlflowClient(f"sqlite:///{db}")
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     by_scale = {r.data.tags.get("trackbridge.step_scale") for r in runs}
-    assert {"10", "100", "1000000"} & by_scale  # each fixture has a run with decimal steps
+    # each fixture has a run with decimal steps, and only their keys are scaled
+    assert {"train/log=10, train/loss=10", "train/acc=100, train/loss=100"} & by_scale or any(
+        s and "train/loss=1000000" in s for s in by_scale
+    ), by_scale
     if kind == "exporter":
         run = next(r for r in runs if r.info.run_name == "exported run")
         hist = c.get_metric_history(run.info.run_id, "train/loss")
@@ -224,7 +229,7 @@ def test_neptune_to_wandb_offline_field_by_field_and_again(
     orig = _read(src)
     for sid, payload in orig.items():
         got = next(b for b in back.values() if b.run["name"] == payload.run["name"])
-        assert got.run["step_scale"] == payload.run["step_scale"]
+        assert got.run["step_scales"] == payload.run["step_scales"]
         assert _params(got) == _params(payload)
         assert _points(got).keys() == _points(payload).keys(), sid
     p2 = run_cli("migrate", src, dest, "--no-registry", "--report", str(tmp_path / "r2.json"))
@@ -275,7 +280,7 @@ def test_truncated_op_log_reads_whole_operations_and_marks_the_run(
     assert run.run["source_incomplete"] is True and run.run["status"] == "crashed"
     note = next(n for n in run.source_notes if n[0] == "source-incomplete")
     assert "data-1.log: line" in note[2] and "cut short" in note[2]
-    assert _points(run)["eval/acc"] == [(0, 0.5), (10, 0.6)]
+    assert _points(run)["eval/acc"] == [(0, 0.5), (1, 0.6)]
 
 
 def test_garbled_op_log_line_names_file_and_line(neptune_data: dict[str, Path], tmp_path: Path) -> None:

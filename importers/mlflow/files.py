@@ -27,7 +27,7 @@ def extras_of(payload: RunPayload, shown: dict[str, Any] | None = None) -> dict[
     usage = [u for u in payload.artifact_usage.to_pylist() if u["artifact_key"] not in own]
     run = {
         k: payload.run[k]
-        for k in ("fork_parent_run_key", "fork_step", "step_scale")
+        for k in ("fork_parent_run_key", "fork_step", "step_scale", "step_scales")
         if payload.run.get(k) is not None
     }
     if not payload.run.get("name"):

@@ -111,7 +111,7 @@ class Plan:
             out[key] = "true"  # a value, so that the runs table shows it and a filter finds it
         if run.get("source_incomplete"):
             out[mc.TAG_INCOMPLETE] = "true"
-        if run.get("step_scale"):
+        if run.get("step_scale"):  # a bundle written before 0.3: one scale for every key
             out[mc.TAG_STEP_SCALE] = str(run["step_scale"])
             self.report.mapped(
                 "step-scaled",
@@ -119,6 +119,16 @@ class Plan:
                 f"decimal steps written × {run['step_scale']} as MLflow's integer steps; "
                 f"divide by tag {mc.TAG_STEP_SCALE} for the exact step",
             )
+        scales = schema.loads_value(run["step_scales"]) if run.get("step_scales") else {}
+        if scales:
+            # only the keys logged at decimal steps; every other key's steps are as logged
+            out[mc.TAG_STEP_SCALE] = ", ".join(f"{k}={v}" for k, v in sorted(scales.items()))
+            for k, v in sorted(scales.items()):
+                self.report.mapped(
+                    "step-scaled",
+                    f"metrics.{k}",
+                    f"decimal steps written × {v} as MLflow's integer steps (tag {mc.TAG_STEP_SCALE})",
+                )
         if run.get("status") == "crashed":
             out[mc.TAG_SOURCE_STATUS] = "crashed"
             self.report.mapped(

@@ -9,10 +9,12 @@ Parquet all describe the same model, so each reader only decodes its format and 
 same whichever way it reached us.
 
 Steps. Neptune steps are decimals with six places (``decimal(18,6)``); MLflow's and
-W&B's are integers. The builder counts in micro-steps and picks, per run, the smallest
-power of ten that makes every step of the run an integer: ``runs.step_scale``. The
-neutral ``step`` is then ``exact step × step_scale``, so the exact value is always
-``step / step_scale`` and a run with integer steps (the usual case) is untouched.
+W&B's are integers. The builder counts in micro-steps and picks, per key, the smallest
+power of ten that makes every step of that key an integer: ``runs.step_scales`` (a
+JSON object, key → scale, of the keys whose scale is not 1). The neutral ``step`` of a
+point is then ``exact step × its key's scale``, so the exact value is always
+``step / scale``, and every key with integer steps (the usual case) is untouched, even
+beside one key logged at fractional steps.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from trackbridge import schema
@@ -72,6 +75,24 @@ def micro_text(m: int) -> str:
     """A micro-step as the decimal a user typed (``1.5``, ``3``)."""
     d = Decimal(m).scaleb(-6).normalize()
     return format(d, "f")
+
+
+def decimals(micros: pa.Array) -> np.ndarray:
+    """Per micro-step, the decimals it needs (0 for a whole step, up to 6)."""
+    m = np.abs(micros.to_numpy(zero_copy_only=False).astype(np.int64))
+    need = np.full(len(m), 6, dtype=np.int64)
+    for k in range(1, 7):
+        need = np.where(m % 10**k == 0, np.minimum(need, 6 - k), need)
+    return need
+
+
+def key_scales(keys: pa.Array, micros: pa.Array) -> dict[str, int]:
+    """Each key's scale (``step_scale`` of its own steps), vectorised over the points."""
+    if not len(keys):
+        return {}
+    agg = pa.table({"key": keys, "d": decimals(micros)}).group_by("key").aggregate([("d", "max")])
+    scales = (10**d for d in agg.column("d_max").to_pylist())
+    return dict(zip(agg.column("key").to_pylist(), scales, strict=True))
 
 
 def step_scale(micros: Iterator[int]) -> int:
@@ -262,13 +283,17 @@ class NeptuneRun:
 
     def payload(self, fingerprint: str | None = None, token: str | None = None) -> RunPayload:
         metrics = self._metrics()
-        micros = [metrics.column("micro")] if metrics.num_rows else []
-        other_micros = [m for rows in self.others.values() for m, *_ in rows]
-        scale = step_scale(iter([*(v for a in micros for v in pc.unique(a).to_pylist()), *other_micros]))
-        div = MICRO // scale
+        scales = {}
         if metrics.num_rows:
-            steps = pc.divide(metrics.column("micro"), pa.scalar(div, pa.int64()))
+            keys = metrics.column("key").combine_chunks()
+            scales = key_scales(keys, metrics.column("micro").combine_chunks())
+            names = pa.array(list(scales), pa.string())
+            divs = pa.array([MICRO // scales[k] for k in names.to_pylist()], pa.int64())
+            div_col = divs.take(pc.index_in(keys, value_set=names))
+            steps = pc.divide(metrics.column("micro"), div_col)
             metrics = metrics.append_column("step", steps).drop_columns(["micro"])
+        for attr, rows in self.others.items():
+            scales[attr] = step_scale(iter(m for m, *_ in rows))
         # notes of this reading only: payload() may be called more than once
         notes = list(self.notes)
         if self.rounded:
@@ -281,8 +306,8 @@ class NeptuneRun:
                 )
             )
         files = self._run_files(notes)
-        series = self._series(div, files)
-        run = self._run_row(scale)
+        series = self._series(scales, files)
+        run = self._run_row({k: v for k, v in sorted(scales.items()) if v != 1})
         key = self.key
         batches = _metric_batches(key, metrics)
         artifacts = [files, *self._tracked_artifacts()]
@@ -329,7 +354,7 @@ class NeptuneRun:
         tbl = pa.concat_tables(parts)
         return tbl.take(pc.sort_indices(tbl, [("key", "ascending"), ("micro", "ascending")]))
 
-    def _run_row(self, scale: int) -> dict[str, Any]:
+    def _run_row(self, scales: dict[str, int]) -> dict[str, Any]:
         a = {p: v for p, (_, v) in self.atoms.items()}
         failed = a.get("sys/failed") is True
         state = str(a.get("sys/state") or "").lower()
@@ -364,7 +389,7 @@ class NeptuneRun:
             "fork_step": fork_step,
             "host": a.get("sys/hostname"),
             "source_incomplete": self.incomplete,
-            "step_scale": scale if scale != 1 else None,
+            "step_scales": schema.dumps_value(scales) if scales else None,
         }
 
     def _params(self) -> list[dict[str, Any]]:
@@ -425,10 +450,11 @@ class NeptuneRun:
         }
         return ArtifactPayload(row=row, files=[refs[p] for p in sorted(refs)])
 
-    def _series(self, div: int, files: ArtifactPayload) -> pa.Table:
+    def _series(self, scales: dict[str, int], files: ArtifactPayload) -> pa.Table:
         have = {f.path for f in files.files}
         rows = []
         for attr in sorted(self.others):
+            div = MICRO // scales.get(attr, 1)
             for m, ts, kind, v in sorted(self.others[attr], key=lambda r: r[0]):
                 fpath = None
                 if kind == "file":

@@ -42,6 +42,7 @@ META_RUN_FIELDS = (
     "fork_parent_run_key",
     "fork_step",
     "step_scale",
+    "step_scales",
 )
 # Points the SDK cannot log as history (system metrics, the source's own ``_runtime``):
 # the importer keeps them in this run file.
