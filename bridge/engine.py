@@ -14,7 +14,7 @@ from typing import Any
 
 from trackbridge import schema
 from trackbridge.errors import TrackbridgeError, UsageError, first_line
-from trackbridge.model import TOKEN, RegistryPayload, RunPayload, Selection, Sink, Source
+from trackbridge.model import TOKEN, PlanningSink, RegistryPayload, RunPayload, Selection, Sink, Source
 from trackbridge.progress import Bar
 from trackbridge.report import Report, RunReport
 
@@ -93,6 +93,8 @@ def copy(
     if sel.runs and not runs:
         raise UsageError(f"no run matches {', '.join(sel.runs)} in {source.describe()}")
     runs = plan.select(runs)
+    if isinstance(sink, PlanningSink):
+        sink.expect_runs(runs)
     task = bar.add(label, len(runs))
     read: list[str] = []
 

@@ -264,6 +264,12 @@ class TrackerSource:
         imported before trackbridge recorded it say nothing)."""
         return self.__dict__.get("_origin_source", {}).get(key)
 
+    def local_key(self, key: str) -> str:
+        """This source's key for the object trackbridge imported here from ``key`` (a
+        run's parent, as the run's source named it), or ``key`` itself: so that a
+        reference reads as one into this source, which the next destination holds."""
+        return next((mine for mine, theirs in self._origin.items() if theirs == key), key)
+
 
 class Source(Protocol):
     """What every exporter (and the bundle reader) offers."""
@@ -356,6 +362,14 @@ class IncrementalSink(Protocol):
     change token when written, destination id), so a sync skips unchanged runs unread."""
 
     def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]: ...
+
+
+@runtime_checkable
+class PlanningSink(Protocol):
+    """A destination that looks at the runs about to be written before the first one
+    (W&B groups a parent run with its children, whichever comes first)."""
+
+    def expect_runs(self, runs: list[dict[str, Any]]) -> None: ...
 
 
 @runtime_checkable

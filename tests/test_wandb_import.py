@@ -106,3 +106,32 @@ def test_project_name_w_and_b_cannot_take_is_reported_and_read_back(tmp_path: Pa
     (run,) = json.loads((tmp_path / "r.json").read_text())["runs"]
     (renamed,) = [m for m in run["mappings"] if m["kind"] == "project-renamed"]
     assert "'team-vision- v2'" in renamed["detail"]
+
+
+def test_mlflow_runs_land_natively_in_wandb_and_come_back_exact(demo_store: dict, tmp_path: Path) -> None:
+    """MLflow's key/value tags are config a W&B user filters on, a nested search is one
+    W&B run group, and MLflow → W&B → MLflow verifies identical (parents and the logged
+    model's linked metric included)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    dest = f"wandb+offline://{tmp_path / 'wb'}"
+    p = run_cli("migrate", demo_store["tb"], dest, *EXPERIMENTS)
+    assert "verify: identical (2 projects, 6 runs" in p.stdout, p.stdout
+    records = {}
+    for log in (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"):
+        rec = pb.Record()
+        for _, payload in RecordLog(log).payloads():
+            rec.ParseFromString(payload)
+            if rec.WhichOneof("record_type") == "run":
+                config = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
+                records[rec.run.display_name] = (rec.run.run_group, config)
+                break
+    group, config = records["sweep"]
+    assert config["tags"]["purpose"] == "hyperparameter sweep"
+    assert not any(k.startswith("mlflow.") for k in config["tags"])  # MLflow's own: run fields
+    assert group == "sweep" and records["trial-0"][0] == records["trial-1"][0] == "sweep"
+    assert records["linear"][0] == ""  # not nested: no group
+
+    back = f"mlflow+sqlite:///{tmp_path / 'back.db'}"
+    p = run_cli("migrate", dest, back)
+    assert "verify: identical (2 projects, 6 runs" in p.stdout, p.stdout

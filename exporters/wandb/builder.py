@@ -5,6 +5,7 @@ tables: both readers build runs here, so a run read either way gives the same ro
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from trackbridge import schema
 from trackbridge.errors import BadInputError
@@ -62,6 +64,9 @@ def restore_written(payload: RunPayload, meta: Any) -> None:
     payload.artifact_usage = schema.table(
         "artifact_usage", [{"run_key": key, **u} for u in meta.get("usage", [])]
     )
+    if meta.get("tags_in_config"):  # the tags shown in config are the run's tags, not params
+        rows = [p for p in payload.params.to_pylist() if p["path"][0] != wc.TAGS_CONFIG]
+        payload.params = schema.table("params", rows)
     if meta.get("params"):
         extra = schema.table("params", [{**p, "run_key": key} for p in meta["params"]])
         kept = {tuple(p["path"]) for p in meta["params"]}
@@ -74,6 +79,8 @@ def restore_written(payload: RunPayload, meta: Any) -> None:
             for d in meta.get("dataset_inputs", [])
         ],
     )
+    if meta.get("model_links"):
+        payload.metrics = _linked(payload.metrics, meta["model_links"])
     run_files = payload.artifacts[0]
     kept = next((f for f in run_files.files if f.path == wc.KEPT_METRICS_FILE), None)
     if kept is not None:
@@ -93,6 +100,37 @@ def restore_written(payload: RunPayload, meta: Any) -> None:
     run_files.files = [f for f in run_files.files if f.path in own]
     for a in payload.artifacts[1:]:
         _restore_artifact_row(a)
+
+
+def _linked(metrics: Any, links: list[list[Any]]) -> Any:
+    """The points again with the logged-model and dataset links W&B's history cannot
+    hold (``_trackbridge.model_links``: key, step, value, model, dataset name, digest).
+    Only batches holding a linked key are looked at, point by point."""
+
+    def value_key(v: Any) -> str:
+        return "nan" if isinstance(v, float) and math.isnan(v) else repr(float(v))
+
+    def patched() -> Iterator[pa.RecordBatch]:
+        todo: dict[tuple[str, int, str], list[list[Any]]] = {}
+        for k, s, v, *link in links:
+            todo.setdefault((k, s, value_key(v)), []).append(link)
+        linked_keys = pa.array(sorted({k for k, *_ in links}), pa.string())
+        for b in metrics():
+            rows = pc.indices_nonzero(pc.is_in(b.column("key"), value_set=linked_keys)).to_pylist()
+            if not rows:
+                yield b
+                continue
+            cols = {c: b.column(c).to_pylist() for c in ("model_key", "dataset_name", "dataset_digest")}
+            keys, steps, values = (b.column(c).to_pylist() for c in ("key", "step", "value"))
+            for i in rows:
+                waiting = todo.get((keys[i], steps[i], value_key(values[i])))
+                if waiting:
+                    cols["model_key"][i], cols["dataset_name"][i], cols["dataset_digest"][i] = waiting.pop(0)
+            for c, vals in cols.items():
+                b = b.set_column(b.schema.get_field_index(c), c, pa.array(vals, pa.string()))
+            yield b
+
+    return patched
 
 
 def _restore_artifact_row(art: ArtifactPayload) -> None:

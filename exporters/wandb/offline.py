@@ -136,6 +136,8 @@ class WandbOfflineSource(TrackerSource):
             parsed.read(log)
         metrics_tbl, series_tbl = parsed.tables()
         row = parsed.run_row(run["project_key"], rf)
+        if row.get("parent_run_key"):
+            row["parent_run_key"] = self.local_key(row["parent_run_key"])
         meta = parsed.config.get(wc.META_KEY) or {}
         if isinstance(meta, dict) and meta.get("source_key"):
             self._origin[run["run_key"]] = meta["source_key"]

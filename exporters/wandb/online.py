@@ -143,6 +143,8 @@ class WandbOnlineSource(TrackerSource):
             )
         metrics_tbl, series_tbl = parsed.tables()
         row = self._run_row(r, run, parsed)
+        if row.get("parent_run_key"):
+            row["parent_run_key"] = self.local_key(row["parent_run_key"])
         run_files = ArtifactPayload(
             row={
                 "artifact_key": wc.files_key(self._project_of[key], r.id),

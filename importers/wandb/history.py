@@ -9,13 +9,14 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from trackbridge.model import RunPayload
+from trackbridge.trackers.wandb import common as wc
 
 
 @dataclass
@@ -33,6 +34,9 @@ class History:
     points: pa.Table
     mapped: bool
     system: pa.Table | None
+    # points linked to an MLflow logged model and dataset, which a W&B history row cannot
+    # say: (key, step, value, model_key, dataset_name, dataset_digest), kept in _trackbridge
+    links: list[list[Any]] = field(default_factory=list)
     count: int = 0  # rows, once ``rows(digest=True)`` has gone through them
     full_digest: str | None = None
 
@@ -93,10 +97,23 @@ def _row_bytes(row: tuple[int, float | None, dict[str, Any]]) -> bytes:
     return json.dumps(row, sort_keys=True, default=str).encode()
 
 
+def with_links(args: dict[str, Any], history: History) -> dict[str, Any]:
+    """``wandb.init`` arguments whose ``_trackbridge`` entry holds the history's model
+    links (a copy: the fitted arguments stay as they were)."""
+    if not history.links:
+        return dict(args)
+    config = dict(args["config"])
+    config[wc.META_KEY] = {**config[wc.META_KEY], "model_links": history.links}
+    return {**args, "config": config}
+
+
 def history_of(payload: RunPayload) -> History:
     """The run's points in row order (see ``History``), with system metrics set aside."""
-    parts, system = [], []
+    parts, system, links = [], [], []
     for batch in payload.metrics():
+        linked = batch.filter(pc.is_valid(batch.column("model_key")))
+        cols = ("key", "step", "value", "model_key", "dataset_name", "dataset_digest")
+        links += [[r[c] for c in cols] for r in linked.to_pylist()]
         keys_col = batch.column("key")
         aside = pc.or_(pc.starts_with(keys_col, "system/"), pc.equal(keys_col, "_runtime"))
         if pc.any(aside).as_py():
@@ -137,7 +154,7 @@ def history_of(payload: RunPayload) -> History:
     )
     del sort, step, ts, key  # before the points are copied: one sorted copy at a time
     sys_tbl = pa.Table.from_batches(system) if system else None
-    return History(points.take(order), bool(mapped), sys_tbl)
+    return History(points.take(order), bool(mapped), sys_tbl, links)
 
 
 def _points(tbl: pa.Table | pa.RecordBatch, value: Any, text: Any) -> pa.Table:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trackbridge.files import atomic_write_bytes
-from trackbridge.importers.wandb.history import history_of
+from trackbridge.importers.wandb.history import history_of, with_links
 from trackbridge.importers.wandb.sink import MARKER, SdkSink
 from trackbridge.locks import file_lock
 from trackbridge.model import RegistryPayload, RunPayload
@@ -111,7 +111,7 @@ class WandbOfflineSink(SdkSink):
         history = history_of(payload)
         for d in run.state["dirs"] if run.existed else []:
             shutil.rmtree(d)  # the whole run is written again; never two copies
-        args = dict(args)
+        args = with_links(args, history)
         settings = wandb.Settings(mode="offline", **args.pop("settings"))
         wrun = wandb.init(dir=str(self.root), settings=settings, **args)
         self._log(wrun, payload, history, report)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trackbridge.errors import DestinationError, UsageError, first_line
-from trackbridge.importers.wandb.history import history_of
+from trackbridge.importers.wandb.history import history_of, with_links
 from trackbridge.importers.wandb.sink import BAD_ARTIFACT, SdkSink, artifact_name
 from trackbridge.model import RegistryPayload, RunPayload
 from trackbridge.report import RunReport
@@ -162,10 +162,11 @@ class WandbOnlineSink(SdkSink):
 
     def write(self, payload: RunPayload, run: Found, fitted: Any, report: RunReport) -> None:
         project, args, meta = fitted
-        args = dict(args)
         have = run.state if run.existed else None
         meta_have = (have.meta or {}) if have else {}
         history = history_of(payload)
+        args = with_links(args, history)
+        meta = args["config"][wc.META_KEY]
         written = meta_have.get("history_digest")
         if written and history.digest(int(meta_have.get("history_rows") or 0)) != written:
             raise DestinationError(

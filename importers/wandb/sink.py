@@ -47,7 +47,9 @@ from trackbridge.trackers.wandb import TRACKER
 from trackbridge.trackers.wandb import common as wc
 from trackbridge.write import RunWriter
 
-FORMAT = 1  # bump when the way runs are written changes: every run is then rewritten
+# bump when the way runs are written changes: every run is then rewritten
+# (2: key/value tags in config, nested runs grouped, model links of points kept)
+FORMAT = 2
 MARKER = "trackbridge.json"
 MAX_LABEL: int = TRACKER.capabilities.limits.tag_value_chars  # type: ignore[assignment]  # W&B tags
 BAD_PROJECT = re.compile(r"[/\\#?%:]")
@@ -84,6 +86,27 @@ class SdkSink(RunWriter):
         self._lock = threading.Lock()  # one SDK run at a time per process
         self.origin: str | None = None  # the source, recorded with each run for verify
         self.notices: list[tuple[str, str, str]] = []
+        self._nest_groups: dict[str, str] = {}  # run key -> the W&B group of its nesting
+
+    def expect_runs(self, runs: list[dict[str, Any]]) -> None:
+        """A nested family (an MLflow parent run and its children, as a hyperparameter
+        search logs them) becomes one W&B run group, named after the top parent, so a
+        W&B user sees the search together; a run with a group of its own keeps it."""
+        by_key = {r["run_key"]: r for r in runs}
+        parents = {r["parent_run_key"] for r in runs if r.get("parent_run_key")}
+
+        def top(key: str) -> str:
+            seen = {key}
+            while (p := by_key[key].get("parent_run_key")) in by_key and p not in seen:
+                key = p
+                seen.add(p)
+            return key
+
+        for r in runs:
+            if r.get("group") or not (r["run_key"] in parents or r.get("parent_run_key") in by_key):
+                continue
+            root = by_key[top(r["run_key"])]
+            self._nest_groups[r["run_key"]] = root.get("name") or root.get("source_id") or root["run_key"]
 
     def finish(self) -> None:
         pass
@@ -176,6 +199,13 @@ class SdkSink(RunWriter):
             "end_time": seconds(run.get("end_time")),
         }
         meta = json.loads(json.dumps(meta, default=str))
+        taken = {p[0] for p in payload.params.column("path").to_pylist()}
+        # key/value tags (MLflow's) where a W&B user filters: config, under "tags"; MLflow's
+        # own (mlflow.*) hold what W&B shows as the run's name, user, parent, notes, source
+        shown = {k: v for k, v in meta["tags"].items() if not k.startswith("mlflow.")}
+        if shown and wc.TAGS_CONFIG not in taken:
+            config[wc.TAGS_CONFIG] = shown
+            meta["tags_in_config"] = True
         config[wc.META_KEY] = meta
         settings = {
             "x_disable_stats": True,
@@ -187,13 +217,18 @@ class SdkSink(RunWriter):
             "disable_job_creation": True,
             "silent": True,
         }
+        group = run.get("group")
+        if not group and payload.key in self._nest_groups:
+            group = self._nest_groups[payload.key]
+            meta["nested_group"] = True  # the source had none: the exporter takes it out
+            report.mapped("nesting-as-group", "runs.parent_run_key", f"nested runs are W&B group {group!r}")
         args = {
             "project": project["name"],
             "id": run_id,
             "name": run.get("name"),
             "notes": run.get("notes"),
             "tags": fitted_labels,
-            "group": run.get("group"),
+            "group": group,
             "job_type": run.get("job_type"),
             "config": config,
             "settings": settings,

@@ -27,6 +27,10 @@ STEP_AXIS = "trackbridge/step"
 HISTORY_INTERNAL = ("_step", "_timestamp", "_runtime")
 SUMMARY_INTERNAL = ("_wandb", "_step", "_timestamp", "_runtime")
 CONFIG_INTERNAL = ("_wandb", META_KEY)
+# The config key that shows a run's key/value tags (MLflow's) in W&B's runs table, where
+# a W&B user filters; the importer notes it in ``_trackbridge`` and the exporter takes
+# it back out of the params
+TAGS_CONFIG = "tags"
 # Run fields the importer keeps in ``_trackbridge`` and the exporter puts back.
 META_RUN_FIELDS = (
     "status",
@@ -137,6 +141,8 @@ def apply_meta(row: dict[str, Any], meta: Any) -> None:
             row[k] = meta[k]
     if "labels" in meta:
         row["labels"] = list(meta["labels"])
+    if meta.get("nested_group"):
+        row["group"] = None  # the importer grouped a nested family; the source had no group
 
 
 def flatten(config: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[list[str], Any]]:
