@@ -71,7 +71,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("host", STR),
             ("source_url", STR),
             ("source_incomplete", pa.bool_()),
-            # Neptune's decimal steps, as bundles before 0.3 wrote them: every metric and
+            # Neptune's decimal steps, as bundles of trackbridge 0.1 wrote them: every metric and
             # series ``step`` of the run is the exact step × step_scale (a power of ten)
             ("step_scale", pa.int64()),
             # ... and since: per key, a JSON object {key: scale} of the keys whose steps

@@ -71,7 +71,9 @@ class OfflineServer:
         config: dict[str, Any] = {}
         last, found = -1, False
         for _, recs in self._logs():  # segments in the order they were written
-            head = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+            head = next((r.run for r in recs if r.WhichOneof("record_type") == "run"), None)
+            if head is None:  # a run another worker is writing right now: not flushed yet
+                continue
             if (head.run_id, head.project) != (run_id, project):
                 continue
             found = True

@@ -111,7 +111,7 @@ class Plan:
             out[key] = "true"  # a value, so that the runs table shows it and a filter finds it
         if run.get("source_incomplete"):
             out[mc.TAG_INCOMPLETE] = "true"
-        if run.get("step_scale"):  # a bundle written before 0.3: one scale for every key
+        if run.get("step_scale"):  # a bundle of trackbridge 0.1: one scale for every key
             out[mc.TAG_STEP_SCALE] = str(run["step_scale"])
             self.report.mapped(
                 "step-scaled",

@@ -62,7 +62,7 @@ TAG_EXTRAS = "trackbridge.extras"
 # A run's bookkeeping beyond its identity, in one tag, so that MLflow's runs table shows
 # trackbridge in two columns (the source key and this) rather than six: its claim, source,
 # fingerprint, change token and which of its own files it wrote ("extras", "mapped").
-# Runs written before 0.3 hold one tag each (the TAG_* above): ``run_state`` reads both.
+# Runs trackbridge 0.1 wrote hold one tag each (the TAG_* above): ``run_state`` reads both.
 TAG_STATE = "trackbridge.state"
 _STATE_TAGS = {
     "claim": TAG_CLAIM,
