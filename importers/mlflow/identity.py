@@ -44,7 +44,35 @@ def quote(s: str) -> str:
 
 
 class RunIdentity:
-    """Runs and logged models by source key, each made once."""
+    """Runs and logged models by source key, each made once, and a run's bookkeeping."""
+
+    def _set_state(self, run_id: str, write: bool = True, **changes: str | None) -> None:
+        """Update the run's one bookkeeping tag (``TAG_STATE``), keeping what it held; with
+        ``write`` False, only as this import knows it, for the seal to write.
+
+        The tag is written at the run's creation (its claim), at the seal (everything,
+        the fingerprint with it) and with the change token, never in between: two importers
+        writing one run at once (two machines) then never erase each other's
+        fingerprint, which is what tells the loser that the run is complete."""
+        with self._lock:
+            state = {**self._states.get(run_id, {}), **{k: v for k, v in changes.items() if v is not None}}
+            self._states[run_id] = state
+        if write:
+            self.client.set_tag(run_id, mc.TAG_STATE, mc.state_text(state))
+
+    def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]:
+        """Runs a completed import left in the project's experiment: source key ->
+        (source token, run id). One paged search, so a sync knows what it may skip
+        without a local cache: identity lives in the destination."""
+        exp_id = self._exp_ids.get(project_key)
+        if not exp_id:
+            return {}
+        out = {}
+        for k, r in self._runs_index(exp_id).items():
+            state = mc.run_state(r.data.tags)
+            if "fingerprint" in state:
+                out[k] = (state.get("token"), r.info.run_id)
+        return out
 
     def _cached(self, cache: dict[str, dict[str, Any]], exp_id: str, load: Any) -> dict[str, Any]:
         """Build a per-experiment index once, even with several workers asking at once."""

@@ -109,13 +109,6 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
     def store_token(self, run_id: str, token: str) -> None:
         self._set_state(run_id, token=token)
 
-    def _set_state(self, run_id: str, **changes: str | None) -> None:
-        """Update the run's one bookkeeping tag (``TAG_STATE``), keeping what it held."""
-        with self._lock:
-            state = {**self._states.get(run_id, {}), **{k: v for k, v in changes.items() if v is not None}}
-            self._states[run_id] = state
-        self.client.set_tag(run_id, mc.TAG_STATE, mc.state_text(state))
-
     def finish(self) -> None:
         if self.dry_run:
             return
@@ -311,7 +304,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
             self.client.set_terminated(run_id, status, end_time=mc.dt_to_ms(run.get("end_time")))
         else:
             self.client.update_run(run_id, status=status)
-        self._set_state(run_id, source=self.origin, extras="1" if extras else None, mapped=mapped)
+        self._set_state(run_id, False, source=self.origin, extras="1" if extras else None, mapped=mapped)
         stale = set(previous.get("tags") or []) - set(shown.summary_tags)
         self._forget_stale_tags(run_id, have_tags, tags, stale)
 
@@ -355,6 +348,10 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
     def seal(self, payload: RunPayload, found: Found, fingerprint: str, report: RunReport) -> None:
         run_id = found.id
         self._set_state(run_id, fingerprint=fingerprint)
+        # an earlier trackbridge's separate bookkeeping tags, now in the state just written
+        for tag in mc.LEGACY_STATE_TAGS:
+            if tag in found.state.data.tags:
+                self._delete_tag(run_id, tag)
         if payload.run.get("lifecycle") == "deleted":
             # After the marker: MLflow refuses writes to a deleted run. A kill in between
             # is caught by the lifecycle check (Found.current) of the next import.
@@ -363,38 +360,26 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
                 lambda: self.client.get_run(run_id).info.lifecycle_stage == "deleted",
             )
 
-    def synced(self, project_key: str) -> dict[str, tuple[str | None, str]]:
-        """Runs a completed import left in the project's experiment: source key ->
-        (source token, run id). One paged search, so a sync knows what it may skip
-        without a local cache: identity lives in the destination."""
-        exp_id = self._exp_ids.get(project_key)
-        if not exp_id:
-            return {}
-        out = {}
-        for k, r in self._runs_index(exp_id).items():
-            state = mc.run_state(r.data.tags)
-            if "fingerprint" in state:
-                out[k] = (state.get("token"), r.info.run_id)
-        return out
-
     def _forget_stale_tags(
         self, run_id: str, have: dict[str, str], wanted: dict[str, str], stale: set[str]
     ) -> None:
         """Tags an earlier import set from run state the source no longer has: a run no
         longer incomplete or crashed, a W&B tag or summary text removed (``stale``). Left
-        alone, they would lie. And the separate bookkeeping tags of an earlier
-        trackbridge, now in ``TAG_STATE``."""
-        from mlflow.exceptions import MlflowException
-
-        derived = (mc.TAG_INCOMPLETE, mc.TAG_SOURCE_STATUS, *mc.LEGACY_STATE_TAGS)
+        alone, they would lie."""
+        derived = (mc.TAG_INCOMPLETE, mc.TAG_SOURCE_STATUS)
         for k in have:
             if k not in wanted and (k in derived or k in stale or k.startswith(mc.LABEL_PREFIX)):
-                try:
-                    self.client.delete_tag(run_id, k)
-                except MlflowException as e:
-                    # gone already: a retried delete whose first answer was lost
-                    if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                        raise
+                self._delete_tag(run_id, k)
+
+    def _delete_tag(self, run_id: str, key: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_tag(run_id, key)
+        except MlflowException as e:
+            # gone already: a retried delete whose first answer was lost
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
     def _remember_artifact_dirs(self, payload: RunPayload, run_id: str) -> None:
         """Where each source artifact's files go in the run, for model versions made from them."""
