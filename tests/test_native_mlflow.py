@@ -191,3 +191,20 @@ def test_a_changed_summary_is_followed_and_a_legacy_run_is_upgraded_in_place(tmp
     assert {k for k in r.data.tags if k.startswith(mc.TB_PREFIX)} == {mc.TAG_SOURCE_KEY, mc.TAG_STATE}
     assert mc.run_state(r.data.tags)["claim"] == state["claim"]
     run_cli("verify", str(second), dest)  # exit 0: the summary and history as the bundle has them
+
+
+def test_the_mlflow_reader_gives_runtime_back_as_this_runs_points(landed: dict) -> None:
+    from trackbridge.model import Selection
+    from trackbridge.uri import open_source
+
+    src = open_source(f"mlflow+sqlite:///{landed['db']}")
+    sel = Selection(projects=("search",))
+    for row in src.runs(sel, src.projects(sel)):
+        payload = src.read_run(row)
+        keys, run_keys = set(), set()
+        for b in payload.metrics():
+            keys |= set(b.column("key").to_pylist())
+            run_keys |= set(b.column("run_key").to_pylist())
+        assert "_runtime" in keys and run_keys == {payload.key}  # from the private file
+        if any(k.startswith("system/") for k in keys):  # W&B's own names, restored
+            assert "system/cpu" in keys and "system/cpu_utilization_percentage" not in keys

@@ -244,6 +244,10 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         renamed_metrics = mapping.get("metrics", {})
         metric_keys = _own_metric_keys(r.data.metrics, renamed_metrics, shown)
         kept_metrics = extras.get("kept_metrics")
+        if kept_metrics is not None:  # written under the source's run key: this run's now
+            kept_metrics = kept_metrics.set_column(
+                0, "run_key", pa.array([key] * kept_metrics.num_rows, pa.string())
+            )
         models = self._logged_models_of(run_id)
         model_points = _model_points(models)
         datasets = [
