@@ -199,7 +199,7 @@ class SdkSink(RunWriter):
             "end_time": seconds(run.get("end_time")),
         }
         meta = json.loads(json.dumps(meta, default=str))
-        taken = {p[0] for p in payload.params.column("path").to_pylist()}
+        taken = {p[0] for p in payload.params.column("path").to_pylist() if p}
         # key/value tags (MLflow's) where a W&B user filters: config, under "tags"; MLflow's
         # own (mlflow.*) hold what W&B shows as the run's name, user, parent, notes, source
         shown = {k: v for k, v in meta["tags"].items() if not k.startswith("mlflow.")}
