@@ -5,9 +5,10 @@
 Writes six W&B trials with the real wandb SDK (offline), migrates them with
 ``trackbridge migrate`` into a real ``mlflow server`` on 127.0.0.1, and photographs
 MLflow's own web UI with headless Chromium (Debian's ``chromium`` package): the runs
-table sorted by a W&B summary metric, a run's metrics with its image card, and a W&B
-table in MLflow's table view. Everything lives in a temporary folder; the server is
-stopped by its PID. Not part of CI: it needs Chromium and takes about two minutes.
+table sorted by a W&B summary metric, a run's metrics with its image card, a W&B table
+in MLflow's table view, and W&B's system metrics in MLflow's System metrics tab.
+Everything lives in a temporary folder; the server and the browser are stopped by
+their PIDs. Not part of CI: it needs Chromium and takes about two minutes.
 """
 
 from __future__ import annotations
@@ -72,15 +73,21 @@ class Browser:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        port_file = profile / "DevToolsActivePort"
-        for _ in range(300):
-            if port_file.exists() and port_file.read_text().strip():
-                break
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
-            page = next(t for t in json.load(r) if t["type"] == "page")
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        try:
+            port_file = profile / "DevToolsActivePort"
+            for _ in range(300):
+                if port_file.exists() and port_file.read_text().strip():
+                    break
+                time.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
+                page = next(t for t in json.load(r) if t["type"] == "page")
+            self.ws = websocket.create_connection(
+                page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True
+            )
+        except BaseException:
+            self._stop()  # never leave a browser running behind a failed start
+            raise
         self.n = 0
 
     def call(self, method: str, **params: object) -> dict:
@@ -132,22 +139,36 @@ class Browser:
 
     def close(self) -> None:
         self.ws.close()
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        self._stop()
+
+    def _stop(self) -> None:
+        """Chromium and every process it started (its process group), by PID."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def main(out: Path) -> None:
-    from mlflow import MlflowClient
-    from trackbridge.trackers.mlflow.server import LocalMlflowServer
-    from trackbridge.trackers.wandb.demo import make_wandb_search
-
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         sys.exit("chromium is not installed (Debian: apt-get install chromium)")
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trackbridge-shots-") as tmp:
         root = Path(tmp)
-        os.environ["HOME"] = str(root / "home")  # nothing lands in the real home
+        # nothing lands in the real home: set before MLflow, matplotlib or W&B is imported
+        os.environ["HOME"] = str(root / "home")
+        os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        from mlflow import MlflowClient
+        from trackbridge.trackers.mlflow.server import LocalMlflowServer
+        from trackbridge.trackers.wandb.demo import make_wandb_search
+
         print("writing six W&B trials with the wandb SDK (offline)")
         runs = make_wandb_search(root / "wandb", trials=6)
         with LocalMlflowServer(root / "server") as url:
@@ -187,6 +208,14 @@ def main(out: Path) -> None:
                 browser.shoot(
                     f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts/{urllib.parse.quote(table)}",
                     out / "table-view.png",
+                )
+                # the first trial ran with W&B's system monitor on
+                (first,) = client.search_runs([exp], filter_string="attributes.run_name = 'trial-0'")
+                browser.shoot(
+                    f"{url}/#/experiments/{exp}/runs/{first.info.run_id}/system-metrics",
+                    out / "system-metrics.png",
+                    height=1000,
+                    settle=10,
                 )
             finally:
                 browser.close()
