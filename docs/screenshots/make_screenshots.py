@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -142,15 +141,9 @@ class Browser:
         self._stop()
 
     def _stop(self) -> None:
-        """Chromium and every process it started (its process group), by PID."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        from trackbridge.trackers.mlflow.server import stop_group
+
+        stop_group(self.proc)
 
 
 def main(out: Path) -> None:
