@@ -268,7 +268,13 @@ class TrackerSource:
         """This source's key for the object trackbridge imported here from ``key`` (a
         run's parent, as the run's source named it), or ``key`` itself: so that a
         reference reads as one into this source, which the next destination holds."""
-        return next((mine for mine, theirs in self._origin.items() if theirs == key), key)
+        n, inverse = self.__dict__.get("_inverse_origin", (-1, {}))
+        if n != len(self._origin):  # objects listed or read since: rebuild once
+            inverse = {}
+            for mine, theirs in self._origin.items():
+                inverse.setdefault(theirs, mine)  # the first, as a scan in order would find
+            self.__dict__["_inverse_origin"] = (len(self._origin), inverse)
+        return inverse.get(key, key)
 
 
 class Source(Protocol):

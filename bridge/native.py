@@ -56,12 +56,6 @@ def system_metric_key(source: Tracker | None, key: str, dest: Tracker) -> str | 
     return None if neutral is None else dest.system_metric_key(neutral)
 
 
-def hidden_metric(source: Tracker | None, key: str) -> bool:
-    """A series the source tracker keeps for itself in every run (W&B's ``_runtime``):
-    no user logged it, so it belongs with the writer's private data."""
-    return source is not None and key in source.bookkeeping_metrics
-
-
 def same(a: float, b: float) -> bool:
     """Equal as a runs table shows them: NaN is NaN, and ±inf is the largest finite
     value (MLflow stores infinities so)."""
@@ -89,15 +83,9 @@ def flat_summary(summary: Any) -> dict[str, Any]:
         if not path or path[0].startswith("_"):
             continue
         value = schema.loads_value(r["value_json"])
-        for sub, leaf in _leaves(value, list(path)):
+        for sub, leaf in schema.flatten({path[-1]: value}, tuple(path[:-1])):
             out[".".join(sub)] = leaf
     return out
-
-
-def _leaves(value: Any, path: list[str]) -> list[tuple[list[str], Any]]:
-    if isinstance(value, dict) and value and "_type" not in value:
-        return [x for k, v in value.items() for x in _leaves(v, [*path, str(k)])]
-    return [(path, value)]
 
 
 def summary_view(summary: Any, shown: dict[str, float], history: set[str]) -> SummaryView:

@@ -17,7 +17,7 @@ Conventions that make the tables lossless:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -225,6 +225,20 @@ def metrics_table(run_key: str, key: Any, step: Any, timestamp: Any, value: Any)
         },
         schema=SCHEMAS["metrics"],
     )
+
+
+def flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[list[str], Any]]:
+    """Leaves of a nested config or summary as (path, value).
+
+    An empty dict is a leaf (it is data), and so is a dict with ``_type``: that is one
+    media value (an image, a histogram), not a namespace.
+    """
+    for k, v in tree.items():
+        path = (*prefix, str(k))
+        if isinstance(v, dict) and v and "_type" not in v:
+            yield from flatten(v, path)
+        else:
+            yield list(path), v
 
 
 def empty(name: str) -> pa.Table:

@@ -68,4 +68,4 @@ def test_wandb_system_metrics_get_mlflows_names_only_where_meaning_and_unit_matc
     }
     # a tracker's own names are already native; MLflow → MLflow renames nothing
     assert native.system_metric_key(mlflow, "system/cpu_utilization_percentage", mlflow) is None
-    assert native.hidden_metric(wandb, "_runtime") and not native.hidden_metric(mlflow, "_runtime")
+    assert wandb.bookkeeping_metrics == ("_runtime",) and mlflow.bookkeeping_metrics == ()

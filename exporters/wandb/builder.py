@@ -121,9 +121,9 @@ def _linked(metrics: Any, links: list[list[Any]]) -> Any:
                 yield b
                 continue
             cols = {c: b.column(c).to_pylist() for c in ("model_key", "dataset_name", "dataset_digest")}
-            keys, steps, values = (b.column(c).to_pylist() for c in ("key", "step", "value"))
-            for i in rows:
-                waiting = todo.get((keys[i], steps[i], value_key(values[i])))
+            keys, steps, values = (b.column(c).take(rows).to_pylist() for c in ("key", "step", "value"))
+            for i, k, s, v in zip(rows, keys, steps, values, strict=True):
+                waiting = todo.get((k, s, value_key(v)))
                 if waiting:
                     cols["model_key"][i], cols["dataset_name"][i], cols["dataset_digest"][i] = waiting.pop(0)
             for c, vals in cols.items():

@@ -211,11 +211,13 @@ class NativeWriter:
         metric an earlier import made keeps following the summary's value."""
         from mlflow.entities import Metric
 
+        numbers = native.summary_view(payload.summary, {}, set()).metrics
+        if not numbers and not previous:
+            return []  # nothing to show: no request for the run's latest values
         r = self.client.get_run(run_id)
         latest = dict(r.data.metrics)
         shown = {orig: latest[k] for orig, k in history.items() if k in latest}
         view = native.summary_view(payload.summary, shown, set(history))
-        numbers = native.summary_view(payload.summary, {}, set()).metrics
         run = payload.run
         ms = mc.dt_to_ms(run.get("end_time")) or mc.dt_to_ms(run.get("start_time")) or 0
         wanted = {keys.fit(name, ("summary", name)): value for name, value in view.metrics.items()}

@@ -14,7 +14,7 @@ MLflow → W&B → MLflow returns what went in.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,18 +145,7 @@ def apply_meta(row: dict[str, Any], meta: Any) -> None:
         row["group"] = None  # the importer grouped a nested family; the source had no group
 
 
-def flatten(config: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[list[str], Any]]:
-    """Leaves of a nested config as (path, value).
-
-    An empty dict is a leaf (it is data), and so is a dict with ``_type``: that is one W&B
-    media value (an image, a histogram), not a namespace.
-    """
-    for k, v in config.items():
-        path = (*prefix, str(k))
-        if isinstance(v, dict) and v and "_type" not in v:
-            yield from flatten(v, path)
-        else:
-            yield list(path), v
+flatten = schema.flatten  # W&B's nesting is the neutral one: config, summary, logged dicts
 
 
 def param_rows(run_key_: str, config: dict[str, Any]) -> list[dict[str, Any]]:
