@@ -27,7 +27,7 @@ def waves(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     def d(key: str, seen: frozenset[str] = frozenset()) -> int:
         if key in depth:
             return depth[key]
-        parent = by_key[key].get("parent_run_key")
+        parent = schema.depends_on(by_key[key])
         if not parent or parent not in by_key or parent in seen:
             depth[key] = 0
         else:

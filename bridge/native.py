@@ -110,3 +110,13 @@ def summary_view(summary: Any, shown: dict[str, float], history: set[str]) -> Su
             name = SUMMARY_PREFIX + name
         view.metrics[name] = value
     return view
+
+
+# Artifact types that are models in the source's own words (W&B's ``type="model"``): an
+# MLflow destination makes each an MLflow 3 logged model of the run that logged it, so
+# the runs table's Models column and the model views list it.
+MODEL_TYPES = frozenset({"model"})
+
+
+def is_model(row: dict[str, Any]) -> bool:
+    return (row.get("type") or "") in MODEL_TYPES

@@ -77,6 +77,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             # ... and since: per key, a JSON object {key: scale} of the keys whose steps
             # are the exact step × scale; every other key's steps are as logged
             ("step_scales", STR),
+            # a W&B sweep (a hyperparameter search): on each trial, the key of the search it
+            # belongs to; on the search's own row (the sweep), its own run_key
+            ("sweep_key", STR),
         ]
     ),
     "params": pa.schema(
@@ -185,10 +188,24 @@ TABLES = tuple(SCHEMAS)
 
 # Nullable columns added to schema v1 after its first bundles were written. A bundle
 # without them still reads: they come back null, which is what the older writer meant.
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"runs": ("step_scale", "step_scales")}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"runs": ("step_scale", "step_scales", "sweep_key")}
 
 # Run states in the neutral schema. Adapters map their own vocabulary onto these.
 RUN_STATUSES = ("running", "scheduled", "finished", "failed", "killed", "crashed")
+
+
+def is_sweep(run: Mapping[str, Any]) -> bool:
+    """A search's own row (a W&B sweep), not a run that logged anything: every tracker
+    without sweeps shows it as the parent of its trials."""
+    return bool(run.get("sweep_key")) and run.get("sweep_key") == run.get("run_key")
+
+
+def depends_on(run: Mapping[str, Any]) -> str | None:
+    """The run this one must be written after: its parent, or the search it is a trial of
+    (a destination nests the trials under it)."""
+    if run.get("parent_run_key"):
+        return run["parent_run_key"]
+    return None if is_sweep(run) else run.get("sweep_key") or None
 
 
 def table(name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
@@ -239,6 +256,25 @@ def flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tupl
             yield from flatten(v, path)
         else:
             yield list(path), v
+
+
+def unflatten(rows: Iterable[tuple[list[str], Any]]) -> dict[str, Any]:
+    """A nested config from (path, value) leaves: ``flatten``'s inverse."""
+    out: dict[str, Any] = {}
+    for path, value in rows:
+        set_path(out, path, value)
+    return out
+
+
+def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``tree[a][b]… = value``; a non-dict on the way is replaced, as W&B's config does."""
+    node = tree
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = node[part] = {}
+        node = nxt
+    node[path[-1]] = value
 
 
 def empty(name: str) -> pa.Table:

@@ -177,9 +177,10 @@ def _compare_runs(
             va, vb = _norm(pa_.run.get(f)), _norm(pb_.run.get(f))
             if va != vb:
                 diff(f"{label}: {f} {va!r} != {vb!r}")
-        pb = b_origin.get(pb_.run.get("parent_run_key") or "", pb_.run.get("parent_run_key"))
-        if pa_.run.get("parent_run_key") != pb:
-            diff(f"{label}: parent {pa_.run.get('parent_run_key')!r} != {pb!r}")
+        for f, what in (("parent_run_key", "parent"), ("sweep_key", "sweep")):
+            vb = b_origin.get(pb_.run.get(f) or "", pb_.run.get(f))
+            if pa_.run.get(f) != vb:
+                diff(f"{label}: {what} {pa_.run.get(f)!r} != {vb!r}")
         points = _compare_run(label, pa_, pb_, a, b, diff)
         stats["points"] += points
         bar.advance(task, 1, points)

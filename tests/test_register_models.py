@@ -1,8 +1,10 @@
 """`--register-models`: W&B model artifacts become MLflow registered model versions.
 
-The version's source is the artifact's files as uploaded to the run that logged it, so
-lineage run → version holds; W&B aliases become MLflow aliases, move when they move, and
-the same artifact (name and digest) is never registered twice.
+A W&B ``model`` artifact is an MLflow 3 logged model of the run that logged it (the runs
+table's Models column lists it: the run's outputs name it), holding the files once; the
+version's source is that model (``models:/<id>``), so lineage run → model → version
+holds. W&B aliases become MLflow aliases, move when they move, and the same artifact
+(name and digest) is never registered twice.
 """
 
 from __future__ import annotations
@@ -60,12 +62,17 @@ def test_model_artifacts_become_versions_once_and_aliases_move(wandb_demo: Path,
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     run = client.get_run(v1.run_id)
     assert run.info.run_name == "baseline"  # lineage: the run that logged the artifact
-    assert v1.source.startswith(run.info.artifact_uri) and "/artifacts/demo-classifier/" in v1.source
     assert v1.tags["trackbridge.source_key"].startswith("wandb:artifact/demo-research/demo-classifier@")
-    local = client.download_artifacts(
-        v1.run_id, v1.source.split(run.info.artifact_uri + "/", 1)[1], str(tmp_path)
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert v1.source == f"models:/{model.model_id}" and model.source_run_id == run.info.run_id
+    assert (model.name, model.model_type, model.params) == ("demo-classifier", "model", {"arch": "r18"})
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]  # the Models column
+    local = mlflow.artifacts.download_artifacts(
+        f"{model.artifact_location}/weights/model.bin", dst_path=str(tmp_path / "m")
     )
-    assert (Path(local) / "weights/model.bin").read_bytes() == bytes(range(256)) * 64
+    assert Path(local).read_bytes() == bytes(range(256)) * 64
+    # the bytes are the model's, not a second copy in the run's own artifacts
+    assert not [f for f in client.list_artifacts(run.info.run_id, "artifacts") if "demo-classifier" in f.path]
 
     p = run_cli("migrate", f"wandb+offline://{src / 'wandb'}", dest, "--register-models")
     assert "model versions: 0 new, 1 unchanged" in p.stdout, p.stdout
@@ -84,6 +91,7 @@ def test_model_artifacts_become_versions_once_and_aliases_move(wandb_demo: Path,
     assert "model versions: 1 new, 1 unchanged" in p.stdout, p.stdout
     versions, aliases = _registry(db)
     assert [str(v.version) for v in versions] == ["1", "2"]
+    assert len(client.search_logged_models([run.info.experiment_id])) == 2  # one per version, no copies
     assert aliases == {"candidate": "1", "production": "2"}
     report = json.loads((tmp_path / "r.json").read_text())
     assert [r["outcome"] for r in report["runs"]].count("new") == 1

@@ -77,15 +77,23 @@ class FilesReader:
                     f"({first_line(e)}); its summary, series and artifacts cannot be restored"
                 ) from e
 
-    def _source_artifact(self, repo: Any, kept: dict[str, Any]) -> ArtifactPayload:
+    def _source_artifact(self, repo: Any, kept: dict[str, Any], model: Any = None) -> ArtifactPayload:
+        """A source artifact the importer kept: its files under the run's
+        ``artifacts/<name>/…`` folder, or (a source's model) in its logged ``model``."""
         row = dict(kept["row"])
         if row.get("created_at"):
             row["created_at"] = datetime.fromisoformat(row["created_at"])
         folder = mc.artifact_dir(row)
+
+        def fetch(path: str) -> Any:
+            if model is not None:
+                return self._uri_fetcher(f"{model.artifact_location.rstrip('/')}/{path}")
+            return _repo_fetcher(repo, f"{folder}/{path}")
+
         files = [
             FileRef(f["path"], f["size"], None, no_local_bytes, uri=f["uri"])
             if f["uri"] and not f["sha256"]
-            else FileRef(f["path"], f["size"], f["sha256"], _repo_fetcher(repo, f"{folder}/{f['path']}"))
+            else FileRef(f["path"], f["size"], f["sha256"], fetch(f["path"]))
             for f in kept["files"]
         ]
         return ArtifactPayload(row=row, files=files)

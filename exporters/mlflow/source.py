@@ -241,6 +241,8 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
                 tag_rows.append({"run_key": key, "key": orig["key"], "value": orig["value"]})
         run = {**run, "labels": sorted(labels)}
         run.update(extras.get("run", {}))
+        if run.get("sweep_key"):  # the search as this store holds it (its parent run)
+            run["sweep_key"] = self.local_key(run["sweep_key"])
         renamed_metrics = mapping.get("metrics", {})
         metric_keys = _own_metric_keys(r.data.metrics, renamed_metrics, shown)
         kept_metrics = extras.get("kept_metrics")
@@ -263,7 +265,17 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
             }
             for d in (r.inputs.dataset_inputs if r.inputs else [])
         ]
-        source_arts = [self._source_artifact(repo, a) for a in extras.get("artifacts", [])]
+        # a source's model (W&B) whose files are an MLflow logged model of this run: read
+        # from the model, and not given a second time as a logged model of MLflow's own
+        kept_models = {a["row"]["artifact_key"] for a in extras.get("artifacts", []) if a.get("logged_model")}
+        homes = {
+            m.tags.get(mc.TAG_SOURCE_KEY): m for m in models if m.tags.get(mc.TAG_SOURCE_KEY) in kept_models
+        }
+        models = [m for m in models if m not in homes.values()]
+        source_arts = [
+            self._source_artifact(repo, a, homes.get(a["row"]["artifact_key"]))
+            for a in extras.get("artifacts", [])
+        ]
         # our own files, only where the tags say we wrote them: a user's are theirs
         ours = [mc.MAPPING_ARTIFACT] if "mapped" in state else []
         if "extras" in state:

@@ -49,6 +49,7 @@ class RunFiles:
     head_error: str | None = None
     name: str | None = None
     start: float = 0.0
+    sweep_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -390,6 +391,7 @@ class RunBuilder(HistoryTables):
             "host": r.host or (env.host if env else "") or None,
             "source_url": None,
             "source_incomplete": self.truncated,
+            "sweep_key": wc.sweep_key(rf.project, r.sweep_id) if r.sweep_id else None,
         }
         wc.apply_meta(row, self.config.get(wc.META_KEY))
         return row

@@ -21,6 +21,7 @@ from typing import Any
 from trackbridge import schema
 from trackbridge.errors import MissingExtraError, SourceNotFoundError
 from trackbridge.exporters.wandb.builder import RunBuilder, RunFiles, restore_written
+from trackbridge.exporters.wandb.sweeps import Sweeps
 from trackbridge.files import local_fetch, sha256_file
 from trackbridge.model import (
     ArtifactPayload,
@@ -48,6 +49,7 @@ class WandbOfflineSource(TrackerSource):
         self._origin: dict[str, str] = {}
         self._origin_source: dict[str, str] = {}
         self._artifact_rows: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+        self.sweeps = Sweeps(self, lambda project, sweep_id: None)  # the definition is online only
         self._runs = self._discover()
 
     def describe(self) -> str:
@@ -82,6 +84,7 @@ class WandbOfflineSource(TrackerSource):
             rf.head_error = rf.head_error or h.error
             rf.name = h.name or rf.name
             rf.meta = h.meta or rf.meta
+            rf.sweep_id = h.sweep_id or rf.sweep_id
             if rf.meta.get("source_key"):
                 self._origin[key] = rf.meta["source_key"]
                 if rf.meta.get("source"):
@@ -124,20 +127,24 @@ class WandbOfflineSource(TrackerSource):
                 **file_token("wandb-offline", rf.logs),
             }
             if sel.wants_run(row):
+                self.sweeps.trial(row, rf.project, rf.sweep_id, rf.meta)
                 out.append(row)
-        return out
+        return self.sweeps.rows(out) + out
 
     # -- one run
 
     def read_run(self, run: dict[str, Any]) -> RunPayload:
+        if self.sweeps.owns(run["run_key"]):
+            return self.sweeps.read(run["run_key"])
         rf = self._runs[run["run_key"]]
         parsed = RunBuilder(run["run_key"])
         for log in rf.logs:
             parsed.read(log)
         metrics_tbl, series_tbl = parsed.tables()
         row = parsed.run_row(run["project_key"], rf)
-        if row.get("parent_run_key"):
-            row["parent_run_key"] = self.local_key(row["parent_run_key"])
+        for f in ("parent_run_key", "sweep_key"):
+            if row.get(f):
+                row[f] = self.local_key(row[f])
         meta = parsed.config.get(wc.META_KEY) or {}
         if isinstance(meta, dict) and meta.get("source_key"):
             self._origin[run["run_key"]] = meta["source_key"]

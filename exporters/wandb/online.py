@@ -25,6 +25,7 @@ from typing import Any
 from trackbridge import schema
 from trackbridge.errors import SourceNotFoundError, first_line
 from trackbridge.exporters.wandb.builder import RunBuilder, restore_written
+from trackbridge.exporters.wandb.sweeps import Sweeps
 from trackbridge.files import download_fetch, temp_dir
 from trackbridge.model import (
     LABELS,
@@ -70,6 +71,7 @@ class WandbOnlineSource(TrackerSource):
         self._origin: dict[str, str] = {}
         self._origin_source: dict[str, str] = {}
         self._arts: dict[str, list[ArtifactInfo]] = {}
+        self.sweeps = Sweeps(self, lambda project, sweep_id: self.api.sweep(self.entity, project, sweep_id))
         try:
             self._names = [project] if project else sorted(self.api.projects(entity))
             listed = [(name, r) for name in self._names for r in self.api.runs(entity, name)]
@@ -114,11 +116,15 @@ class WandbOnlineSource(TrackerSource):
                 STATUS: _status(r),
             }
             if sel.wants_run(row):
+                meta = (r.config or {}).get(wc.META_KEY)
+                self.sweeps.trial(row, self._project_of[key], getattr(r, "sweep_name", None), meta)
                 out.append(row)
-        return out
+        return self.sweeps.rows(out) + out
 
     def read_run(self, run: dict[str, Any]) -> RunPayload:
         key = run["run_key"]
+        if self.sweeps.owns(key):
+            return self.sweeps.read(key)
         r = self._runs[key]
         parsed = RunBuilder(key)
         parsed.set_config(dict(r.config or {}))
@@ -187,11 +193,14 @@ class WandbOnlineSource(TrackerSource):
             source_notes=parsed.notes,
         )
         restore_written(payload, parsed.config.get(wc.META_KEY))
+        if row.get("sweep_key"):
+            row["sweep_key"] = self.local_key(row["sweep_key"])
         return payload
 
     def _run_row(self, r: Any, listed: dict[str, Any], parsed: RunBuilder) -> dict[str, Any]:
         state = _status(r)
         user = getattr(r, "user", None)
+        sweep = getattr(r, "sweep_name", None)
         row = {
             "run_key": listed["run_key"],
             "project_key": listed["project_key"],
@@ -210,6 +219,7 @@ class WandbOnlineSource(TrackerSource):
             "host": getattr(r, "host", None) or None,
             "source_url": None,
             "source_incomplete": False,
+            "sweep_key": wc.sweep_key(listed["project_key"].split("/", 1)[1], sweep) if sweep else None,
         }
         wc.apply_meta(row, parsed.config.get(wc.META_KEY))
         return row

@@ -11,7 +11,7 @@ import posixpath
 from typing import Any
 
 import pyarrow as pa
-from trackbridge import schema
+from trackbridge import native, schema
 from trackbridge.files import temp_dir
 from trackbridge.model import ArtifactPayload, RunPayload
 from trackbridge.report import RunReport
@@ -27,9 +27,11 @@ def extras_of(payload: RunPayload, shown: dict[str, Any] | None = None) -> dict[
     usage = [u for u in payload.artifact_usage.to_pylist() if u["artifact_key"] not in own]
     run = {
         k: payload.run[k]
-        for k in ("fork_parent_run_key", "fork_step", "step_scale", "step_scales")
+        for k in ("fork_parent_run_key", "fork_step", "step_scale", "step_scales", "sweep_key")
         if payload.run.get(k) is not None
     }
+    if run.get("sweep_key") and not schema.is_sweep(payload.run):
+        run["parent_run_key"] = payload.run.get("parent_run_key")  # nested under the search, not a child
     if not payload.run.get("name"):
         run["name"] = None  # MLflow's run is named after the source id (``display_name``)
     shown = {k: v for k, v in (shown or {}).items() if v}
@@ -43,6 +45,8 @@ def extras_of(payload: RunPayload, shown: dict[str, Any] | None = None) -> dict[
         "artifacts": [
             {
                 "row": a.row,
+                # a source's model: its files are the MLflow logged model's, not the run's
+                **({"logged_model": True} if native.is_model(a.row) else {}),
                 "files": [
                     {"path": f.path, "size": f.size, "sha256": f.sha256, "uri": f.uri} for f in a.files
                 ],

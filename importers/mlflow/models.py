@@ -30,6 +30,24 @@ def fit_alias(alias: str, where: str, report: Any) -> str | None:
     return fitted or None
 
 
+def as_logged_model(art: ArtifactPayload) -> ArtifactPayload:
+    """A source artifact in the shape of an MLflow logged model: its type is the model
+    type, its version a tag, its scalar metadata the model's params."""
+    meta: dict[str, Any] = {"model_type": art.row["type"], "tags": {}}
+    if art.row.get("version"):
+        meta["tags"][mc.TAG_SOURCE_VERSION] = str(art.row["version"])
+    given = json.loads(art.row.get("metadata_json") or "{}")
+    if isinstance(given, dict):
+        params = {
+            str(k)[:250]: str(v)[:6000]
+            for k, v in given.items()
+            if isinstance(v, str | int | float | bool) and not str(k).startswith("_")
+        }
+        meta["params"] = params or None
+    row = {**art.row, "metadata_json": json.dumps(meta)}
+    return dataclasses.replace(art, row=row, files=sendable(art.files))
+
+
 class ModelsWriter:
     """Logged models and the registry."""
 
@@ -85,7 +103,31 @@ class ModelsWriter:
             self.client.finalize_logged_model(m.model_id, LoggedModelStatus.READY)
         elif "FAILED" in status and "FAILED" not in str(m.status):
             self.client.finalize_logged_model(m.model_id, LoggedModelStatus.FAILED)
+        if run_id:
+            self._link_output(run_id, m.model_id)
         return m.model_id
+
+    def _link_output(self, run_id: str, model_id: str) -> None:
+        """The run's output link to its logged model: what MLflow's own ``log_model`` adds
+        and what the runs table's Models column and the run page list."""
+        from mlflow.entities import LoggedModelOutput
+
+        outputs = self.client.get_run(run_id).outputs
+        if any(o.model_id == model_id for o in (outputs.model_outputs if outputs else None) or []):
+            return
+        self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+
+    def _write_source_model(self, art: ArtifactPayload, exp_id: str, run_id: str, report: RunReport) -> None:
+        """A source's model (a W&B ``model`` artifact) as an MLflow 3 logged model of the run
+        that logged it: its files in the model's own artifact location, once."""
+        self._write_logged_model(as_logged_model(art), exp_id, run_id, report)
+        with self._lock:
+            self._source_models.add(art.row["artifact_key"])
+        report.mapped(
+            "model-as-logged-model",
+            f"artifacts.{art.row['name']}",
+            "an MLflow 3 logged model of the run (the Models column), its files in the model",
+        )
 
     def write_artifact(self, payload: ArtifactPayload, report: Any) -> None:
         """An artifact no run owns (a Neptune model version's files) has one home in
@@ -94,14 +136,7 @@ class ModelsWriter:
         if exp_id is None or self.dry_run:
             return
         if payload.row["type"] != schema.LOGGED_MODEL:
-            meta = {"model_type": payload.row["type"], "tags": {}}
-            if payload.row.get("version"):
-                meta["tags"][mc.TAG_SOURCE_VERSION] = str(payload.row["version"])
-            payload = dataclasses.replace(
-                payload,
-                row={**payload.row, "metadata_json": json.dumps(meta)},
-                files=sendable(payload.files),
-            )
+            payload = as_logged_model(payload)
             report.mapped(
                 "artifact-as-logged-model",
                 payload.row["artifact_key"],
@@ -192,7 +227,11 @@ class ModelsWriter:
         model_id = self._model_ids.get(sv["artifact_key"]) if sv["artifact_key"] else None
         placed = self._artifact_dirs.get(sv["artifact_key"] or "")
         source = sv["source"]
-        if model_id and (source or "").startswith("models:/"):
+        if model_id and sv["artifact_key"] in self._source_models:
+            # a W&B model artifact: the MLflow 3 logged model made of it, from its run
+            run_id = self._find_run_id(sv["run_key"]) if sv["run_key"] else run_id
+            source = f"models:/{model_id}"
+        elif model_id and (source or "").startswith("models:/"):
             source = f"models:/{model_id}"
         elif placed and not sv["source_subpath"]:
             # a W&B model artifact: its files, uploaded to the run that logged it
@@ -212,7 +251,7 @@ class ModelsWriter:
             mc.TAG_SOURCE_VERSION: sv["version"],
             **({mc.TAG_SOURCE: self.origin} if self.origin else {}),
         }
-        if placed and not sv["source_subpath"]:
+        if (placed or sv["artifact_key"] in self._source_models) and not sv["source_subpath"]:
             tags[mc.TAG_SOURCE_ARTIFACT] = sv["artifact_key"]
         if sv.get("created_at") is not None:
             tags[mc.TAG_SOURCE_CREATED] = sv["created_at"].isoformat()

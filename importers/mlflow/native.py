@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ TABLE_KINDS = ("table-file",)
 # A histogram logged at every step would be thousands of pictures: this many, spread over
 # the run (the first and last included), are drawn; every one stays exact in the file
 HISTOGRAM_STEPS = 20
+# a search's (W&B sweep's) full definition, in the form ``wandb sweep FILE`` takes again
+SEARCH_FILE = "sweep.yaml"
 _IMAGE_KEY = re.compile(r"[^a-zA-Z0-9_\-./ ]")  # what MLflow's log_image accepts in a key
 _NS = uuid.UUID("8f2b7c1e-4b7a-4f0e-9a55-7d1c1b0e0a11")
 
@@ -64,6 +67,7 @@ class NativePlan:
     summary_tags: list[str] = field(default_factory=list)
     pictures: list[Picture] = field(default_factory=list)
     restore_tags: dict[str, str | None] = field(default_factory=dict)
+    documents: dict[str, bytes] = field(default_factory=dict)  # small files made here
     record: dict[str, Any] = field(default_factory=dict)
 
     def done(self, previous: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +97,15 @@ def plan_native(payload: RunPayload, tags: dict[str, str], report: RunReport) ->
         plan.summary_tags.append(key)
     if plan.summary_tags:
         report.mapped("summary-as-tags", "summary", f"{len(plan.summary_tags)} text value(s) as run tags")
+
+    if schema.is_sweep(run) and payload.params.num_rows:
+        import yaml
+
+        tree = schema.unflatten(
+            (p["path"], schema.loads_value(p["value_json"])) for p in payload.params.to_pylist()
+        )
+        plan.documents[SEARCH_FILE] = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True).encode()
+        report.mapped("search-definition", "params", f"the search's definition also as {SEARCH_FILE}")
 
     files = {f.path: f for a in payload.artifacts if a.row["type"] == "run-files" for f in a.files}
     start = mc.dt_to_ms(run.get("start_time")) or 0
@@ -183,6 +196,7 @@ class NativeWriter:
             run_id, payload, history, plan._metric_keys, previous.get("metrics") or [], report
         )
         shown.record["files"] = self._write_pictures(run_id, shown.pictures, existed, report)
+        shown.record["files"] += self._write_documents(run_id, shown.documents, existed)
 
     def _previous_native(self, run_id: str, state: dict[str, str]) -> dict[str, Any]:
         """What an earlier import of the run added (its extras' ``native`` record)."""
@@ -241,6 +255,22 @@ class NativeWriter:
             n = len(out)
             report.mapped("summary-as-metrics", "summary", f"{n} value(s) as metrics of the runs table")
         return sorted(set(out) | set(previous))
+
+    def _write_documents(self, run_id: str, documents: dict[str, bytes], existed: bool) -> list[str]:
+        """The small files the plan made (a search's definition), each written once."""
+        if not documents:
+            return []
+        have = {}
+        if existed:
+            have = {fi.path: fi.file_size for fi in self.client.list_artifacts(run_id)}
+        for path, data in documents.items():
+            if have.get(path) == len(data):
+                continue
+            with temp_dir() as d:
+                local = d / posixpath.basename(path)
+                local.write_bytes(data)
+                upload_one(str(local), path, lambda lp, ap: self.client.log_artifact(run_id, lp, ap))
+        return sorted(documents)
 
     def _write_pictures(
         self, run_id: str, pictures: list[Picture], existed: bool, report: RunReport

@@ -69,6 +69,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
         self._model_index: dict[str, dict[str, Any]] = {}
         self._run_ids: dict[str, str] = {}
         self._model_ids: dict[str, str] = {}
+        self._source_models: set[str] = set()  # source artifacts written as logged models
         self._artifact_dirs: dict[str, tuple[str, str]] = {}  # artifact key -> (run id, folder)
         self._registry_failed = False
         self._states: dict[str, dict[str, str]] = {}  # run id -> its TAG_STATE
@@ -239,11 +240,14 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
         self._remember_artifact_dirs(payload, run.id)
         exp_id = self._exp_ids.get(payload.run["project_key"])
         for a in payload.artifacts:
-            if a.row["type"] == schema.LOGGED_MODEL and exp_id:
+            if (a.row["type"] == schema.LOGGED_MODEL or native.is_model(a.row)) and exp_id:
+                # (a model a run imported before 0.2 has no logged model: its files are the run's)
                 m = self._models_index(exp_id).get(a.row["artifact_key"])
                 if m is not None:
                     with self._lock:
                         self._model_ids[a.row["artifact_key"]] = m.model_id
+                        if native.is_model(a.row):
+                            self._source_models.add(a.row["artifact_key"])
 
     def fit(self, payload: RunPayload, found: Found | None, report: RunReport) -> Any:
         plan = Plan(report, native.system_of(payload.key))
@@ -284,6 +288,8 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
         for art in payload.artifacts:
             if art.row["type"] == "run-files":
                 self._upload_run_files(run_id, art, existing is not None, report)
+            elif native.is_model(art.row):
+                self._write_source_model(art, exp_id, run_id, report)
             elif art.row["type"] != schema.LOGGED_MODEL:
                 placed = under(art, mc.artifact_dir(art.row))
                 self._upload_run_files(run_id, placed, existing is not None, report)
@@ -320,7 +326,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
     ) -> None:
         """The params and tags the run lacks (MLflow params cannot change: a changed one is
         reported, the destination keeps its value), and its parent."""
-        parent = run.get("parent_run_key")
+        parent = schema.depends_on(run)  # its parent, or the search it is a trial of
         if parent:
             pid = self._find_run_id(parent)
             if pid:
@@ -328,7 +334,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
             else:
                 report.mapped(
                     "parent-missing",
-                    "runs.parent_run_key",
+                    "runs.parent_run_key" if run.get("parent_run_key") else "runs.sweep_key",
                     f"parent {parent} is not in the destination; nesting not set",
                 )
         new_params = {}

@@ -45,7 +45,7 @@ from trackbridge.model import ArtifactPayload, RunPayload
 from trackbridge.report import RunReport
 from trackbridge.trackers.wandb import TRACKER
 from trackbridge.trackers.wandb import common as wc
-from trackbridge.write import RunWriter
+from trackbridge.write import UNCHANGED, RunWriter
 
 # bump when the way runs are written changes: every run is then rewritten
 # (2: key/value tags in config, nested runs grouped, model links of points kept)
@@ -87,26 +87,45 @@ class SdkSink(RunWriter):
         self.origin: str | None = None  # the source, recorded with each run for verify
         self.notices: list[tuple[str, str, str]] = []
         self._nest_groups: dict[str, str] = {}  # run key -> the W&B group of its nesting
+        self._sweeps: dict[str, dict[str, Any]] = {}  # search key -> kept with its trials
 
     def expect_runs(self, runs: list[dict[str, Any]]) -> None:
         """A nested family (an MLflow parent run and its children, as a hyperparameter
-        search logs them) becomes one W&B run group, named after the top parent, so a
-        W&B user sees the search together; a run with a group of its own keeps it."""
+        search logs them) or a search with its trials becomes one W&B run group, named
+        after the top parent, so a W&B user sees the search together; a run with a group
+        of its own keeps it."""
         by_key = {r["run_key"]: r for r in runs}
-        parents = {r["parent_run_key"] for r in runs if r.get("parent_run_key")}
+        parents = {schema.depends_on(r) for r in runs} - {None}
 
         def top(key: str) -> str:
             seen = {key}
-            while (p := by_key[key].get("parent_run_key")) in by_key and p not in seen:
+            while (p := schema.depends_on(by_key[key])) in by_key and p not in seen:
                 key = p
                 seen.add(p)
             return key
 
         for r in runs:
-            if r.get("group") or not (r["run_key"] in parents or r.get("parent_run_key") in by_key):
+            if r.get("group") or not (r["run_key"] in parents or schema.depends_on(r) in by_key):
                 continue
             root = by_key[top(r["run_key"])]
             self._nest_groups[r["run_key"]] = root.get("name") or root.get("source_id") or root["run_key"]
+            if schema.is_sweep(r):
+                self._sweeps.setdefault(r["run_key"], {"key": r["run_key"], "row": {}})
+
+    def write_run(self, payload: RunPayload, report: Any) -> str:
+        """A search (a sweep's own row) is no W&B run: only W&B's sweep controller makes
+        sweeps. It is kept with each of its trials (``_trackbridge.sweep``), which a W&B
+        reader turns back into the search, and the trials are grouped under its name."""
+        if not schema.is_sweep(payload.run):
+            return super().write_run(payload, report)
+        self._sweeps[payload.key] = wc.kept_sweep(payload)
+        report.mapped(
+            "search-on-trials",
+            "runs",
+            f"search {payload.run.get('name')!r} is kept with its trials (config._trackbridge.sweep) "
+            "and they are one W&B group: W&B makes sweeps only through its sweep controller",
+        )
+        return UNCHANGED
 
     def finish(self) -> None:
         pass
@@ -195,8 +214,8 @@ class SdkSink(RunWriter):
                 f.path for a in payload.artifacts if a.row["type"] == "run-files" for f in a.files
             ),
             **{k: run.get(k) for k in wc.META_RUN_FIELDS},
-            "start_time": seconds(run.get("start_time")),
-            "end_time": seconds(run.get("end_time")),
+            "start_time": wc.dt_to_seconds(run.get("start_time")),
+            "end_time": wc.dt_to_seconds(run.get("end_time")),
         }
         meta = json.loads(json.dumps(meta, default=str))
         taken = {p[0] for p in payload.params.column("path").to_pylist() if p}
@@ -217,11 +236,15 @@ class SdkSink(RunWriter):
             "disable_job_creation": True,
             "silent": True,
         }
+        sweep = run.get("sweep_key")
+        if sweep and sweep != payload.key:
+            meta["sweep"] = self._sweeps.get(sweep) or {"key": sweep, "row": {}}
         group = run.get("group")
         if not group and payload.key in self._nest_groups:
             group = self._nest_groups[payload.key]
             meta["nested_group"] = True  # the source had none: the exporter takes it out
-            report.mapped("nesting-as-group", "runs.parent_run_key", f"nested runs are W&B group {group!r}")
+            field = "runs.parent_run_key" if run.get("parent_run_key") else "runs.sweep_key"
+            report.mapped("nesting-as-group", field, f"nested runs are W&B group {group!r}")
         args = {
             "project": project["name"],
             "id": run_id,
@@ -342,10 +365,6 @@ class SdkSink(RunWriter):
             f"artifact {payload.row['artifact_key']}: W&B artifacts belong to a run; "
             "a standalone one has no place in a W&B project"
         )
-
-
-def seconds(dt: Any) -> float | None:
-    return None if dt is None else dt.timestamp()
 
 
 def config_of(params: pa.Table) -> tuple[dict[str, Any], set[tuple[str, ...]]]:

@@ -57,6 +57,20 @@ class ArtifactInfo:
     handle: Any = None  # the SDK object, for downloads
 
 
+@dataclass
+class SweepInfo:
+    """A sweep as the server knows it: its definition and best run live only there."""
+
+    sweep_id: str
+    name: str | None = None
+    config: dict[str, Any] | None = None  # the definition, as ``wandb.sweep`` took it
+    state: str | None = None
+    created_at: datetime | None = None
+    best_run_id: str | None = None
+    best_run_name: str | None = None
+    best_value: float | None = None  # the best run's value of the sweep's metric
+
+
 class WandbApi(Protocol):
     """Everything trackbridge asks of W&B online. Runs and files are ``wandb.apis.public``
     objects; artifacts are ``ArtifactInfo``."""
@@ -76,6 +90,8 @@ class WandbApi(Protocol):
     def used_artifacts(self, run: Any) -> list[ArtifactInfo]: ...
 
     def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str: ...
+
+    def sweep(self, entity: str, project: str, sweep_id: str) -> SweepInfo | None: ...
 
 
 class SdkApi:
@@ -150,6 +166,35 @@ class SdkApi:
 
     def download_entry(self, art: ArtifactInfo, path: str, folder: str) -> str:
         return self.policy.call(lambda: art.handle.get_entry(path).download(root=folder))
+
+    def sweep(self, entity: str, project: str, sweep_id: str) -> SweepInfo | None:
+        def ask() -> SweepInfo | None:
+            sweep = self.api.sweep(f"{entity}/{project}/{sweep_id}")
+            # the best run as W&B's sweep page ranks them: by the metric and goal of the config
+            best = sweep.best_run() if sweep is not None and sweep.order else None
+            return sweep_info(sweep, best)
+
+        return self.policy.call(ask)
+
+
+def sweep_info(sweep: Any, best: Any) -> SweepInfo | None:
+    """``SweepInfo`` from a ``wandb.apis.public.Sweep`` and its best ``Run`` (or None)."""
+    if sweep is None:
+        return None
+    config = dict(sweep.config or {})
+    info = SweepInfo(
+        sweep.id,
+        name=sweep.name,
+        config=config,
+        state=sweep._attrs.get("state"),
+        created_at=wandb_time(sweep._attrs.get("createdAt")),
+    )
+    metric = config.get("metric") or {}
+    if best is not None:
+        info.best_run_id, info.best_run_name = best.id, best.display_name
+        value = (best.summary_metrics or {}).get(metric.get("name")) if isinstance(metric, dict) else None
+        info.best_value = float(value) if isinstance(value, int | float) else None
+    return info
 
 
 def wandb_time(value: Any) -> datetime | None:

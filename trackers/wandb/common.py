@@ -14,7 +14,6 @@ MLflow → W&B → MLflow returns what went in.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,7 +46,11 @@ META_RUN_FIELDS = (
     "fork_step",
     "step_scale",
     "step_scales",
+    "sweep_key",
 )
+# the fields of a search (a sweep's own row) a W&B destination keeps with each of its
+# trials, in ``_trackbridge.sweep``: W&B's SDK cannot make a sweep
+SWEEP_FIELDS = ("name", "status", "user", "notes", "group", "job_type", "source_id", "lifecycle")
 # Points the SDK cannot log as history (system metrics, the source's own ``_runtime``):
 # the importer keeps them in this run file.
 KEPT_METRICS_FILE = "trackbridge/kept-metrics.parquet"
@@ -57,6 +60,25 @@ RESERVED_ARTIFACT_TYPES = ("run_table", "job", "wandb-history")
 
 def run_key(project: str, run_id: str) -> str:
     return f"wandb:run/{project}/{run_id}"
+
+
+def sweep_key(project: str, sweep_id: str) -> str:
+    return f"wandb:sweep/{project}/{sweep_id}"
+
+
+def kept_sweep(payload: Any) -> dict[str, Any]:
+    """A search (``RunPayload`` of a sweep's own row) as a W&B destination keeps it with
+    each of its trials: its source key, run fields, definition and summary, all JSON."""
+    row = payload.run
+    return {
+        "key": payload.key,
+        "row": {k: row.get(k) for k in SWEEP_FIELDS}
+        | {k: dt_to_seconds(row.get(k)) for k in ("start_time", "end_time")},
+        "params": [
+            {k: p[k] for k in ("path", "value_json", "value_type")} for p in payload.params.to_pylist()
+        ],
+        "summary": [{"path": s["path"], "value_json": s["value_json"]} for s in payload.summary.to_pylist()],
+    }
 
 
 def project_key(project: str) -> str:
@@ -115,6 +137,10 @@ def model_versions(
     return list(models.values()), versions
 
 
+def dt_to_seconds(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
 def seconds_to_dt(seconds: float | None) -> datetime | None:
     if seconds is None:
         return None
@@ -134,7 +160,7 @@ def apply_meta(row: dict[str, Any], meta: Any) -> None:
     if not isinstance(meta, dict):
         return
     for k in ("start_time", "end_time"):
-        if meta.get(k) is not None:
+        if k in meta:  # None too: a run that never ended has no end, whatever W&B logged
             row[k] = seconds_to_dt(meta[k])
     for k in META_RUN_FIELDS:
         if k in meta:
@@ -160,23 +186,8 @@ def param_rows(run_key_: str, config: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def unflatten(rows: Iterable[tuple[list[str], Any]]) -> dict[str, Any]:
-    """Rebuild a nested config from (path, value) leaves."""
-    out: dict[str, Any] = {}
-    for path, value in rows:
-        set_path(out, path, value)
-    return out
-
-
-def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set ``tree[a][b]… = value``; a non-dict on the way is replaced, as W&B's config does."""
-    node = tree
-    for part in path[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = node[part] = {}
-        node = nxt
-    node[path[-1]] = value
+unflatten = schema.unflatten
+set_path = schema.set_path
 
 
 def del_path(tree: dict[str, Any], path: list[str]) -> None:

@@ -36,7 +36,39 @@ def make_wandb_search(root: str | os.PathLike[str], trials: int = 6) -> Path:
     return _sdk(Path(root), "search", trials)
 
 
-def _sdk(root: Path, what: str, n: int) -> Path:
+def make_wandb_sweep(root: str | os.PathLike[str], sweep_id: str, lrs: list[float]) -> Path:
+    """Trials of a W&B sweep as ``wandb agent`` starts them offline: one process per trial,
+    with the environment the agent sets (the sweep id, the run id the controller chose,
+    and the file of the parameters it chose for the trial, ``wandb/sweep-<id>/config-<run
+    id>.yaml`` in W&B's config-file form). The sweep's definition lives on the server."""
+    root = Path(root)
+    for i, lr in enumerate(lrs):
+        run_id = f"{sweep_id[:4]}t{i:03d}"
+        params = root / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.yaml"
+        params.parent.mkdir(parents=True, exist_ok=True)
+        params.write_text(f"wandb_version: 1\nlr:\n  value: {lr!r}\nlayers:\n  value: {2 + i % 2}\n")
+        agent = {
+            "WANDB_SWEEP_ID": sweep_id,
+            "WANDB_RUN_ID": run_id,
+            "WANDB_SWEEP_PARAM_PATH": str(params),
+            "WANDB_PROJECT": "sweeps",
+        }
+        _sdk(root, "sweep-trial", i, agent)
+    return root / "wandb"
+
+
+def _sweep_trial() -> None:
+    import wandb
+
+    run = wandb.init(config={"epochs": 3}, settings=wandb.Settings(mode="offline", console="off"))
+    lr = run.config["lr"]
+    for step in range(3):
+        run.log({"train/loss": 1.0 / (1 + step * lr * 10), "val/loss": 1.2 / (1 + step * lr * 10)}, step=step)
+    run.summary["best_val_acc"] = round(0.7 + lr, 4)
+    run.finish()
+
+
+def _sdk(root: Path, what: str, n: int, extra_env: dict[str, str] | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -45,6 +77,7 @@ def _sdk(root: Path, what: str, n: int) -> Path:
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "WANDB_DISABLE_GIT": "true",
+        **(extra_env or {}),
     }
     p = subprocess.run(
         [sys.executable, "-m", "trackbridge.trackers.wandb.demo", what, str(root), str(n)],
@@ -180,5 +213,7 @@ def _search(trials: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "search":
         _search(int(sys.argv[3]))
+    elif sys.argv[1] == "sweep-trial":
+        _sweep_trial()
     else:
         _write(Path(sys.argv[2]), int(sys.argv[3]))

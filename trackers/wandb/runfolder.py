@@ -29,6 +29,7 @@ class RunHead:
     entity: str = ""
     name: str | None = None
     start: float = 0.0
+    sweep_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # ``_trackbridge`` if we wrote it
     error: str | None = None
 
@@ -47,6 +48,7 @@ def read_head(log: Path) -> RunHead:
                 h.project, h.run_id, h.entity = r.project or "uncategorized", r.run_id or h.run_id, r.entity
                 h.name = r.display_name or None
                 h.start = r.start_time.seconds + r.start_time.nanos / 1e9
+                h.sweep_id = r.sweep_id or None
                 for it in r.config.update:
                     if it.key == wc.META_KEY or list(it.nested_key) == [wc.META_KEY]:
                         meta = json.loads(it.value_json)
