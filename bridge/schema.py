@@ -200,6 +200,14 @@ def is_sweep(run: Mapping[str, Any]) -> bool:
     return bool(run.get("sweep_key")) and run.get("sweep_key") == run.get("run_key")
 
 
+def step_scales(run: Mapping[str, Any]) -> dict[str, int]:
+    """The run's keys logged at decimal steps → the power of ten their ``step`` is
+    scaled by (``runs.step_scales``); empty for every other run."""
+    text = run.get("step_scales")
+    scales = loads_value(text) if text else {}
+    return {str(k): int(v) for k, v in scales.items()} if isinstance(scales, dict) else {}
+
+
 def depends_on(run: Mapping[str, Any]) -> str | None:
     """The run this one must be written after: its parent, or the search it is a trial of
     (a destination nests the trials under it)."""

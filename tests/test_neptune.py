@@ -216,6 +216,32 @@ def test_neptune_to_mlflow_field_by_field_and_again(
     assert len(c.search_runs([e.experiment_id for e in c.search_experiments()])) == len(runs)
 
 
+def test_decimal_step_keys_get_their_own_wandb_x_axis(neptune_data: dict[str, Path], tmp_path: Path) -> None:
+    """In W&B, each key logged at decimal steps is charted on its own x-axis holding the
+    exact step (``define_metric`` with a step metric), in rows after the others. Read from
+    the W&B run's own record log. (This run's other keys are on a row counter of their
+    own making: three series share step 1 at three times; test_wandb_import has the case
+    where they keep ``_step``.)"""
+    pytest.importorskip("wandb")
+    from tests.test_wandb_import import _history_and_axes
+
+    p = run_cli(
+        "migrate", _uri("scale", neptune_data["scale"]), f"wandb+offline://{tmp_path}", "--no-registry"
+    )
+    assert "verify: identical" in p.stdout, p.stdout
+    logs = [log for log in tmp_path.glob("wandb/offline-run-*/run-*.wandb") if b"base-1" in log.read_bytes()]
+    rows, axes = _history_and_axes(logs[0])
+    assert (
+        axes["train/loss"] == "trackbridge/step/train/loss"
+        and axes["train/acc"] == "trackbridge/step/train/acc"
+    )
+    loss = [r for r in rows if "train/loss" in r]
+    assert [r["trackbridge/step/train/loss"] for r in loss] == [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75]
+    assert [r["trackbridge/step"] for r in rows if "val/loss" in r] == [3, 4]  # the exact Neptune steps
+    others = [r["_step"] for r in rows if "train/loss" not in r and "train/acc" not in r]
+    assert min(r["_step"] for r in loss) > max(others)
+
+
 @pytest.mark.parametrize("kind", ["legacy", "scale", "exporter"])
 def test_neptune_to_wandb_offline_field_by_field_and_again(
     kind: str, neptune_data: dict[str, Path], tmp_path: Path

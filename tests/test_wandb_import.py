@@ -135,3 +135,46 @@ def test_mlflow_runs_land_natively_in_wandb_and_come_back_exact(demo_store: dict
     back = f"mlflow+sqlite:///{tmp_path / 'back.db'}"
     p = run_cli("migrate", dest, back)
     assert "verify: identical (2 projects, 6 runs" in p.stdout, p.stdout
+
+
+def _history_and_axes(log: Path) -> tuple[list[dict], dict[str, str]]:
+    """A W&B run's history rows and its metrics' step metrics, from its own record log."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows, axes = [], {}
+    for _, payload in RecordLog(log).payloads():
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "metric" and rec.metric.step_metric:
+            axes[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
+    return rows, axes
+
+
+def test_a_decimal_step_key_gets_its_own_x_axis_and_the_others_keep_their_steps(tmp_path: Path) -> None:
+    """Issue 16's case: `train/loss` at steps 0…299 and one key at decimal steps (Neptune
+    scaled it ×10). In W&B the decimal key is charted on its own x-axis holding the exact
+    step; `train/loss` keeps `_step` = its step, and nothing moves to a row counter."""
+    from tests import factories as f
+
+    points = [("train/loss", s, 1.0 / (s + 1)) for s in range(300)]
+    points += [("eval/score", 2995, 0.5), ("eval/score", 3000, 0.6), ("eval/score", 3005, 0.7)]
+    row = f.run("test:run/mixed", step_scales=json.dumps({"eval/score": 10}))
+    bundle = f.write_bundle(tmp_path / "b", [f.project()], [f.payload(row, points=points)])
+    p = run_cli("migrate", str(bundle), f"wandb+offline://{tmp_path / 'wb'}")
+    assert "verify: identical (1 projects, 1 runs, 303 points" in p.stdout, p.stdout
+    (log,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
+    rows, axes = _history_and_axes(log)
+    assert axes == {"eval/score": "trackbridge/step/eval/score"}  # no row counter for the rest
+    assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == [
+        (s, 1.0 / (s + 1)) for s in range(300)
+    ]
+    score = [r for r in rows if "eval/score" in r]
+    assert [(r["trackbridge/step/eval/score"], r["eval/score"]) for r in score] == [
+        (299.5, 0.5),
+        (300.0, 0.6),
+        (300.5, 0.7),
+    ]
+    assert [r["_step"] for r in score] == [300, 301, 302]  # after the other rows, in order

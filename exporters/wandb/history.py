@@ -138,6 +138,8 @@ class HistoryTables:
         drop = pc.or_(pc.or_(is_ts, is_axis), pc.equal(keys, "_step"))
         if isinstance(self.config.get(wc.META_KEY), dict):
             drop = pc.or_(drop, pc.equal(keys, "_runtime"))  # our own import's clock
+            # a decimal-step key's own x-axis (its exact step, which trackbridge/step scales)
+            drop = pc.or_(drop, pc.starts_with(keys, wc.STEP_AXIS + "/"))
         keep = pc.invert(drop)
         keys, values, rows = keys.filter(keep), values.filter(keep), rows.filter(keep)
         first = pc.utf8_slice_codeunits(values, 0, 1)

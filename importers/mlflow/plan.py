@@ -119,7 +119,7 @@ class Plan:
                 f"decimal steps written × {run['step_scale']} as MLflow's integer steps; "
                 f"divide by tag {mc.TAG_STEP_SCALE} for the exact step",
             )
-        scales = schema.loads_value(run["step_scales"]) if run.get("step_scales") else {}
+        scales = schema.step_scales(run)
         if scales:
             # only the keys logged at decimal steps; every other key's steps are as logged
             out[mc.TAG_STEP_SCALE] = ", ".join(f"{k}={v}" for k, v in sorted(scales.items()))

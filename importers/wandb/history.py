@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from trackbridge import schema
 from trackbridge.model import RunPayload
 from trackbridge.trackers.wandb import common as wc
 
@@ -37,6 +38,8 @@ class History:
     # points linked to an MLflow logged model and dataset, which a W&B history row cannot
     # say: (key, step, value, model_key, dataset_name, dataset_digest), kept in _trackbridge
     links: list[list[Any]] = field(default_factory=list)
+    # keys logged at decimal steps (Neptune) → the x-axis metric that holds their exact step
+    axes: dict[str, str] = field(default_factory=dict)
     count: int = 0  # rows, once ``rows(digest=True)`` has gone through them
     full_digest: str | None = None
 
@@ -123,6 +126,12 @@ def history_of(payload: RunPayload) -> History:
     series = payload.series
     parts.append(_points(series, pa.nulls(series.num_rows, pa.float64()), series.column("value_json")))
     points = pa.concat_tables(parts).combine_chunks()
+    scales = schema.step_scales(payload.run)
+    decimal = None
+    if scales:  # keys at decimal steps go on their own x-axis, after the rest
+        on_axis = pc.is_in(points.column("key"), value_set=pa.array(sorted(scales), pa.string()))
+        decimal = points.filter(on_axis)
+        points = points.filter(pc.invert(on_axis))
     n = points.num_rows
     sort = pa.table(
         {
@@ -154,7 +163,42 @@ def history_of(payload: RunPayload) -> History:
     )
     del sort, step, ts, key  # before the points are copied: one sorted copy at a time
     sys_tbl = pa.Table.from_batches(system) if system else None
-    return History(points.take(order), bool(mapped), sys_tbl, links)
+    points = points.take(order)
+    axes: dict[str, str] = {}
+    if decimal is not None and decimal.num_rows:
+        points, axes = _decimal_rows(points, decimal, scales)
+    return History(points, bool(mapped), sys_tbl, links, axes)
+
+
+def _decimal_rows(
+    points: pa.Table, decimal: pa.Table, scales: dict[str, int]
+) -> tuple[pa.Table, dict[str, str]]:
+    """The points of keys logged at decimal steps, each in a row of its own after every
+    other row (so every other key keeps its W&B ``_step`` exactly), holding its exact
+    decimal step in the key's own x-axis metric (``trackbridge/step/<key>``) and its
+    scaled step in ``trackbridge/step``, which the reader takes as the step."""
+    base = (pc.max(points.column("step")).as_py() + 1) if points.num_rows else 0
+    order = pc.sort_indices(decimal, [("step", "ascending"), ("ts", "ascending"), ("key", "ascending")])
+    decimal = decimal.take(order)
+    n = decimal.num_rows
+    wstep = pa.array(np.arange(base, base + n, dtype=np.int64))
+    keys = decimal.column("key").to_pylist()
+    exact = [s / scales[k] for s, k in zip(decimal.column("step").to_pylist(), keys, strict=True)]
+    axes = {k: f"{wc.STEP_AXIS}/{k}" for k in dict.fromkeys(keys)}
+    extra = pa.table(
+        {
+            "step": pa.concat_arrays([wstep, wstep]),
+            "ts": pa.concat_arrays([decimal.column("ts").combine_chunks()] * 2),
+            "key": pa.array([wc.STEP_AXIS] * n + [axes[k] for k in keys], pa.string()),
+            "value": pa.array(decimal.column("step").to_pylist() + exact, pa.float64()),
+            "json": pa.nulls(2 * n, pa.string()),
+        }
+    )
+    own = decimal.set_column(0, "step", wstep)
+    # each decimal point and its two axis values make one row: sort them together
+    both = pa.concat_tables([own, extra.cast(own.schema)])
+    both = both.take(pc.sort_indices(both, [("step", "ascending")]))
+    return pa.concat_tables([points, both]), axes
 
 
 def _points(tbl: pa.Table | pa.RecordBatch, value: Any, text: Any) -> pa.Table:

@@ -282,6 +282,15 @@ class SdkSink(RunWriter):
                     "metrics.step",
                     f"steps are not one increasing sequence; the source step is in {wc.STEP_AXIS!r}",
                 )
+            for key, axis in history.axes.items():
+                wrun.define_metric(axis, hidden=True)
+                wrun.define_metric(key, step_metric=axis)
+                report.mapped(
+                    "decimal-step-axis",
+                    f"metrics.{key}",
+                    f"logged at decimal steps: charted on its own x-axis {axis!r} (the exact step), "
+                    "after the run's other rows, whose steps are untouched",
+                )
             for i, (step, stamp, values) in enumerate(history.rows(digest=digest)):
                 wstep = i if history.mapped else step
                 if wstep <= after_step:
@@ -290,7 +299,7 @@ class SdkSink(RunWriter):
                 if stamp is not None:
                     data["_timestamp"] = stamp
                 if history.mapped:
-                    data[wc.STEP_AXIS] = step
+                    data.setdefault(wc.STEP_AXIS, step)  # a decimal key's row holds its own
                 wrun.log(data, step=wstep)
                 report.points += len(values)
             files_dir = Path(wrun.dir)
