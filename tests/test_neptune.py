@@ -229,8 +229,12 @@ def test_decimal_step_keys_get_their_own_wandb_x_axis(neptune_data: dict[str, Pa
         "migrate", _uri("scale", neptune_data["scale"]), f"wandb+offline://{tmp_path}", "--no-registry"
     )
     assert "verify: identical" in p.stdout, p.stdout
-    logs = [log for log in tmp_path.glob("wandb/offline-run-*/run-*.wandb") if b"base-1" in log.read_bytes()]
-    rows, axes = _history_and_axes(logs[0])
+    from trackbridge.trackers.wandb.runfolder import read_head
+
+    (log,) = [
+        log for log in tmp_path.glob("wandb/offline-run-*/run-*.wandb") if read_head(log).name == "base-1"
+    ]
+    rows, axes = _history_and_axes(log)
     assert (
         axes["train/loss"] == "trackbridge/step/train/loss"
         and axes["train/acc"] == "trackbridge/step/train/acc"

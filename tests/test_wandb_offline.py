@@ -209,7 +209,11 @@ def test_migrate_to_mlflow_keeps_everything_and_is_idempotent(wandb_demo: Path, 
     original = next(a for a in src.artifacts if a.row["type"] == "run-files")
     with next(f for f in original.files if f.path == image_path).fetch() as orig:
         assert (local / image_path).read_bytes() == Path(orig).read_bytes()
-    assert (local / "artifacts/demo-classifier").is_dir()
+    # the model artifact is an MLflow 3 logged model of the run, its files the model's
+    assert not (local / "artifacts/demo-classifier").exists()
+    (model,) = client.search_logged_models([exp.experiment_id])
+    assert (model.name, model.source_run_id) == ("demo-classifier", base.info.run_id)
+    assert [o.model_id for o in base.outputs.model_outputs] == [model.model_id]
     assert json.loads((local / "trackbridge/extras.json").read_text())["summary"]
 
     again = run_cli("migrate", f"wandb+offline://{wandb_demo}", dest, "--report", str(tmp_path / "r2.json"))

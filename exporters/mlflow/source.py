@@ -28,6 +28,7 @@ from trackbridge.model import (
     TrackerSource,
 )
 from trackbridge.trackers.mlflow import common as mc
+from trackbridge.trackers.mlflow import media
 
 
 def _own_metric_keys(metrics: Any, renamed: dict[str, str], shown: dict[str, Any]) -> list[str]:
@@ -290,6 +291,14 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         ] + [{"run_key": key, **u} for u in extras.get("usage", [])]
         summary = [{"run_key": key, **x} for x in extras.get("summary", [])]
         series = extras.get("series")
+        # MLflow's own step-wise images and tables (log_image, log_table), as series rows a
+        # W&B user sees as wandb.Image and wandb.Table; the files stay the run's files
+        referenced = set(series.column("file_path").to_pylist()) if series is not None else set()
+        paths = [f.path for f in artifacts[0].files if f.path not in referenced]
+        made = media.series_rows(key, paths, tags)
+        if made:
+            both = [series] if series is not None else []
+            series = pa.concat_tables([*both, schema.table("series", made)])
 
         def metrics() -> Iterator[pa.RecordBatch]:
             if kept_metrics is not None:

@@ -82,6 +82,14 @@ def restore_written(payload: RunPayload, meta: Any) -> None:
     )
     if meta.get("model_links"):
         payload.metrics = _linked(payload.metrics, meta["model_links"])
+    if meta.get("native_series"):  # drawn as wandb.Image / wandb.Table: the rows as they were
+        kept = [
+            {**r, "run_key": key, "timestamp": wc.seconds_to_dt(r["timestamp"])}
+            for r in meta["native_series"]
+        ]
+        drawn = {(r["key"], r["step"]) for r in kept}
+        rows = [r for r in payload.series.to_pylist() if (r["key"], r["step"]) not in drawn]
+        payload.series = schema.table("series", rows + kept)
     run_files = payload.artifacts[0]
     kept = next((f for f in run_files.files if f.path == wc.KEPT_METRICS_FILE), None)
     if kept is not None:
@@ -99,6 +107,13 @@ def restore_written(payload: RunPayload, meta: Any) -> None:
         payload.metrics = metrics
     own = set(meta.get("run_files", []))
     run_files.files = [f for f in run_files.files if f.path in own]
+    if meta.get("native_series"):  # the run_table artifact W&B makes of a logged wandb.Table
+        theirs = {u["artifact_key"] for u in meta.get("usage", [])}
+        payload.artifacts = [run_files] + [
+            a
+            for a in payload.artifacts[1:]
+            if a.row["type"] != "run_table" or a.row["artifact_key"] in theirs
+        ]
     for a in payload.artifacts[1:]:
         _restore_artifact_row(a)
 

@@ -16,6 +16,7 @@ from trackbridge.files import temp_dir
 from trackbridge.model import ArtifactPayload, RunPayload
 from trackbridge.report import RunReport
 from trackbridge.trackers.mlflow import common as mc
+from trackbridge.trackers.mlflow import media
 
 
 def extras_of(payload: RunPayload, shown: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -120,21 +121,25 @@ class FilesWriter:
             hidden = {k for b in kept for k in b.column("key").to_pylist()} | set(shown.get("hidden") or [])
             shown = {**shown, "hidden": sorted(hidden)}
         extras = extras_of(payload, shown)
-        if extras is None and payload.series.num_rows == 0:
+        # rows MLflow's own layout gives back (its step-wise images and tables) need no copy
+        series = payload.series
+        if series.num_rows:
+            series = schema.table("series", [r for r in series.to_pylist() if not media.derived(r)])
+        if extras is None and series.num_rows == 0:
             return False
         with temp_dir() as d:
             if extras is not None:
                 (d / "extras.json").write_text(json.dumps(extras, indent=1, ensure_ascii=False, default=str))
-            if payload.series.num_rows:
-                pq.write_table(payload.series, d / "series.parquet")
+            if series.num_rows:
+                pq.write_table(series, d / "series.parquet")
             if kept:
                 pq.write_table(pa.Table.from_batches(kept), d / "metrics.parquet")
             self.client.log_artifacts(run_id, str(d), mc.MAPPING_DIR)
         if payload.summary.num_rows:
             n = payload.summary.num_rows
             report.mapped("summary-kept", "summary", f"{n} value(s) in {mc.EXTRAS_ARTIFACT}")
-        if payload.series.num_rows:
-            n = payload.series.num_rows
+        if series.num_rows:
+            n = series.num_rows
             report.mapped("series-kept", "series", f"{n} value(s) in {mc.SERIES_ARTIFACT}")
         return True
 

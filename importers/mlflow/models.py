@@ -112,10 +112,17 @@ class ModelsWriter:
         and what the runs table's Models column and the run page list."""
         from mlflow.entities import LoggedModelOutput
 
-        outputs = self.client.get_run(run_id).outputs
-        if any(o.model_id == model_id for o in (outputs.model_outputs if outputs else None) or []):
+        def linked() -> bool:
+            outputs = self.client.get_run(run_id).outputs
+            return any(o.model_id == model_id for o in (outputs.model_outputs if outputs else None) or [])
+
+        if linked():
             return
-        self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        try:
+            self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        except Exception:
+            if not linked():  # another importer of the run linked it first: that is the same link
+                raise
 
     def _write_source_model(self, art: ArtifactPayload, exp_id: str, run_id: str, report: RunReport) -> None:
         """A source's model (a W&B ``model`` artifact) as an MLflow 3 logged model of the run

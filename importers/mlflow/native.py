@@ -24,14 +24,14 @@ from trackbridge.fit import fit_key
 from trackbridge.importers.mlflow.files import upload_one
 from trackbridge.model import FileRef, RunPayload
 from trackbridge.report import RunReport
-from trackbridge.trackers.mlflow import LIMITS
+from trackbridge.trackers.mlflow import LIMITS, media
 from trackbridge.trackers.mlflow import common as mc
 
 # MLflow's own tags that make its UI show images and tables (mlflow.utils.mlflow_tags)
-TAG_LOGGED_IMAGES = "mlflow.loggedImages"
-TAG_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
-IMAGE_KINDS = ("image-file",)
-TABLE_KINDS = ("table-file",)
+TAG_LOGGED_IMAGES = media.TAG_LOGGED_IMAGES
+TAG_LOGGED_ARTIFACTS = media.TAG_LOGGED_ARTIFACTS
+IMAGE_KINDS = (media.IMAGE_KIND,)
+TABLE_KINDS = (media.TABLE_KIND,)
 # A histogram logged at every step would be thousands of pictures: this many, spread over
 # the run (the first and last included), are drawn; every one stays exact in the file
 HISTOGRAM_STEPS = 20
@@ -54,9 +54,9 @@ class Picture:
         """MLflow's layout for ``log_image(key=, step=, timestamp=)`` (its client's
         ``images/<key>+step+<step>+timestamp+<ms>+<uuid>``), with a uuid derived from
         the source so that a second import finds the first one's file."""
-        key = _IMAGE_KEY.sub("_", self.key).replace("/", "~")
-        u = uuid.uuid5(_NS, self.ident)
-        return f"images/{key}+step+{self.step}+timestamp+{self.ms}+{u}"
+        return media.image_path(
+            _IMAGE_KEY.sub("_", self.key), self.step, self.ms, str(uuid.uuid5(_NS, self.ident))
+        )
 
 
 @dataclass
@@ -113,6 +113,8 @@ def plan_native(payload: RunPayload, tags: dict[str, str], report: RunReport) ->
     hist: dict[str, list[Picture]] = {}
     for s in payload.series.to_pylist():
         ms = mc.dt_to_ms(s["timestamp"]) or start
+        if media.parse_image(s["file_path"] or "") or media.derived(s):
+            continue  # in MLflow's own layout already (from MLflow): shown as it is
         if s["kind"] in IMAGE_KINDS and s["file_path"] in files:
             ident = f"{payload.key}|{s['key']}|{s['step']}|{s['file_sha256'] or s['file_path']}"
             plan.pictures.append(Picture(s["key"], s["step"], ms, file=files[s["file_path"]], ident=ident))

@@ -22,7 +22,7 @@ MAX_TAG: int = LIMITS.tag_value_chars  # type: ignore[assignment]
 MAX_METRICS_PER_BATCH: int = LIMITS.metrics_per_batch  # type: ignore[assignment]
 MAX_PARAMS_TAGS_PER_BATCH: int = LIMITS.params_tags_per_batch  # type: ignore[assignment]
 MAX_BATCH_BYTES: int = LIMITS.batch_bytes  # type: ignore[assignment]
-MAPPING_VERSION = 2  # 2: native landing (trackbridge.native)
+MAPPING_VERSION = 3  # 2: native landing (trackbridge.native); 3: searches nested, models logged
 
 
 def fit_key(key: str) -> str:

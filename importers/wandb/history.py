@@ -125,7 +125,7 @@ def history_of(payload: RunPayload) -> History:
         parts.append(_points(batch, batch.column("value"), pa.nulls(batch.num_rows, pa.string())))
     series = payload.series
     parts.append(_points(series, pa.nulls(series.num_rows, pa.float64()), series.column("value_json")))
-    points = pa.concat_tables(parts).combine_chunks()
+    points = _float_untimed(pa.concat_tables(parts).combine_chunks())
     scales = schema.step_scales(payload.run)
     decimal = None
     if scales:  # keys at decimal steps go on their own x-axis, after the rest
@@ -168,6 +168,20 @@ def history_of(payload: RunPayload) -> History:
     if decimal is not None and decimal.num_rows:
         points, axes = _decimal_rows(points, decimal, scales)
     return History(points, bool(mapped), sys_tbl, links, axes)
+
+
+def _float_untimed(points: pa.Table) -> pa.Table:
+    """A point with no time (a table MLflow logged without one) joins the first row of
+    its step: its own row would give the step two times, and W&B a row counter."""
+    ts = points.column("ts")
+    if ts.null_count == 0 or ts.null_count == points.num_rows:
+        return points
+    firsts = points.filter(pc.is_valid(ts)).group_by("step").aggregate([("ts", "min")])
+    order = pa.array(np.arange(points.num_rows, dtype=np.int64))
+    joined = points.append_column("_order", order).join(firsts, keys="step", join_type="left outer")
+    joined = joined.sort_by("_order")
+    filled = pc.coalesce(joined.column("ts"), joined.column("ts_min"))
+    return joined.select(points.column_names).set_column(1, "ts", filled)
 
 
 def _decimal_rows(

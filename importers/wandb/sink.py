@@ -28,6 +28,7 @@ W&B cannot take everything through its SDK, and nothing is dropped quietly:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -40,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from trackbridge import schema
 from trackbridge.errors import DestinationError, MissingExtraError
+from trackbridge.importers.wandb import media
 from trackbridge.importers.wandb.history import History
 from trackbridge.model import ArtifactPayload, RunPayload
 from trackbridge.report import RunReport
@@ -48,8 +50,9 @@ from trackbridge.trackers.wandb import common as wc
 from trackbridge.write import UNCHANGED, RunWriter
 
 # bump when the way runs are written changes: every run is then rewritten
-# (2: key/value tags in config, nested runs grouped, model links of points kept)
-FORMAT = 2
+# (2: key/value tags in config, nested runs grouped, model links of points kept;
+# 3: searches kept with their trials, images and tables drawn, decimal-step axes)
+FORMAT = 3
 MARKER = "trackbridge.json"
 MAX_LABEL: int = TRACKER.capabilities.limits.tag_value_chars  # type: ignore[assignment]  # W&B tags
 BAD_PROJECT = re.compile(r"[/\\#?%:]")
@@ -217,6 +220,9 @@ class SdkSink(RunWriter):
             "start_time": wc.dt_to_seconds(run.get("start_time")),
             "end_time": wc.dt_to_seconds(run.get("end_time")),
         }
+        drawn = media.foreign_media(payload)
+        if drawn:  # images and tables W&B draws itself: the rows as they were, for the reader
+            meta["native_series"] = media.kept_rows(drawn)
         meta = json.loads(json.dumps(meta, default=str))
         taken = {p[0] for p in payload.params.column("path").to_pylist() if p}
         # key/value tags (MLflow's) where a W&B user filters: config, under "tags"; MLflow's
@@ -291,16 +297,25 @@ class SdkSink(RunWriter):
                     f"logged at decimal steps: charted on its own x-axis {axis!r} (the exact step), "
                     "after the run's other rows, whose steps are untouched",
                 )
+            drawn = media.foreign_media(payload)
+            if drawn:
+                report.mapped(
+                    "media-as-wandb",
+                    "series",
+                    f"{len(drawn)} image(s) and table(s) as wandb.Image and wandb.Table at their step",
+                )
             for i, (step, stamp, values) in enumerate(history.rows(digest=digest)):
                 wstep = i if history.mapped else step
                 if wstep <= after_step:
                     continue
-                data = dict(values)
+                stack = contextlib.ExitStack()
+                data = media.as_wandb(values, step, drawn, stack, report) if drawn else dict(values)
                 if stamp is not None:
                     data["_timestamp"] = stamp
                 if history.mapped:
                     data.setdefault(wc.STEP_AXIS, step)  # a decimal key's row holds its own
-                wrun.log(data, step=wstep)
+                with stack:  # the media files stay until the SDK has copied them
+                    wrun.log(data, step=wstep)
                 report.points += len(values)
             files_dir = Path(wrun.dir)
             if history.system is not None:
