@@ -1,11 +1,13 @@
-"""Screenshots of a W&B search migrated into MLflow, as an MLflow user sees it.
+"""Screenshots of a W&B sweep migrated into MLflow, as an MLflow user sees it.
 
     python docs/screenshots/make_screenshots.py [OUT_FOLDER]
 
-Writes six W&B trials with the real wandb SDK (offline), migrates them with
+Writes six trials of a W&B sweep with the real wandb SDK (offline, each started as
+``wandb agent`` starts a trial), migrates them with
 ``trackbridge migrate`` into a real ``mlflow server`` on 127.0.0.1, and photographs
 MLflow's own web UI with headless Chromium (Debian's ``chromium`` package): the runs
-table sorted by a W&B summary metric, a run's metrics with its image card, a W&B table
+table sorted by a W&B summary metric, the sweep's parent run with its trials nested, a W&B model
+artifact in the runs table's Models column, a run's metrics with its image card, a W&B table
 in MLflow's table view, and W&B's system metrics in MLflow's System metrics tab.
 Everything lives in a temporary folder; the server and the browser are stopped by
 their PIDs. Not part of CI: it needs Chromium and takes about two minutes.
@@ -26,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SWEEP = "k3x9q2lp"
 # MLflow's runs table shows a few columns and a "Show more columns" button: open it and
 # tick the columns a W&B user would look at first, as a user would
 SHOW_COLUMNS = """
@@ -45,6 +48,12 @@ SHOW_COLUMNS = """
   document.body.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));
   await sleep(500);
 })()
+"""
+
+
+# the runs table nests a parent's runs under it when sorted by time: open the sweep's
+EXPAND_PARENT = """
+for (const b of document.querySelectorAll('[data-component-id$="runnamecellrenderer.tsx_46"]')) b.click();
 """
 
 
@@ -160,10 +169,12 @@ def main(out: Path) -> None:
         os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
         from mlflow import MlflowClient
         from trackbridge.trackers.mlflow.server import LocalMlflowServer
-        from trackbridge.trackers.wandb.demo import make_wandb_search
+        from trackbridge.trackers.wandb.demo import make_wandb_demo, make_wandb_search
 
-        print("writing six W&B trials with the wandb SDK (offline)")
-        runs = make_wandb_search(root / "wandb", trials=6)
+        print("writing six trials of a W&B sweep with the wandb SDK (offline)")
+        runs = make_wandb_search(root / "wandb", trials=6, sweep=SWEEP)
+        print("writing the W&B demo runs, one logging a model artifact")
+        demo = make_wandb_demo(root / "demo")
         with LocalMlflowServer(root / "server") as url:
             print(f"migrating into mlflow server {url}")
             subprocess.run(
@@ -177,12 +188,26 @@ def main(out: Path) -> None:
                 ],
                 check=True,
             )
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "trackbridge.cli",
+                    "migrate",
+                    f"wandb+offline://{demo}",
+                    f"mlflow+{url}",
+                    "--register-models",
+                ],
+                check=True,
+            )
             client = MlflowClient(url)
             exp = client.get_experiment_by_name("search").experiment_id
+            demo_exp = client.get_experiment_by_name("demo-research").experiment_id
             best = client.search_runs([exp], order_by=["metrics.best_val_acc DESC"])[0]
             run_id = best.info.run_id
             table = json.loads(best.data.tags["mlflow.loggedArtifacts"])[0]["path"]
             order = urllib.parse.urlencode({"orderByKey": "metrics.`best_val_acc`", "orderByAsc": "false"})
+            by_time = urllib.parse.urlencode({"orderByKey": "attributes.start_time", "orderByAsc": "false"})
             print("photographing MLflow's UI")
             browser = Browser(chromium, root / "chromium")
             try:
@@ -191,6 +216,19 @@ def main(out: Path) -> None:
                     out / "runs-table.png",
                     width=2000,
                     then=SHOW_COLUMNS,
+                )
+                browser.shoot(
+                    f"{url}/#/experiments/{exp}/runs?{by_time}",
+                    out / "sweep-nested.png",
+                    width=1600,
+                    height=600,
+                    then=EXPAND_PARENT,
+                )
+                browser.shoot(
+                    f"{url}/#/experiments/{demo_exp}/runs?{by_time}",
+                    out / "models-column.png",
+                    width=1600,
+                    height=500,
                 )
                 browser.shoot(
                     f"{url}/#/experiments/{exp}/runs/{run_id}/model-metrics",

@@ -28,12 +28,32 @@ def make_wandb_demo(root: str | os.PathLike[str], steps: int = 40) -> Path:
     return _sdk(Path(root), "demo", steps)
 
 
-def make_wandb_search(root: str | os.PathLike[str], trials: int = 6) -> Path:
+def make_wandb_search(root: str | os.PathLike[str], trials: int = 6, sweep: str | None = None) -> Path:
     """A small hyperparameter search as W&B users log one: trials with a summary metric
     set only at the end, ``define_metric(summary="min")``, images and histograms at
     steps 0, 100 and 200, a table, tags, a group and (in the first trial) system
-    metrics. What ``docs/native.md``'s screenshots and the native-landing tests show."""
-    return _sdk(Path(root), "search", trials)
+    metrics. What ``docs/native.md``'s screenshots and the native-landing tests show.
+
+    With ``sweep`` (a sweep id), each trial runs in its own process as ``wandb agent``
+    starts it (see ``make_wandb_sweep``), so the trials are the sweep's."""
+    root = Path(root)
+    if sweep is None:
+        return _sdk(root, "search", trials)
+    for i in range(trials):
+        lr, batch = _search_params(i)
+        run_id = f"{sweep[:4]}t{i:03d}"
+        params = root / "wandb" / f"sweep-{sweep}" / f"config-{run_id}.yaml"
+        params.parent.mkdir(parents=True, exist_ok=True)
+        params.write_text(f"wandb_version: 1\nlr:\n  value: {lr!r}\nbatch_size:\n  value: {batch}\n")
+        agent = {
+            "WANDB_SWEEP_ID": sweep,
+            "WANDB_RUN_ID": run_id,
+            "WANDB_SWEEP_PARAM_PATH": str(params),
+            "WANDB_PROJECT": "search",
+            "TRACKBRIDGE_DEMO_TRIALS": str(trials),
+        }
+        _sdk(root, "search-trial", i, agent)
+    return root / "wandb"
 
 
 def make_wandb_sweep(root: str | os.PathLike[str], sweep_id: str, lrs: list[float]) -> Path:
@@ -160,59 +180,69 @@ def _write(root: Path, steps: int) -> dict[str, Any]:
     return {"project": PROJECT}
 
 
+def _search_params(i: int) -> tuple[float, int]:
+    return 0.1 / 2**i, 32 * (1 + i % 2)
+
+
 def _search(trials: int) -> None:
+    for i in range(trials):
+        _search_trial(i, trials)
+
+
+def _search_trial(i: int, trials: int) -> None:
     import time
 
     import numpy as np
     import wandb
 
-    for i in range(trials):
-        lr = 0.1 / 2**i
-        run = wandb.init(
-            project="search",
-            name=f"trial-{i}",
-            config={"lr": lr, "batch_size": 32 * (1 + i % 2), "optimizer": {"name": "adam"}},
-            tags=["baseline", "resnet"] if i % 2 == 0 else ["resnet"],
-            group="lr-search",
-            job_type="train",
-            settings=wandb.Settings(
-                mode="offline",
-                console="off",
-                save_code=False,
-                x_disable_stats=i > 0,
-                x_stats_sampling_interval=0.2,
-            ),
-        )
-        run.define_metric("val/loss", summary="min")
-        rng = np.random.default_rng(i)
-        for step in range(0, 201, 10):
-            decay = np.exp(-step * lr / 20)
-            data = {"train/loss": float(decay + rng.normal(0, 0.02)), "val/loss": float(decay * 1.1 + 0.02)}
-            if step % 100 == 0:
-                data["samples"] = wandb.Image(
-                    rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), caption=f"step {step}"
-                )
-                data["weights"] = wandb.Histogram(rng.normal(0, 1 + step / 200, size=500))
-            run.log(data, step=step)
-        run.log(
-            {
-                "predictions": wandb.Table(
-                    columns=["id", "label", "score"],
-                    data=[[k, "cat" if k % 2 else "dog", round(0.5 + k / 20, 2)] for k in range(6)],
-                )
-            },
-            step=201,
-        )
-        run.summary["best_val_acc"] = round(0.80 + 0.03 * i - 0.004 * i * i, 4)
-        run.summary["status_note"] = "converged" if i < trials - 1 else "stopped early"
-        if i == 0:
-            time.sleep(1.5)  # a few samples of the system monitor
-        run.finish()
+    lr, batch = _search_params(i)
+    run = wandb.init(
+        project="search",
+        name=f"trial-{i}",
+        config={"lr": lr, "batch_size": batch, "optimizer": {"name": "adam"}},
+        tags=["baseline", "resnet"] if i % 2 == 0 else ["resnet"],
+        group="lr-search",
+        job_type="train",
+        settings=wandb.Settings(
+            mode="offline",
+            console="off",
+            save_code=False,
+            x_disable_stats=i > 0,
+            x_stats_sampling_interval=0.2,
+        ),
+    )
+    run.define_metric("val/loss", summary="min")
+    rng = np.random.default_rng(i)
+    for step in range(0, 201, 10):
+        decay = np.exp(-step * lr / 20)
+        data = {"train/loss": float(decay + rng.normal(0, 0.02)), "val/loss": float(decay * 1.1 + 0.02)}
+        if step % 100 == 0:
+            data["samples"] = wandb.Image(
+                rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), caption=f"step {step}"
+            )
+            data["weights"] = wandb.Histogram(rng.normal(0, 1 + step / 200, size=500))
+        run.log(data, step=step)
+    run.log(
+        {
+            "predictions": wandb.Table(
+                columns=["id", "label", "score"],
+                data=[[k, "cat" if k % 2 else "dog", round(0.5 + k / 20, 2)] for k in range(6)],
+            )
+        },
+        step=201,
+    )
+    run.summary["best_val_acc"] = round(0.80 + 0.03 * i - 0.004 * i * i, 4)
+    run.summary["status_note"] = "converged" if i < trials - 1 else "stopped early"
+    if i == 0:
+        time.sleep(1.5)  # a few samples of the system monitor
+    run.finish()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "search":
         _search(int(sys.argv[3]))
+    elif sys.argv[1] == "search-trial":
+        _search_trial(int(sys.argv[3]), int(os.environ["TRACKBRIDGE_DEMO_TRIALS"]))
     elif sys.argv[1] == "sweep-trial":
         _sweep_trial()
     else:
