@@ -41,40 +41,45 @@ def make_wandb_search(root: str | os.PathLike[str], trials: int = 6, sweep: str 
         return _sdk(root, "search", trials)
     for i in range(trials):
         lr, batch = _search_params(i)
-        run_id = f"{sweep[:4]}t{i:03d}"
-        params = root / "wandb" / f"sweep-{sweep}" / f"config-{run_id}.yaml"
-        params.parent.mkdir(parents=True, exist_ok=True)
-        params.write_text(f"wandb_version: 1\nlr:\n  value: {lr!r}\nbatch_size:\n  value: {batch}\n")
-        agent = {
-            "WANDB_SWEEP_ID": sweep,
-            "WANDB_RUN_ID": run_id,
-            "WANDB_SWEEP_PARAM_PATH": str(params),
-            "WANDB_PROJECT": "search",
-            "TRACKBRIDGE_DEMO_TRIALS": str(trials),
-        }
-        _sdk(root, "search-trial", i, agent)
+        extra = {"TRACKBRIDGE_DEMO_TRIALS": str(trials)}
+        _agent_trial(root, sweep, "search", i, {"lr": lr, "batch_size": batch}, "search-trial", extra)
     return root / "wandb"
 
 
 def make_wandb_sweep(root: str | os.PathLike[str], sweep_id: str, lrs: list[float]) -> Path:
-    """Trials of a W&B sweep as ``wandb agent`` starts them offline: one process per trial,
-    with the environment the agent sets (the sweep id, the run id the controller chose,
-    and the file of the parameters it chose for the trial, ``wandb/sweep-<id>/config-<run
-    id>.yaml`` in W&B's config-file form). The sweep's definition lives on the server."""
+    """Trials of a W&B sweep as ``wandb agent`` starts them offline (``_agent_trial``);
+    the sweep's definition lives on the server."""
     root = Path(root)
     for i, lr in enumerate(lrs):
-        run_id = f"{sweep_id[:4]}t{i:03d}"
-        params = root / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.yaml"
-        params.parent.mkdir(parents=True, exist_ok=True)
-        params.write_text(f"wandb_version: 1\nlr:\n  value: {lr!r}\nlayers:\n  value: {2 + i % 2}\n")
-        agent = {
-            "WANDB_SWEEP_ID": sweep_id,
-            "WANDB_RUN_ID": run_id,
-            "WANDB_SWEEP_PARAM_PATH": str(params),
-            "WANDB_PROJECT": "sweeps",
-        }
-        _sdk(root, "sweep-trial", i, agent)
+        _agent_trial(root, sweep_id, "sweeps", i, {"lr": lr, "layers": 2 + i % 2}, "sweep-trial")
     return root / "wandb"
+
+
+def _agent_trial(
+    root: Path,
+    sweep: str,
+    project: str,
+    i: int,
+    chosen: dict[str, Any],
+    what: str,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """One trial in its own process with the environment ``wandb agent`` sets: the sweep
+    id, the run id the controller chose, and the file of the parameters it chose,
+    ``wandb/sweep-<id>/config-<run id>.yaml`` in W&B's config-file form."""
+    run_id = f"{sweep[:4]}t{i:03d}"
+    params = root / "wandb" / f"sweep-{sweep}" / f"config-{run_id}.yaml"
+    params.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["wandb_version: 1"] + [f"{k}:\n  value: {v!r}" for k, v in chosen.items()]
+    params.write_text("\n".join(lines) + "\n")
+    agent = {
+        "WANDB_SWEEP_ID": sweep,
+        "WANDB_RUN_ID": run_id,
+        "WANDB_SWEEP_PARAM_PATH": str(params),
+        "WANDB_PROJECT": project,
+        **(extra or {}),
+    }
+    _sdk(root, what, i, agent)
 
 
 def _sweep_trial() -> None:
