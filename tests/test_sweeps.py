@@ -75,6 +75,18 @@ def test_offline_trials_are_nested_under_one_parent_named_after_the_sweep(landed
     assert all(len(client.get_metric_history(r.info.run_id, "val/loss")) == 3 for r in nested)
 
 
+def test_the_search_row_is_the_same_whichever_trials_a_filter_picks(trials: Path) -> None:
+    src = open_source(f"wandb+offline://{trials}")
+    every = src.runs(Selection(), src.projects(Selection()))
+    (search,) = [r for r in every if r.get("sweep_key") == r["run_key"]]
+    latest = max((r for r in every if r is not search), key=lambda r: r["start_time"])
+    one = Selection(runs=(latest["source_id"],))
+    fresh = open_source(f"wandb+offline://{trials}")  # nothing listed before
+    picked = fresh.runs(one, fresh.projects(one))
+    assert [r["run_key"] for r in picked] == [search["run_key"], latest["run_key"]]
+    assert picked[0] == search and search["start_time"] < latest["start_time"]  # the first trial's
+
+
 def test_a_second_import_adds_no_second_parent(landed: dict, trials: Path, tmp_path: Path) -> None:
     run_cli(
         "migrate",

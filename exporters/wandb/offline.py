@@ -126,8 +126,10 @@ class WandbOfflineSource(TrackerSource):
                 "lifecycle": rf.meta.get("lifecycle") or "active",
                 **file_token("wandb-offline", rf.logs),
             }
+            # every trial, wanted or not: a sweep's row (its start, offline) is the same
+            # whichever of its trials a filter picks
+            self.sweeps.trial(row, rf.project, rf.sweep_id, rf.meta)
             if sel.wants_run(row):
-                self.sweeps.trial(row, rf.project, rf.sweep_id, rf.meta)
                 out.append(row)
         return self.sweeps.rows(out) + out
 
