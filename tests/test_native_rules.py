@@ -69,3 +69,18 @@ def test_wandb_system_metrics_get_mlflows_names_only_where_meaning_and_unit_matc
     # a tracker's own names are already native; MLflow → MLflow renames nothing
     assert native.system_metric_key(mlflow, "system/cpu_utilization_percentage", mlflow) is None
     assert wandb.bookkeeping_metrics == ("_runtime",) and mlflow.bookkeeping_metrics == ()
+
+
+def test_a_models_metadata_becomes_params_mlflow_accepts() -> None:
+    """W&B metadata keys are free text; a logged model's params must fit MLflow's key rules,
+    or the run would fail. The exact metadata stays in the artifact row."""
+    import json
+
+    from trackbridge.importers.mlflow.models import as_logged_model
+    from trackbridge.model import ArtifactPayload
+
+    meta = {"arch(v2)": "r18", "depth": 18, "_internal": 1, "nested": {"a": 1}, "long": "x" * 7000}
+    art = ArtifactPayload(row={"type": "model", "version": None, "metadata_json": json.dumps(meta)})
+    got = json.loads(as_logged_model(art).row["metadata_json"])
+    assert got["model_type"] == "model"
+    assert got["params"] == {"arch_v2_": "r18", "depth": "18", "long": "x" * 6000}

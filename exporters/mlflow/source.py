@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-from trackbridge import schema
+from trackbridge import native, schema
 from trackbridge.errors import SourceNotFoundError, first_line
 from trackbridge.exporters.mlflow.files import FilesReader
 from trackbridge.exporters.mlflow.history import HistoryReader
@@ -268,7 +268,10 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         ]
         # a source's model (W&B) whose files are an MLflow logged model of this run: read
         # from the model, and not given a second time as a logged model of MLflow's own
-        kept_models = {a["row"]["artifact_key"] for a in extras.get("artifacts", []) if a.get("logged_model")}
+        # (one imported before 0.2 has no logged model: its files are in the run's folder)
+        kept_models = {
+            a["row"]["artifact_key"] for a in extras.get("artifacts", []) if native.is_model(a["row"])
+        }
         homes = {
             m.tags.get(mc.TAG_SOURCE_KEY): m for m in models if m.tags.get(mc.TAG_SOURCE_KEY) in kept_models
         }

@@ -11,7 +11,7 @@ import posixpath
 from typing import Any
 
 import pyarrow as pa
-from trackbridge import native, schema
+from trackbridge import schema
 from trackbridge.files import temp_dir
 from trackbridge.model import ArtifactPayload, RunPayload
 from trackbridge.report import RunReport
@@ -46,8 +46,6 @@ def extras_of(payload: RunPayload, shown: dict[str, Any] | None = None) -> dict[
         "artifacts": [
             {
                 "row": a.row,
-                # a source's model: its files are the MLflow logged model's, not the run's
-                **({"logged_model": True} if native.is_model(a.row) else {}),
                 "files": [
                     {"path": f.path, "size": f.size, "sha256": f.sha256, "uri": f.uri} for f in a.files
                 ],

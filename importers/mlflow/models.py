@@ -11,10 +11,12 @@ import warnings
 from typing import Any
 
 from trackbridge import schema
+from trackbridge.fit import fit_key
 from trackbridge.importers.mlflow.files import sendable, upload_missing
 from trackbridge.importers.mlflow.identity import quote
 from trackbridge.model import ArtifactPayload, RegistryPayload
 from trackbridge.report import RunReport
+from trackbridge.trackers.mlflow import LIMITS
 from trackbridge.trackers.mlflow import common as mc
 
 
@@ -38,8 +40,9 @@ def as_logged_model(art: ArtifactPayload) -> ArtifactPayload:
         meta["tags"][mc.TAG_SOURCE_VERSION] = str(art.row["version"])
     given = json.loads(art.row.get("metadata_json") or "{}")
     if isinstance(given, dict):
+        # a view for MLflow's model page: the exact metadata stays in the artifact row
         params = {
-            str(k)[:250]: str(v)[:6000]
+            fit_key(str(k), LIMITS): str(v)[: LIMITS.param_value_chars or None]
             for k, v in given.items()
             if isinstance(v, str | int | float | bool) and not str(k).startswith("_")
         }
@@ -235,9 +238,7 @@ class ModelsWriter:
         placed = self._artifact_dirs.get(sv["artifact_key"] or "")
         source = sv["source"]
         if model_id and sv["artifact_key"] in self._source_models:
-            # a W&B model artifact: the MLflow 3 logged model made of it, from its run
-            run_id = self._find_run_id(sv["run_key"]) if sv["run_key"] else run_id
-            source = f"models:/{model_id}"
+            source = f"models:/{model_id}"  # a W&B model artifact: the logged model made of it
         elif model_id and (source or "").startswith("models:/"):
             source = f"models:/{model_id}"
         elif placed and not sv["source_subpath"]:

@@ -196,18 +196,21 @@ def _decimal_rows(
     decimal = decimal.take(order)
     n = decimal.num_rows
     wstep = pa.array(np.arange(base, base + n, dtype=np.int64))
-    keys = decimal.column("key").to_pylist()
-    exact = [s / scales[k] for s, k in zip(decimal.column("step").to_pylist(), keys, strict=True)]
-    axes = {k: f"{wc.STEP_AXIS}/{k}" for k in dict.fromkeys(keys)}
+    names = sorted(scales)
+    keys = decimal.column("key").combine_chunks()
+    per_key = pa.array([float(scales[k]) for k in names]).take(pc.index_in(keys, value_set=pa.array(names)))
+    step = decimal.column("step").combine_chunks().cast(pa.float64())
+    axis = pc.binary_join_element_wise(wc.STEP_AXIS + "/", keys, "")
     extra = pa.table(
         {
             "step": pa.concat_arrays([wstep, wstep]),
             "ts": pa.concat_arrays([decimal.column("ts").combine_chunks()] * 2),
-            "key": pa.array([wc.STEP_AXIS] * n + [axes[k] for k in keys], pa.string()),
-            "value": pa.array(decimal.column("step").to_pylist() + exact, pa.float64()),
+            "key": pa.concat_arrays([pa.array([wc.STEP_AXIS] * n, pa.string()), axis]),
+            "value": pa.concat_arrays([step, pc.divide(step, per_key)]),
             "json": pa.nulls(2 * n, pa.string()),
         }
     )
+    axes = {k: f"{wc.STEP_AXIS}/{k}" for k in pc.unique(keys).to_pylist()}
     own = decimal.set_column(0, "step", wstep)
     # each decimal point and its two axis values make one row: sort them together
     both = pa.concat_tables([own, extra.cast(own.schema)])

@@ -13,6 +13,8 @@ import contextlib
 import json
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from trackbridge import schema
 from trackbridge.model import FileRef, RunPayload
 from trackbridge.report import RunReport
@@ -25,8 +27,9 @@ def foreign_media(payload: RunPayload) -> dict[tuple[str, int], tuple[dict[str, 
     """(key, step) → (series row, its file) of the run's images and tables W&B should draw."""
     files = {f.path: f for a in payload.artifacts if a.row["type"] == "run-files" for f in a.files}
     out = {}
-    for r in payload.series.to_pylist():
-        if r["kind"] not in KINDS or r["file_path"] not in files:
+    media = payload.series.filter(pc.is_in(payload.series.column("kind"), value_set=pa.array(KINDS)))
+    for r in media.to_pylist():
+        if r["file_path"] not in files:
             continue
         value = schema.loads_value(r["value_json"])
         if isinstance(value, dict) and "_type" in value:

@@ -112,8 +112,6 @@ class SdkSink(RunWriter):
                 continue
             root = by_key[top(r["run_key"])]
             self._nest_groups[r["run_key"]] = root.get("name") or root.get("source_id") or root["run_key"]
-            if schema.is_sweep(r):
-                self._sweeps.setdefault(r["run_key"], {"key": r["run_key"], "row": {}})
 
     def write_run(self, payload: RunPayload, report: Any) -> str:
         """A search (a sweep's own row) is no W&B run: only W&B's sweep controller makes
