@@ -237,3 +237,46 @@ def test_a_param_another_importer_wrote_a_moment_before_is_no_failure(sources, t
     assert raced and not report.failed, [r.error for r in report.runs]
     _each_once(_live_runs(f"sqlite:///{tmp_path / 'dest.db'}"), 6)
     assert "verify: identical" in run_cli("verify", sources["mlflow"], dest).stdout
+
+
+def test_a_copy_another_importer_retired_while_we_wrote_it_is_no_failure(sources, tmp_path):
+    """The other order of the server race above (seen in CI): importer B creates its copy,
+    looks and sees only its own, and starts writing; importer A, whose claim is earlier,
+    creates its copy a moment later, sees both and retires B's. B's next write meets a
+    deleted run (MLflow: "must be in the 'active' state"): it must carry on into A's
+    copy, not fail the run."""
+    from trackbridge import claims, engine
+    from trackbridge.model import Selection
+    from trackbridge.uri import open_sink, open_source
+
+    dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
+    sink = open_sink(dest)
+    client = sink.client.unwrapped
+    real = client.log_batch
+    earlier = claims.new_claim()  # A's claim, taken before B's
+    raced: list[str] = []
+
+    def log_batch(run_id, metrics=(), params=(), tags=(), **kw):
+        if params and not raced:
+            raced.append(run_id)
+            ours = client.get_run(run_id)
+            theirs = client.create_run(  # as A makes it: the same fields but its claim
+                ours.info.experiment_id,
+                start_time=ours.info.start_time,
+                run_name=ours.info.run_name,
+                tags={
+                    **{k: v for k, v in ours.data.tags.items() if not k.startswith("mlflow.runName")},
+                    mc.TAG_STATE: mc.state_text({"claim": earlier}),
+                },
+            )
+            client.set_tag(run_id, mc.TAG_DUPLICATE_OF, theirs.info.run_id)
+            client.delete_run(run_id)
+        return real(run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+    client.log_batch = log_batch
+    report = engine.copy(open_source(sources["bundle"]), sink, Selection())
+    assert raced and not report.failed, [r.error for r in report.runs]
+    runs = _live_runs(f"sqlite:///{tmp_path / 'dest.db'}")
+    _each_once(runs, 6)
+    assert raced[0] not in {r.info.run_id for r in runs}
+    assert "verify: identical" in run_cli("verify", sources["mlflow"], dest).stdout

@@ -161,7 +161,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
     # -- runs
 
     def write_run(self, payload: RunPayload, report: RunReport) -> str:
-        for attempt_no in (1, 2):
+        for attempt_no in (1, 2, 3):
             attempt = Attempt()
             try:
                 return self.attempt(payload, report, attempt)
@@ -171,10 +171,13 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
                         "written-concurrently", "runs", "another importer finished this run meanwhile"
                     )
                     return "unchanged"
-                if attempt_no == 2 or attempt.found is None or not _CONFLICT.search(str(e)):
+                if attempt_no == 3 or attempt.found is None:
+                    raise
+                if not (_CONFLICT.search(str(e)) or self._retired(attempt.found.id)):
                     raise
                 # another importer is writing the same run right now (two machines, no shared
-                # lock): MLflow refuses the second insert of a param; read the run afresh and
+                # lock): MLflow refuses the second insert of a param, or the other importer
+                # found our copy second and retired it; read the run afresh (the keeper) and
                 # write only what it still lacks
                 self._forget(payload.run["project_key"], payload.key)
                 report.points = report.files = report.bytes = 0
@@ -186,6 +189,14 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
         with self._lock:
             if exp_id in self._index:
                 self._index[exp_id].pop(key, None)
+
+    def _retired(self, run_id: str) -> bool:
+        """Whether another importer, which created the same run at the same moment, kept
+        its own copy and retired ours (``_keep_one``) while we wrote into it."""
+        try:
+            return mc.TAG_DUPLICATE_OF in self.client.unwrapped.get_run(run_id).data.tags
+        except Exception:
+            return False
 
     def _finished_by_another(self, payload: RunPayload, attempt: Attempt) -> bool:
         """A write that failed because another importer wrote the same run at the same
