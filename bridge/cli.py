@@ -18,6 +18,7 @@ from trackbridge import engine
 from trackbridge.cli_common import (
     EPILOG_URIS,
     DebugState,
+    artifact_root_option,
     debug_traceback,
     finish,
     report_option,
@@ -89,10 +90,17 @@ def export_cmd(src: str, bundle: str, workers: int | None, report_path: str | No
 @click.argument("dest")
 @selection_options
 @workers_option
+@artifact_root_option
 @click.option("--dry-run", is_flag=True, help="Show what would change; write nothing.")
 @report_option
 def import_cmd(
-    bundle: str, dest: str, workers: int | None, dry_run: bool, report_path: str | None, **kw: Any
+    bundle: str,
+    dest: str,
+    workers: int | None,
+    artifact_root: str | None,
+    dry_run: bool,
+    report_path: str | None,
+    **kw: Any,
 ) -> None:
     """Write a bundle into DEST. Safe to repeat: nothing is ever duplicated."""
     from trackbridge.uri import open_sink, open_source
@@ -100,7 +108,7 @@ def import_cmd(
     sel = selection_of(kw)
     with reporting(report_path, bundle, dest):
         source = open_source(bundle)
-        sink = open_sink(dest, **({"dry_run": True} if dry_run else {}))
+        sink = open_sink(dest, dry_run=dry_run or None, artifact_root=artifact_root)
         with progress() as bar:
             n = workers_for(workers, dest)
             report = engine.copy(source, sink, sel, workers=n, bar=bar, label="import")
@@ -114,6 +122,7 @@ def import_cmd(
 @click.argument("dest")
 @selection_options
 @workers_option
+@artifact_root_option
 @click.option(
     "--bundle",
     "bundle_path",
@@ -133,6 +142,7 @@ def migrate_cmd(
     src: str,
     dest: str,
     workers: int | None,
+    artifact_root: str | None,
     bundle_path: str | None,
     dry_run: bool,
     do_verify: bool,
@@ -154,6 +164,7 @@ def migrate_cmd(
         dry_run=dry_run,
         do_verify=do_verify and not dry_run,
         report_path=report_path,
+        artifact_root=artifact_root,
     )
     sys.exit(code)
 
@@ -168,13 +179,14 @@ def run_migrate(
     dry_run: bool = False,
     do_verify: bool = True,
     report_path: str | None = None,
+    artifact_root: str | None = None,
 ) -> int:
     from trackbridge.files import owned_temp_dir
 
     with reporting(report_path, src, dest), contextlib.ExitStack() as stack:
         if bundle_path is None:
             bundle_path = str(stack.enter_context(owned_temp_dir("trackbridge-migrate-")) / "bundle")
-        code = _migrate(src, dest, sel, workers, bundle_path, dry_run, report_path)
+        code = _migrate(src, dest, sel, workers, bundle_path, dry_run, report_path, artifact_root)
     if not dry_run and do_verify:
         code = code or run_verify(src, dest, sel)
     return code
@@ -188,15 +200,17 @@ def _migrate(
     bundle_path: str,
     dry_run: bool,
     report_path: str | None,
+    artifact_root: str | None = None,
 ) -> int:
     from trackbridge.bundle import BundleWriter
     from trackbridge.uri import open_sink, open_source, source_identity
 
     # The destination is opened and asked first: a dead server, a read-only folder or a
     # missing driver is found in seconds, not after the whole export.
-    sink = open_sink(dest, **({"dry_run": True} if dry_run else {}))
+    sink = open_sink(dest, dry_run=dry_run or None, artifact_root=artifact_root)
     source = open_source(src)
     sink.begin(source_identity(source))
+    engine.check_projects(source, sink, sel)
     with progress() as bar:
         exp = engine.copy(
             source, BundleWriter(bundle_path), sel, workers=workers_for(workers, src), bar=bar, label="export"

@@ -142,6 +142,17 @@ def report_option(f: Any) -> Any:
     )(f)
 
 
+def artifact_root_option(f: Any) -> Any:
+    return click.option(
+        "--artifact-root",
+        metavar="URI",
+        help="MLflow destinations: where new experiments keep their files, as "
+        "'mlflow server --default-artifact-root' takes it (a folder, s3://, gs://, ...). "
+        "Needed for a new experiment in a PostgreSQL or MySQL store used in-process. "
+        "[default: an existing experiment's own location; beside an SQLite file]",
+    )(f)
+
+
 def workers_option(f: Any) -> Any:
     return click.option(
         "--workers",

@@ -16,6 +16,7 @@ import click
 from trackbridge.cli_common import (
     EPILOG_URIS,
     DebugState,
+    artifact_root_option,
     debug_traceback,
     report_option,
     run_verify,
@@ -77,6 +78,7 @@ See docs/sync.md for the config file, cron and Airflow examples, and recovery.
     "'wandb/{entity}/{project}'.",
 )
 @workers_option
+@artifact_root_option
 @click.option("--shard", metavar="K/N", help="Copy only shard K of N (a stable hash of each run family).")
 @click.option(
     "--state-dir",
@@ -196,8 +198,11 @@ def _pairs(
                 raise UsageError(f"--pair {unknown[0]!r}: not in {config_path}")
             pairs = [p for p in pairs if p.name in kw["pair_names"]]
         ignored = [o for o in ("tags", "exclude_tags", "states", "projects", "runs") if kw.get(o)]
-        if ignored or kw.get("updated_since") or kw.get("experiment_name"):
-            raise UsageError("with --config, put filters and naming in the config file's [pair.filter]")
+        if ignored or kw.get("updated_since") or kw.get("experiment_name") or kw.get("artifact_root"):
+            raise UsageError(
+                "with --config, put filters in the config file's [pair.filter], and experiment "
+                "and artifact_root in its [[pair]]"
+            )
     else:
         if not (src and dest):
             raise UsageError("sync needs SRC and DEST, or --config FILE (see trackbridge sync --help)")
@@ -209,6 +214,7 @@ def _pairs(
                 source=src,
                 destination=dest,
                 experiment=kw.get("experiment_name"),
+                artifact_root=kw.get("artifact_root"),
                 registry=sel.registry,
                 register_models=sel.register_models,
                 filters=sy.Filters(

@@ -68,6 +68,17 @@ class Plan:
         return sel
 
 
+def check_projects(source: Source, sink: Sink, sel: Selection, plan: Plan | None = None) -> None:
+    """Let the destination refuse a project before anything is exported (an MLflow
+    database store asked for a new experiment with nowhere to keep its files), instead
+    of after a long export; ``copy`` asks the same again as it writes each project."""
+    check = getattr(sink, "check_project", None)
+    if check is not None:
+        plan = plan or Plan()
+        for p in source.projects(sel):
+            check(plan.project(p))
+
+
 def copy(
     source: Source,
     sink: Sink,

@@ -437,7 +437,7 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
     with state.locked():
         try:
             source = open_source(pair.source)
-            sink: Any = open_sink(pair.destination)
+            sink: Any = open_sink(pair.destination, artifact_root=pair.artifact_root)
             if opts.deltas:
                 root = opts.delta_dir / slug(pair.name) if opts.delta_dir else state.dir / "deltas"
                 delta_path = root / started.strftime("%Y%m%dT%H%M%SZ")

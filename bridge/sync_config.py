@@ -54,6 +54,7 @@ class Pair:
     registry: bool = True  # registry links and rules
     register_models: bool = False
     rules: tuple[ModelRule, ...] = ()
+    artifact_root: str | None = None  # MLflow destinations: where new experiments keep files
 
     def __post_init__(self) -> None:
         self.name = self.name or f"{redact(self.source)} -> {redact(self.destination)}"
@@ -212,7 +213,11 @@ def _check_settings(p: Path, settings: dict[str, Any], retry: dict[str, Any]) ->
 
 def _pair(t: dict[str, Any], where: str) -> Pair:
     """One [[pair]] table, checked key by key."""
-    _check_keys(t, {"name", "source", "destination", "experiment", "filter", "registry"}, where)
+    _check_keys(
+        t, {"name", "source", "destination", "experiment", "artifact_root", "filter", "registry"}, where
+    )
+    if not isinstance(t.get("artifact_root", ""), str):
+        raise UsageError(f"{where}: artifact_root must be a string (a folder or a URI)")
     for k in ("source", "destination"):
         if not isinstance(t.get(k), str):
             raise UsageError(f"{where}: {k} is required (a URI, see trackbridge --help)")
@@ -247,6 +252,7 @@ def _pair(t: dict[str, Any], where: str) -> Pair:
         destination=t["destination"],
         name=t.get("name", ""),
         experiment=template,
+        artifact_root=t.get("artifact_root"),
         filters=Filters(
             projects=_strs(ft.get("projects"), f"{where}: filter.projects"),
             runs=_strs(ft.get("runs"), f"{where}: filter.runs"),

@@ -136,6 +136,9 @@ class Tracker:
     # destinations written before are still recognised
     legacy_key: Callable[[str], str] | None = None
     in_process: Callable[[Target], bool] | None = None  # per URI, overrides capabilities.local
+    # the destination options (``--artifact-root``: "artifact_root") its writer takes
+    # beyond the common ones; another tracker given one refuses it
+    sink_options: tuple[str, ...] = ()
     # writes demo data with the tracker's own SDK into a folder (saying what it does
     # through the callback), returns the source URI: what ``quickstart --source`` offers
     demo: Callable[[Path, Callable[[str], None]], str] | None = None

@@ -54,6 +54,9 @@ def open_sink(uri: str, **options: Any) -> Any:
     if not d.capabilities.writes:
         raise UsageError(f"{t.safe}: {d.not_a_destination or f'{d.title} is a source only'}")
     check_destination(t)
+    options = {k: v for k, v in options.items() if v is not None}
+    for k in sorted(set(options) - {"dry_run", *d.sink_options}):
+        raise UsageError(f"--{k.replace('_', '-')}: {d.title} destinations do not take it")
     return d.open_sink(t, **options)
 
 

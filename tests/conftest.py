@@ -60,6 +60,34 @@ def wandb_demo(sandbox: Path) -> Path:
     return make_wandb_demo(sandbox / "wandb-demo")
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL server (Debian's package) on 127.0.0.1 in a temporary folder, run
+    as its own account when we are root; stopped by its PID at the end of the session."""
+    from trackbridge.trackers.mlflow.localdb import LocalPostgres
+
+    with LocalPostgres() as db:
+        yield db
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[object]:
+    """A real MariaDB server (Debian's MySQL) on 127.0.0.1, as ``postgres`` is."""
+    from trackbridge.trackers.mlflow.localdb import LocalMariaDB
+
+    with LocalMariaDB() as db:
+        yield db
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def database(request: pytest.FixtureRequest) -> str:
+    """A new, empty database on each real server, as a SQLAlchemy URL (driver named)."""
+    import uuid
+
+    server = request.getfixturevalue("postgres" if request.param == "postgresql" else "mariadb")
+    return server.create_database(f"t{uuid.uuid4().hex[:16]}")
+
+
 @pytest.fixture
 def new_sqlite(tmp_path: Path) -> str:
     """A trackbridge URI for a fresh, empty SQLite store (MLflow creates it on first use)."""

@@ -47,7 +47,10 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
     def __init__(self, tracking_uri: str, safe: str | None = None) -> None:
         self.uri = tracking_uri
         self.safe = safe or tracking_uri
-        self.client = mc.client(tracking_uri)
+        try:
+            self.client = mc.client(tracking_uri)
+        except mc.StoreUnreachable as e:
+            raise SourceNotFoundError(f"{self.describe()}: cannot connect ({e})") from e
         self._runs: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._models_by_run: dict[str, list[Any]] | None = None
@@ -76,7 +79,10 @@ class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
         from mlflow.exceptions import MlflowException
 
         try:
+            mc.store_of(self.client)
             mc.first_contact(self.client)
+        except mc.StoreUnreachable as e:
+            raise SourceNotFoundError(f"{self.describe()}: cannot connect ({e})") from e
         except MlflowException as e:
             raise SourceNotFoundError(f"{self.describe()}: cannot read ({first_line(e)})") from e
         except OSError as e:

@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from trackbridge import native, schema
-from trackbridge.errors import DestinationError, first_line
+from trackbridge.errors import DestinationError, UsageError, first_line
 from trackbridge.files import temp_dir
 from trackbridge.importers.mlflow.files import (
     FilesWriter,
@@ -57,11 +57,22 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
     FORMAT = f"m{MAPPING_VERSION}"
     KEEPS_TOKENS = True
 
-    def __init__(self, tracking_uri: str, safe: str | None = None, dry_run: bool = False) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        safe: str | None = None,
+        dry_run: bool = False,
+        artifact_root: str | None = None,
+    ) -> None:
         self.uri = tracking_uri
+        self.artifact_root = mc.artifact_root_uri(artifact_root) if artifact_root else None
         self.safe = safe or tracking_uri
         self.dry_run = dry_run
-        self.client = mc.client(tracking_uri)
+        try:
+            self.client = mc.client(tracking_uri)
+            store = mc.store_of(self.client)
+        except mc.StoreUnreachable as e:
+            raise DestinationError(f"{self.describe()}: cannot write ({e})") from e
         self._lock = threading.Lock()
         self._exp_ids: dict[str, str | None] = {}
         self._deleted_projects: list[str] = []
@@ -74,12 +85,8 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
         self._registry_failed = False
         self._states: dict[str, dict[str, str]] = {}  # run id -> its TAG_STATE
         self._exp_locks: dict[str, threading.Lock] = {}
-        self._creds = (
-            self.client._tracking_client.store.get_host_creds()
-            if tracking_uri.startswith(("http://", "https://"))
-            else None
-        )
-        self._sql = None if self._creds is not None else SqlPoints.of(self.client._tracking_client.store)
+        self._creds = store.get_host_creds() if tracking_uri.startswith(("http://", "https://")) else None
+        self._sql = None if self._creds is not None else SqlPoints.of(store)
         self._batch = SqlPoints.BATCH if self._sql is not None else MAX_METRICS_PER_BATCH
         # a store every trackbridge process on this machine locks the same way (SQLite, a
         # file store): a look-up and a create under its lock are exact; elsewhere the
@@ -122,6 +129,22 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
 
     # -- projects
 
+    def check_project(self, row: dict[str, Any]) -> str | None:
+        """Where a new experiment for ``row`` keeps its files (None: the store decides);
+        refused where nothing would: an in-process database store has no artifact root
+        of its own, and MLflow would fall back to ./mlruns in whatever folder the command
+        ran in, files the production server can never serve."""
+        location = mc.experiment_artifact_location(self.uri, row["name"], self.artifact_root)
+        unplaced = location is None and mc.is_database(self.uri) and not self.dry_run
+        if unplaced and self.client.get_experiment_by_name(row["name"]) is None:
+            raise UsageError(
+                f"{self.describe()}: a new experiment {row['name']!r} needs a place for its "
+                "files, and a database store has none of its own; pass --artifact-root "
+                "(what 'mlflow server --default-artifact-root' is given), or create the "
+                "experiment with its artifact location first"
+            )
+        return location
+
     def write_project(self, row: dict[str, Any]) -> None:
         name = row["name"]
         exp = self.client.get_experiment_by_name(name)
@@ -136,7 +159,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
             exp_id = mc.create_once(
                 lambda: raw.create_experiment(
                     name,
-                    artifact_location=mc.experiment_artifact_location(self.uri, name),
+                    artifact_location=self.check_project(row),
                     tags={**tags, mc.TAG_SOURCE_KEY: row["project_key"]},
                 ),
                 lambda: getattr(raw.get_experiment_by_name(name), "experiment_id", None),

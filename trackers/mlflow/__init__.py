@@ -112,6 +112,7 @@ TRACKER = Tracker(
     check_destination=uris.check_destination,
     canonical=uris.canonical,
     in_process=uris.is_local,
+    sink_options=("artifact_root",),
     transient=_transient,
     # what MLflow itself keeps in tags for fields the neutral schema has elsewhere, and
     # the tag it maintains on a logged model for the versions made from it

@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from trackbridge.errors import MissingExtraError
+from trackbridge.errors import MissingExtraError, first_line
 from trackbridge.model import find_by_key, legacy_key  # noqa: F401 (find_by_key: the importer's)
 from trackbridge.retry import POLICY, HttpStatusError, RetryingProxy
 
@@ -153,6 +155,8 @@ def client(tracking_uri: str):
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     _create_sqlite_store(tracking_uri)
+    if is_database(tracking_uri):
+        _probe_database(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         _see_error_responses()
     return RetryingProxy(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), POLICY)
@@ -207,6 +211,45 @@ def rest(creds: Any, endpoint: str, method: str, **kw: Any) -> Any:
         return resp
 
     return POLICY.call(once)
+
+
+def store_of(client: Any) -> Any:
+    """The client's store, opened now. For a database store this connects (and runs
+    MLflow's schema migrations on a new one), so a database that is down, refuses the
+    account or is not MLflow's fails here, as one line, not later as "a bug"."""
+    try:
+        return client._tracking_client.store
+    except Exception as e:
+        dbapi = getattr(sys.modules.get("sqlalchemy.exc"), "DBAPIError", None)
+        if dbapi is not None and isinstance(e, dbapi):
+            raise StoreUnreachable(first_line(e)) from e
+        raise
+
+
+def _probe_database(tracking_uri: str) -> None:
+    """One connection to a database store, retried briefly: MLflow's own store retries a
+    failed connection ten times over about 100 s, which a wrong host, port or password
+    should not cost (a server restarting mid-sync is what the retries later are for)."""
+    import sqlalchemy
+    from trackbridge.retry import RetryPolicy
+
+    engine = sqlalchemy.create_engine(tracking_uri, poolclass=sqlalchemy.pool.NullPool)
+
+    def connect() -> None:
+        with engine.connect():
+            pass
+
+    try:
+        RetryPolicy(attempts=min(3, POLICY.attempts), initial=0.5, maximum=2.0).call(connect)
+    except sqlalchemy.exc.DBAPIError as e:
+        raise StoreUnreachable(first_line(e)) from e
+    finally:
+        engine.dispose()
+
+
+class StoreUnreachable(Exception):
+    """A database store that could not be opened; the reader and the writer each say it
+    as their side's error."""
 
 
 def first_contact(client: Any) -> None:
@@ -377,16 +420,36 @@ def dt_to_ms(dt: datetime | None) -> int | None:
     return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
-def experiment_artifact_location(tracking_uri: str, name: str) -> str | None:
-    """Where a new experiment's artifacts go: beside a SQLite database, never in the CWD.
+def experiment_artifact_location(tracking_uri: str, name: str, root: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: under ``root`` (``--artifact-root``), else
+    beside a SQLite database; never in the current folder.
 
     MLflow's default for an in-process store is ./mlruns relative to wherever the
-    command runs; for other stores (servers) the store decides, so None.
+    command runs; for other stores (servers) the store decides, so None. The folder is
+    named from the experiment's name, as its id is not known before it is created.
     """
-    root = sqlite_artifact_root(tracking_uri)
-    if root is None:
-        return None
-    return (root / hashlib.sha1(name.encode()).hexdigest()[:16]).as_uri()
+    leaf = hashlib.sha1(name.encode()).hexdigest()[:16]
+    if root is not None:
+        return f"{root.rstrip('/')}/{leaf}"
+    local = sqlite_artifact_root(tracking_uri)
+    return None if local is None else (local / leaf).as_uri()
+
+
+def artifact_root_uri(root: str) -> str:
+    """``--artifact-root`` as MLflow stores a location: a URI (``s3://…``, ``file:///…``)
+    as given, a local folder as an absolute ``file:`` URI (a relative one against the
+    current folder, said once here rather than resolved by each later reader)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", root):
+        return root
+    return Path(root).expanduser().resolve().as_uri()
+
+
+def is_database(tracking_uri: str) -> bool:
+    """An in-process database store other than SQLite (PostgreSQL, MySQL, MSSQL)."""
+    from trackbridge.trackers.mlflow.uris import DATABASES
+
+    scheme = tracking_uri.split("://", 1)[0].split("+")[0]
+    return scheme in DATABASES and scheme != "sqlite"
 
 
 def run_key(run_id: str) -> str:

@@ -1,6 +1,7 @@
 """A local `mlflow server` on 127.0.0.1, started and stopped by its PID.
 
-The tests and the benchmarks need real servers with a SQLite backend; this keeps the
+The tests and the benchmarks need real servers with a SQLite, PostgreSQL or MySQL
+backend (``trackbridge.trackers.mlflow.localdb`` starts the latter two); this keeps the
 start, the health wait and the clean stop in one place. Only loopback is ever used.
 """
 
@@ -22,11 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_group(proc: subprocess.Popen) -> None:
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Stop a process started with ``start_new_session`` and every process it started
-    (its process group), by PID: politely, then for good after 30 s."""
+    (its process group), by PID: politely (``sig``), then for good after 30 s."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
     except ProcessLookupError:
         pass
@@ -38,9 +39,12 @@ def stop_group(proc: subprocess.Popen) -> None:
 class LocalMlflowServer:
     """``with LocalMlflowServer(folder) as url:`` or ``start()``/``stop()``."""
 
-    def __init__(self, root: Path, workers: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, workers: int = 1, env: dict[str, str] | None = None, backend: str | None = None
+    ) -> None:
         self.root = Path(root)
         self.workers = workers
+        self.backend = backend  # a database URL (PostgreSQL, MySQL); default: SQLite in root
         self.env = {
             **(env or os.environ),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -64,7 +68,7 @@ class LocalMlflowServer:
                 "--port",
                 str(self.port),
                 "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
+                self.backend or f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination",
                 str(self.root / "artifacts"),
                 "--workers",

@@ -28,6 +28,8 @@ DRIVER_PACKAGES = {
     "pyodbc": "pyodbc",
     "pymssql": "pymssql",
 }
+# The extra of trackbridge that brings it.
+DRIVER_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres", "pymysql": "mysql"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 _DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
@@ -98,9 +100,14 @@ class MissingDriverError(UsageError):
     def __init__(self, t: Target, module: str) -> None:
         top = module.split(".")[0]
         package = DRIVER_PACKAGES.get(top, top)
+        extra = DRIVER_EXTRAS.get(top)
+        also = f" or pip install 'trackbridge[{extra}]'" if extra else ""
+        if top == "MySQLdb":  # it compiles against the MySQL client headers; PyMySQL does not
+            also = " (it needs the MySQL client headers), or use mlflow+mysql+pymysql:// with "
+            also += "pip install 'trackbridge[mysql]'"
         super().__init__(
             f"{t.safe}: the database driver {top!r} is not installed; install it with "
-            f"pip install '{package}' (or name another driver in the URL, e.g. mlflow+postgresql+psycopg2://)"
+            f"pip install '{package}'{also}"
         )
 
 

@@ -1,0 +1,180 @@
+"""MLflow's production stores, PostgreSQL and MySQL (MariaDB), real in tests: used
+in-process and behind a real `mlflow server`, read back with MLflow's own client and
+SQL. The servers come from Debian's packages (``.ci/run`` installs them) and are
+started once per test session by ``conftest.postgres`` / ``conftest.mariadb``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.entities import ViewType
+from trackbridge.trackers.mlflow import common as mc
+
+from tests.conftest import one_line, run_cli
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real command, run from ``cwd`` (where MLflow would drop ./mlruns)."""
+    return subprocess.run(
+        [sys.executable, "-m", "trackbridge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+def ours(url: str) -> list:
+    client = mlflow.MlflowClient(url)
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs = client.search_runs(exps, run_view_type=ViewType.ALL, max_results=5000)
+    return [r for r in runs if mc.TAG_SOURCE_KEY in r.data.tags]
+
+
+def test_a_migration_into_a_database_store_lands_whole_and_its_files_where_told(
+    demo_store, database, tmp_path
+):
+    """The demo store into PostgreSQL / MariaDB in-process: verified identical, each run
+    once as MLflow's client lists it, every file under --artifact-root (the runs' and the
+    model versions' sources), nothing in the folder the command ran in; again: nothing."""
+    dest = f"mlflow+{database}"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    root = tmp_path / "artifacts"
+    p = cli("migrate", demo_store["tb"], dest, "--artifact-root", str(root), cwd=cwd)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "verify: identical" in p.stdout
+    runs = ours(database)
+    keys = [r.data.tags[mc.TAG_SOURCE_KEY] for r in runs]
+    assert len(keys) == 6 and len(set(keys)) == 6
+    assert all(r.info.artifact_uri.startswith(root.as_uri()) for r in runs)
+    client = mlflow.MlflowClient(database)
+    versions = client.search_model_versions()
+    assert versions and all(v.source.startswith(("models:/", root.as_uri())) for v in versions)
+    assert any(f.is_file() for f in root.rglob("*"))
+    assert list(cwd.iterdir()) == []  # no ./mlruns by accident
+    again = cli("migrate", demo_store["tb"], dest, "--artifact-root", str(root), cwd=cwd)
+    assert again.returncode == 0 and "6 unchanged" in again.stdout, again.stdout + again.stderr
+    assert len(ours(database)) == 6
+
+
+def test_a_new_experiment_with_nowhere_for_its_files_is_refused_before_the_export(
+    demo_store, postgres, tmp_path
+):
+    dest = "mlflow+" + postgres.create_database("noroot")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    t0 = time.monotonic()
+    p = cli("migrate", demo_store["tb"], dest, cwd=cwd)
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = one_line(p.stderr)
+    assert "--artifact-root" in line and "needs a place for its files" in line
+    assert "runs:" not in p.stdout  # refused before anything was exported or written
+    assert time.monotonic() - t0 < 30
+    assert ours(dest.removeprefix("mlflow+")) == [] and list(cwd.iterdir()) == []
+    # an experiment made beforehand with its own location needs no --artifact-root
+    client = mlflow.MlflowClient(dest.removeprefix("mlflow+"))
+    for name in ("Default", "demo-classifier", "demo-regression"):
+        if client.get_experiment_by_name(name) is None:
+            client.create_experiment(name, artifact_location=(tmp_path / "own" / name).as_uri())
+    p = cli("migrate", demo_store["tb"], dest, "--no-registry", cwd=cwd)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert all(r.info.artifact_uri.startswith((tmp_path / "own").as_uri()) for r in ours(dest[7:]))
+
+
+def test_artifact_root_is_refused_where_it_means_nothing(wandb_demo, tmp_path):
+    src, dest = f"wandb+offline://{wandb_demo}", f"wandb+offline://{tmp_path / 'out'}"
+    p = run_cli("migrate", src, dest, "--artifact-root", str(tmp_path), check=2)
+    assert one_line(p.stderr).endswith("--artifact-root: Weights & Biases destinations do not take it")
+
+
+@pytest.mark.parametrize(
+    ("scheme", "hidden", "names"),
+    [
+        ("postgresql", "psycopg", ("'psycopg[binary]'", "trackbridge[postgres]")),
+        ("postgresql+psycopg2", "psycopg2", ("'psycopg2-binary'", "trackbridge[postgres]")),
+        ("mysql+pymysql", "pymysql", ("'pymysql'", "trackbridge[mysql]")),
+        ("mysql", None, ("'mysqlclient'", "mlflow+mysql+pymysql://")),
+    ],
+)
+def test_a_missing_database_driver_is_one_line_naming_the_package(
+    demo_store, tmp_path, scheme, hidden, names
+):
+    """Before any export: within seconds, exit 2, the pip package (and the extra) named."""
+    env = {}
+    if hidden:  # the driver as if never installed: a module of its name that cannot import
+        shadow = tmp_path / "shadow" / hidden
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(
+            f'raise ImportError("No module named {hidden!r}", name={hidden!r})\n'
+        )
+        env["PYTHONPATH"] = str(tmp_path / "shadow")
+    t0 = time.monotonic()
+    p = cli("migrate", demo_store["tb"], f"mlflow+{scheme}://u:secret@127.0.0.1:9/x", cwd=tmp_path, env=env)
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = one_line(p.stderr)
+    assert all(n in line for n in names), line
+    assert "secret" not in line and "runs:" not in p.stdout
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg2", "mysql+pymysql"])
+def test_a_database_that_cannot_be_reached_is_one_line(demo_store, tmp_path, scheme):
+    """Nothing listens on port 9: as a destination exit 5, as a source exit 3, each one
+    line naming the store (its password left out), before anything is exported."""
+    url = f"mlflow+{scheme}://u:secret@127.0.0.1:9/x"
+    p = run_cli("migrate", demo_store["tb"], url, check=5)
+    line = one_line(p.stderr)
+    assert "cannot write" in line and "secret" not in line and "runs:" not in p.stdout
+    p = run_cli("migrate", url, f"mlflow+sqlite:///{tmp_path / 'd.db'}", check=3)
+    line = one_line(p.stderr)
+    assert "cannot connect" in line and "secret" not in line
+
+
+def test_a_server_on_postgresql_takes_a_migration_and_a_resync(demo_store, postgres, tmp_path):
+    """A real `mlflow server --workers 2` with PostgreSQL behind it, written by several
+    trackbridge workers at once; MLflow's client lists each run once, in PostgreSQL too."""
+    from trackbridge.trackers.mlflow.server import LocalMlflowServer
+
+    backend = postgres.create_database("served")
+    with LocalMlflowServer(tmp_path / "server", workers=2, backend=backend) as url:
+        dest = f"mlflow+{url}"
+        p = run_cli("migrate", demo_store["tb"], dest, "--workers", "4")
+        assert "verify: identical" in p.stdout
+        runs = ours(url)
+        assert len({r.data.tags[mc.TAG_SOURCE_KEY] for r in runs}) == len(runs) == 6
+        for _ in range(2):  # the first sync after a migrate notes each run's change token
+            again = run_cli("sync", demo_store["tb"], dest, "--state-dir", str(tmp_path / "state"))
+            assert "metric points written: 0; artifact files written: 0" in again.stdout
+        assert "6 unchanged" in again.stdout, again.stdout
+    rows = postgres.psql(
+        f"SELECT count(*) FROM tags WHERE key = '{mc.TAG_SOURCE_KEY}'", database="served"
+    ).split()
+    assert rows == ["6"]
+
+
+def test_a_nightly_sync_of_wandb_runs_into_mysql_keeps_its_files_under_the_root(
+    wandb_demo, mariadb, tmp_path
+):
+    """The sync's own path (no bundle) into MariaDB, the root given in the config file."""
+    db = mariadb.create_database("nightly")
+    root = tmp_path / "store"
+    config = tmp_path / "sync.toml"
+    config.write_text(
+        f'[[pair]]\nname = "n"\nsource = "wandb+offline://{wandb_demo}"\n'
+        f'destination = "mlflow+{db}"\nartifact_root = "{root}"\n'
+    )
+    state = ["--state-dir", str(tmp_path / "state")]
+    p = run_cli("sync", "--config", str(config), "--verify", *state)
+    assert "0 failed" in p.stdout and "verify: identical" in p.stdout, p.stdout
+    runs = ours(db)
+    assert runs and all(r.info.artifact_uri.startswith(root.as_uri()) for r in runs)
+    p = run_cli("sync", "--config", str(config), "--artifact-root", str(root), *state, check=2)
+    assert "artifact_root in its [[pair]]" in one_line(p.stderr)
