@@ -148,6 +148,9 @@ def copy(
                 for f in as_completed([ex.submit(one, row) for row in wave]):
                     f.result()
 
+    flush = getattr(sink, "flush", None)
+    if flush is not None:  # runs a destination held to write together, before what needs them
+        flush()
     for art in source.artifacts(sel, projects):
         _guard(report, f"artifact {art.row['artifact_key']}", sink.write_artifact, art, report)
     reg_sel = plan.registry_selection(sel, report, read) if sel.registry else None

@@ -168,9 +168,13 @@ class RunWriter(ABC):
         through: a sync killed or failed before it reads those runs again next time, and
         registers their models then, instead of skipping them for good."""
         pending = self.__dict__.pop("_tokens", {})
-        if registry_ok:
-            for run_id, token in pending.items():
-                self.store_token(run_id, token)
+        if registry_ok and pending:
+            self.store_tokens(pending)
+
+    def store_tokens(self, tokens: dict[str, str]) -> None:
+        """Keep many runs' tokens: one by one, unless the destination can do better."""
+        for run_id, token in tokens.items():
+            self.store_token(run_id, token)
 
     # -- the protocol
 

@@ -223,6 +223,10 @@ class PointsWriter:
         return out
 
     def _send_metrics(self, run_id: str, recs: list[dict[str, Any]]) -> None:
+        pending = self._pending.get(run_id)
+        if pending is not None:  # a new run held for the bulk path
+            self._pending_points(pending, recs)
+            return
         if self._creds is not None:
             # REST: post the JSON ourselves. MLflow's client would build an entity and a
             # protobuf per point first, CPU the server (often on the same box) needs more.

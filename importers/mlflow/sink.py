@@ -23,10 +23,12 @@ from typing import Any
 from trackbridge import native, schema
 from trackbridge.errors import DestinationError, UsageError, first_line
 from trackbridge.files import temp_dir
+from trackbridge.importers.mlflow.bulk import Routed
 from trackbridge.importers.mlflow.files import (
     FilesWriter,
     under,
 )
+from trackbridge.importers.mlflow.grouped import BULK_ERRORS, GroupedRuns, retry_api
 from trackbridge.importers.mlflow.identity import RunIdentity
 from trackbridge.importers.mlflow.models import ModelsWriter
 from trackbridge.importers.mlflow.native import NativeWriter, plan_native
@@ -52,7 +54,7 @@ from trackbridge.write import Attempt, Fingerprint, Found, RunWriter
 _CONFLICT = re.compile(r"UNIQUE constraint|unique constraint|Duplicate entry|IntegrityError", re.IGNORECASE)
 
 
-class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWriter, RunWriter):
+class MlflowSink(GroupedRuns, RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWriter, RunWriter):
     # the fingerprint's version: the source content digest plus this; a change re-imports
     FORMAT = f"m{MAPPING_VERSION}"
     KEEPS_TOKENS = True
@@ -95,6 +97,9 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
         self.origin: str | None = None
         # what the sink did beyond the runs it was given (duplicates it retired), for the report
         self.notices: list[tuple[str, str, str]] = []
+        # new runs into an in-process SQL store: held, then committed a group at a time
+        self._bulk_setup(store, enabled=self._creds is None and not dry_run)
+        self.client = Routed(self.client, self._pending)
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"
@@ -120,6 +125,7 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
     def finish(self) -> None:
         if self.dry_run:
             return
+        self.flush()
         self.write_tokens(registry_ok=not self._registry_failed)
         for exp_id in self._deleted_projects:
             mc.change_once(
@@ -187,8 +193,17 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
         for attempt_no in (1, 2, 3):
             attempt = Attempt()
             try:
-                return self.attempt(payload, report, attempt)
+                outcome = self.attempt(payload, report, attempt)
+                if attempt.found is not None:
+                    self._sealed(attempt.found.id, report)  # a pending run: committed in a group
+                return outcome
             except Exception as e:
+                pending = attempt.found is not None and attempt.found.id in self._pending
+                if pending or isinstance(e, BULK_ERRORS):
+                    self._drop_pending(attempt.found.id if attempt.found else None)
+                    if isinstance(e, BULK_ERRORS):
+                        return retry_api(self, payload, report, e)
+                    raise  # nothing of it reached the store
                 if self._finished_by_another(payload, attempt):
                     report.mapped(
                         "written-concurrently", "runs", "another importer finished this run meanwhile"
@@ -264,6 +279,10 @@ class MlflowSink(RunIdentity, PointsWriter, FilesWriter, ModelsWriter, NativeWri
     def settle(self, payload: RunPayload, found: Found | None, report: RunReport) -> Found:
         if found is not None:
             return found
+        if self._bulk_fits(payload):
+            # made in memory; whether another importer made it meanwhile is asked when
+            # its group is committed (GroupedRuns._commit)
+            return self._found(self._pend(payload), payload, existed=False)
         # the index was read once; another importer may have made the run since
         got, made = self._find_or_create(self._exp_ids[payload.run["project_key"]], payload)
         return self._found(got, payload, existed=not made)

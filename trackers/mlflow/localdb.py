@@ -244,5 +244,7 @@ class LocalMariaDB(LocalDatabase):
         )
 
     def create_database(self, name: str) -> str:
-        self.sql(f"CREATE DATABASE `{name}`")
+        # as MySQL 8 makes one by default (MariaDB's own default is latin1, which no MLflow
+        # database should have: a non-Latin key would not fit)
+        self.sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         return f"mysql+pymysql://mlflow:{self.password}@127.0.0.1:{self.port}/{name}"

@@ -1,0 +1,445 @@
+"""Whole new runs into an in-process SQL store (SQLite, PostgreSQL, MySQL), many to a
+transaction, through MLflow's own tables.
+
+Through MLflow's client a run costs six or more transactions (create, a ``log_batch``
+of params and tags, points, the end, the bookkeeping tag), each a commit the database
+makes durable: about 185 ms a small run on SQLite here, almost none of it data. Here a
+new run is first written in memory (``PendingRun`` answers the client calls the writer
+makes for it), and runs are then committed together: the run row, its tags, params,
+points, latest values and dataset inputs in one transaction, points with the
+database's own bulk mechanism (``COPY`` on PostgreSQL, multi-row ``INSERT`` on MySQL,
+the driver's executemany on SQLite). A run is therefore either all there, fingerprint
+included, or not there at all: a kill leaves nothing half-visible, and the next import
+writes it whole.
+
+The rows are the ones MLflow itself writes (``create_run``, ``log_batch``,
+``set_terminated``, ``log_inputs``): the same columns, NaN and ±inf sanitised by the
+store's own ``sanitize_metric_value``, the latest value per key by MLflow's rule
+(greatest ``(step, timestamp, value)``, the first of equals kept), exact repeats of a
+point dropped as the table's primary key drops them. A run grows past ``MAX_POINTS``
+in memory is committed early as an unfinished run (status RUNNING, no fingerprint, as
+the API path leaves one mid-import) and the rest of it goes the API way.
+
+Used only when the store's schema revision is the one the installed MLflow expects;
+otherwise MLflow's API it is, and the report says so once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trackbridge.trackers.mlflow import common as mc
+
+MAX_POINTS = 250_000  # held in memory for one pending run before it is committed early
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class NotBulk(Exception):
+    """A call a pending run cannot answer (a logged model's metric): the run is written
+    through MLflow's API instead, from the start."""
+
+
+@dataclass
+class PendingRun:
+    """A new run as MLflow would hold it after the writer's calls, not yet in the store.
+
+    Only the calls the writer makes for a new run are answered; anything else raises
+    ``NotBulk`` rather than guess."""
+
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+    name: str
+    user: str
+    start_time: int | None
+    sanitize: Any
+    status: str = "RUNNING"
+    end_time: int | None = None
+    lifecycle: str = "active"
+    deleted_time: int | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    points: list[tuple] = field(default_factory=list)  # (key, value, ts, step, is_nan)
+    latest: dict[str, tuple] = field(default_factory=dict)  # key -> (step, ts, value, is_nan)
+    datasets: list[Any] = field(default_factory=list)
+    seen: set[tuple] = field(default_factory=set)
+    payload: Any = None
+    report: Any = None
+    sealed: bool = False
+
+    # -- the client calls, for this run
+
+    def log_batch(self, metrics: Any = (), params: Any = (), tags: Any = (), **_: Any) -> None:
+        for p in params or ():
+            self.params.setdefault(p.key, p.value)  # MLflow refuses a changed param
+        for t in tags or ():
+            self.tags[t.key] = t.value
+        if metrics:
+            self.add(
+                [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics]
+            )
+
+    def add(self, recs: list[dict[str, Any]]) -> None:
+        for r in recs:
+            if r.get("model_id"):
+                raise NotBulk("a point linked to a logged model")
+            key, step, ts = r["key"], r["step"], r["timestamp"]
+            is_nan, value = self.sanitize(r["value"])
+            row = (key, value, ts, step, is_nan)
+            if row in self.seen:
+                continue  # the table's primary key keeps one of exact repeats
+            self.seen.add(row)
+            self.points.append(row)
+            best = self.latest.get(key)
+            if best is None or (step, ts, value) > best[:3]:
+                self.latest[key] = (step, ts, value, is_nan)
+
+    def set_tag(self, key: str, value: str, **_: Any) -> None:
+        self.tags[key] = value
+
+    def delete_tag(self, key: str) -> None:
+        self.tags.pop(key, None)
+
+    def set_terminated(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        self.status, self.end_time = status, end_time if end_time is not None else _ms()
+
+    def update_run(self, status: str | None = None, name: str | None = None) -> None:
+        if status:
+            self.status = status
+        if name:
+            self.name = self.tags[mc.TAG_RUN_NAME] = name
+
+    def delete_run(self) -> None:
+        self.lifecycle, self.deleted_time = "deleted", _ms()
+
+    def log_inputs(self, datasets: Any = None, models: Any = None) -> None:
+        if models:
+            raise NotBulk("logged-model inputs")
+        self.datasets += list(datasets or ())
+
+    def _repo(self) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self.artifact_uri)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._repo().log_artifact(local_path, artifact_path)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self._repo().log_artifacts(local_dir, artifact_path)
+
+    def list_artifacts(self, path: str | None = None) -> list[Any]:
+        return self._repo().list_artifacts(path)
+
+    def get_metric_history(self, key: str) -> list[Any]:
+        from mlflow.entities import Metric
+
+        return [Metric(k, math.nan if n else v, t, s) for k, v, t, s, n in self.points if k == key]
+
+    def get_run(self) -> Any:
+        from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
+
+        info = RunInfo(
+            run_id=self.run_id,
+            experiment_id=self.experiment_id,
+            user_id=self.user,
+            status=self.status,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            lifecycle_stage=self.lifecycle,
+            artifact_uri=self.artifact_uri,
+            run_name=self.name,
+        )
+        data = RunData(
+            metrics=[Metric(k, math.nan if n else v, t, s) for k, (s, t, v, n) in self.latest.items()],
+            params=[Param(k, v) for k, v in self.params.items()],
+            tags=[RunTag(k, v) for k, v in self.tags.items()],
+        )
+        return Run(info, data)
+
+
+# the client methods a pending run answers (each takes the run id first)
+RUN_CALLS = frozenset(
+    {
+        "log_batch", "set_tag", "delete_tag", "set_terminated", "update_run", "delete_run", "log_inputs",
+        "log_artifact", "log_artifacts", "list_artifacts", "get_metric_history", "get_run",
+    }
+)  # fmt: skip
+
+
+class Routed:
+    """The MLflow client, with the calls for a pending run answered by that run."""
+
+    def __init__(self, client: Any, pending: dict[str, PendingRun]) -> None:
+        self._client = client
+        self._pending = pending
+
+    @property
+    def unwrapped(self) -> Routed:
+        return Routed(getattr(self._client, "unwrapped", self._client), self._pending)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name not in RUN_CALLS and not (callable(attr) and not name.startswith("_")):
+            return attr
+        pending = self._pending
+
+        def call(*args: Any, **kw: Any) -> Any:
+            run_id = args[0] if args else kw.get("run_id")
+            run = pending.get(run_id) if isinstance(run_id, str) else None
+            if run is None:
+                return attr(*args, **kw)
+            if name not in RUN_CALLS:
+                raise NotBulk(f"client.{name}")
+            rest = {k: v for k, v in kw.items() if k != "run_id"}
+            return getattr(run, name)(*args[1:], **rest)
+
+        return call
+
+
+def _copy_text(rows: list[tuple]) -> bytes:
+    """Rows as PostgreSQL's COPY text format: tab-separated, ``\\N`` for null, with the
+    format's own escapes for the characters it gives meaning (keys are free text)."""
+
+    def esc(s: str) -> str:
+        if any(c in s for c in "\\\t\n\r"):
+            s = s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        return s
+
+    out = io.StringIO()
+    for key, value, ts, run_uuid, step, is_nan in rows:
+        out.write(f"{esc(key)}\t{value!r}\t{ts}\t{run_uuid}\t{step}\t{'t' if is_nan else 'f'}\n")
+    return out.getvalue().encode()
+
+
+@dataclass
+class SchemaCheck:
+    ok: bool
+    why: str = ""
+
+
+class BulkStore:
+    """The tables of one in-process SQL store, written a transaction at a time."""
+
+    DIALECTS = ("sqlite", "postgresql", "mysql")
+
+    def __init__(self, store: Any) -> None:
+        from mlflow.store.tracking.dbmodels import models as m
+
+        self.store = store
+        self.m = m
+        self.dialect = store.engine.dialect.name
+        self.driver = store.engine.dialect.driver
+
+    @classmethod
+    def check(cls, store: Any) -> SchemaCheck:
+        """Whether this store's tables are the ones this MLflow writes: its schema revision
+        is the installed MLflow's head (a store another MLflow migrated may differ)."""
+        try:
+            from mlflow.store.db.utils import _get_latest_schema_revision, _get_schema_version
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        except ImportError:  # pragma: no cover - depends on MLflow's layout
+            return SchemaCheck(False, "this MLflow has no schema revision to check")
+        if os.environ.get("TRACKBRIDGE_BULK", "1") == "0":
+            return SchemaCheck(False, "TRACKBRIDGE_BULK=0")
+        if not isinstance(store, SqlAlchemyStore) or store.engine.dialect.name not in cls.DIALECTS:
+            return SchemaCheck(False, "")
+        try:
+            have, want = _get_schema_version(store.engine), _get_latest_schema_revision()
+        except Exception as e:  # any doubt: the API path
+            return SchemaCheck(False, f"its schema revision could not be read ({type(e).__name__})")
+        if have != want:
+            return SchemaCheck(
+                False, f"its schema revision {have} is not {want}, the one MLflow {_version()} writes"
+            )
+        return SchemaCheck(True)
+
+    # -- one transaction
+
+    def session(self) -> Any:
+        try:
+            return self.store.ManagedSessionMaker(read_only=False)
+        except TypeError:  # an MLflow before read-only sessions
+            return self.store.ManagedSessionMaker()
+
+    def taken(
+        self, session: Any, exp_ids: set[str], keys: list[str], more_than_once: bool = False
+    ) -> set[str]:
+        """The source keys among ``keys`` that a run of the experiments carries (with
+        ``more_than_once``: that two or more carry)."""
+        from sqlalchemy import func
+
+        m = self.m
+        found: set[str] = set()
+        ids = [int(e) for e in exp_ids]
+        for i in range(0, len(keys), 500):
+            q = (
+                session.query(m.SqlTag.value)
+                .join(m.SqlRun, m.SqlRun.run_uuid == m.SqlTag.run_uuid)
+                .filter(m.SqlTag.key == mc.TAG_SOURCE_KEY, m.SqlTag.value.in_(keys[i : i + 500]))
+                .filter(m.SqlRun.experiment_id.in_(ids))
+            )
+            if more_than_once:
+                q = q.group_by(m.SqlTag.value).having(func.count() > 1)
+            found |= {r[0] for r in q.all()}
+        return found
+
+    def set_tag_values(self, session: Any, key: str, values: dict[str, str]) -> None:
+        """One tag of many runs, each to its value, in one statement sent many times."""
+        from sqlalchemy import bindparam, update
+
+        t = self.m.SqlTag.__table__
+        stmt = (
+            update(t).where(t.c.run_uuid == bindparam("rid"), t.c.key == key).values(value=bindparam("val"))
+        )
+        session.connection().execute(stmt, [{"rid": r, "val": v} for r, v in values.items()])
+
+    def insert(self, session: Any, runs: list[PendingRun]) -> None:
+        """Every row of ``runs``, in the session's transaction."""
+        m = self.m
+        conn = session.connection()
+        conn.execute(
+            m.SqlRun.__table__.insert(),
+            [
+                {
+                    "run_uuid": r.run_id, "name": r.name, "source_type": "UNKNOWN", "source_name": "",
+                    "entry_point_name": "", "user_id": r.user, "status": r.status,
+                    "start_time": r.start_time, "end_time": r.end_time, "deleted_time": r.deleted_time,
+                    "source_version": "", "lifecycle_stage": r.lifecycle, "artifact_uri": r.artifact_uri,
+                    "experiment_id": int(r.experiment_id),
+                }
+                for r in runs
+            ],
+        )  # fmt: skip
+        tags = [{"key": k, "value": v, "run_uuid": r.run_id} for r in runs for k, v in r.tags.items()]
+        params = [{"key": k, "value": v, "run_uuid": r.run_id} for r in runs for k, v in r.params.items()]
+        latest = [
+            {"key": k, "value": v, "timestamp": t, "step": s, "is_nan": n, "run_uuid": r.run_id}
+            for r in runs
+            for k, (s, t, v, n) in r.latest.items()
+        ]
+        for table, rows in ((m.SqlTag, tags), (m.SqlParam, params), (m.SqlLatestMetric, latest)):
+            if rows:
+                conn.execute(table.__table__.insert(), rows)
+        self._points(conn, runs)
+        for r in runs:
+            if r.datasets:
+                self._inputs(session, r)
+
+    def _points(self, conn: Any, runs: list[PendingRun]) -> None:
+        q = self.store.engine.dialect.identifier_preparer.quote  # `key` is a MySQL keyword
+        cols = ", ".join(q(c) for c in ("key", "value", "timestamp", "run_uuid", "step", "is_nan"))
+        table = q(self.m.SqlMetric.__table__.name)
+        rows = [(k, v, t, r.run_id, s, n) for r in runs for k, v, t, s, n in r.points]
+        if not rows:
+            return
+        if self.dialect == "postgresql":
+            raw = conn.connection.dbapi_connection
+            sql = f"COPY {table} ({cols}) FROM STDIN"
+            data = _copy_text(rows)
+            with raw.cursor() as cur:
+                if hasattr(cur, "copy_expert"):  # psycopg2
+                    cur.copy_expert(sql, io.BytesIO(data))
+                else:  # psycopg 3
+                    with cur.copy(sql) as copy:
+                        copy.write(data)
+            return
+        marks = ", ".join(["?" if self.dialect == "sqlite" else "%s"] * 6)
+        sql = f"INSERT INTO {table} ({cols}) VALUES ({marks})"
+        if self.dialect == "mysql":
+            # the driver's executemany sends multi-row INSERTs, each within max_allowed_packet
+            raw = conn.connection.dbapi_connection
+            with raw.cursor() as cur:
+                for i in range(0, len(rows), 20_000):
+                    cur.executemany(sql, rows[i : i + 20_000])
+            return
+        conn.exec_driver_sql(sql, rows)
+
+    def _inputs(self, session: Any, r: PendingRun) -> None:
+        """Dataset inputs as MLflow's ``log_inputs`` records them: a dataset once per
+        experiment (by name and digest), one input edge per run, its tags."""
+        import uuid
+
+        m = self.m
+        exp = int(r.experiment_id)
+        seen: dict[tuple[str, str], Any] = {}
+        for di in r.datasets:
+            ds = di.dataset
+            if (ds.name, ds.digest) in seen:
+                continue
+            seen[(ds.name, ds.digest)] = di
+            have = (
+                session.query(m.SqlDataset.dataset_uuid)
+                .filter(m.SqlDataset.experiment_id == exp, m.SqlDataset.name == ds.name)
+                .filter(m.SqlDataset.digest == ds.digest)
+                .one_or_none()
+            )
+            if have is None:
+                ds_uuid = uuid.uuid4().hex
+                session.add(
+                    m.SqlDataset(
+                        dataset_uuid=ds_uuid, experiment_id=exp, name=ds.name, digest=ds.digest,
+                        dataset_source_type=ds.source_type, dataset_source=ds.source,
+                        dataset_schema=ds.schema, dataset_profile=ds.profile,
+                    )
+                )  # fmt: skip
+                session.flush()
+            else:
+                ds_uuid = have[0]
+            input_uuid = uuid.uuid4().hex
+            session.add(
+                m.SqlInput(
+                    input_uuid=input_uuid, source_type="DATASET", source_id=ds_uuid,
+                    destination_type="RUN", destination_id=r.run_id, step=0,
+                )
+            )  # fmt: skip
+            for t in di.tags or ():
+                session.add(m.SqlInputTag(input_uuid=input_uuid, name=t.key, value=t.value))
+        session.flush()
+
+
+def _version() -> str:
+    import mlflow
+
+    return mlflow.__version__
+
+
+def new_pending(store: Any, exp: Any, payload: Any, tags: dict[str, str], name: str | None) -> PendingRun:
+    """A run as ``create_run`` would make it: a new id, its artifacts under the
+    experiment's location, a name (MLflow's random one when the source has none)."""
+    import uuid
+
+    from mlflow.utils.name_utils import _generate_random_name
+    from mlflow.utils.uri import append_to_uri_path
+
+    run_id = uuid.uuid4().hex
+    name = name or tags.get(mc.TAG_RUN_NAME) or _generate_random_name()
+    run = PendingRun(
+        run_id=run_id,
+        experiment_id=str(exp.experiment_id),
+        artifact_uri=append_to_uri_path(exp.artifact_location, run_id, "artifacts"),
+        name=name,
+        user=tags.get(mc.TAG_USER, ""),
+        start_time=mc.dt_to_ms(payload.run.get("start_time")) or _ms(),  # as MLflow's client
+        sanitize=store.sanitize_metric_value,
+        tags={**tags, mc.TAG_RUN_NAME: name},
+        payload=payload,
+    )
+    return run
+
+
+def local_artifact_dir(uri: str) -> Path | None:
+    """The folder a ``file:`` artifact location names (to tidy up after a run that was
+    written some other way in the end)."""
+    from urllib.parse import unquote, urlsplit
+
+    return Path(unquote(urlsplit(uri).path)) if uri.startswith("file:") else None

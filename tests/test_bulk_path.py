@@ -1,0 +1,165 @@
+"""The bulk path (new runs committed whole, many to a transaction, through MLflow's own
+tables) against MLflow's API path, fed the same bundles, on each real database: every
+table either touches must hold the same rows, compared in SQL once run ids (random on
+both paths) are replaced by the source keys they carry."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from trackbridge.trackers.mlflow import common as mc
+
+from tests import factories as f
+from tests.conftest import run_cli
+
+INF = float("inf")
+
+
+def edge_bundle(path: Path) -> Path:
+    """Points MLflow's latest-value rule and its primary key must decide: NaN, ±inf,
+    several values at one step, a tie on (step, timestamp) broken by value, an exact
+    repeat; a nested run, a deleted one, a run with no points."""
+    ts = f.metrics  # one timestamp per point, a millisecond apart
+    parent = f.payload(
+        f.run("test:run/parent"),
+        params=[(["lr"], 0.1), (["layers"], [64, 32]), (["name"], "x" * 300)],
+        tags={"team": "vision", "note": "a\ttab and\nnewline"},
+        points=[("loss", 0, 1.0), ("loss", 1, math.nan), ("loss", 2, INF), ("acc", 0, -INF), ("acc", 0, 0.5)],
+    )
+    child = f.payload(
+        f.run("test:run/child", parent_run_key="test:run/parent", status="failed"),
+        points=[
+            ("loss", 5, 0.3),
+            ("loss", 5, 0.3),
+            ("loss", 5, 0.2),
+            ("loss", 4, 9.0),
+            ("weird key/α", 1, 2.0),
+        ],
+    )
+    gone = f.payload(f.run("test:run/gone", lifecycle="deleted"), points=[("loss", 0, 1.0)])
+    empty = f.payload(f.run("test:run/empty", status="running", end_time=None))
+    tie = f.payload(f.run("test:run/tie"), points=[("m", 3, 1.0), ("m", 3, 2.0), ("m", 3, 0.5)])
+    # a tie on (step, timestamp): the same timestamp for all three
+    batch = ts("test:run/tie", [("m", 3, 1.0), ("m", 3, 2.0), ("m", 3, 0.5)])
+    same = batch.set_column(
+        batch.schema.get_field_index("timestamp"), "timestamp", batch.column("timestamp").take([0, 0, 0])
+    )
+    tie.metrics = lambda: iter([same])
+    return f.write_bundle(path, [f.project()], [parent, child, gone, empty, tie])
+
+
+def dump(url: str) -> dict[str, list]:
+    """Every row the import wrote, run ids replaced by source keys, claims (a clock
+    reading) left out of the bookkeeping tag."""
+    eng = sa.create_engine(url)
+    key_ = eng.dialect.identifier_preparer.quote("key")  # a keyword in MySQL
+    with eng.connect() as c:
+        keys = dict(
+            c.execute(
+                sa.text(f"SELECT run_uuid, value FROM tags WHERE {key_} = :k"), {"k": mc.TAG_SOURCE_KEY}
+            ).all()
+        )
+
+        def k(run_id: str) -> str:
+            return keys.get(run_id, run_id)
+
+        def rows(sql: str) -> list:
+            return [tuple(r) for r in c.execute(sa.text(sql.replace("KEY", key_))).all()]
+
+        out: dict[str, list] = {}
+        out["runs"] = sorted(
+            (
+                k(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                r[9] is not None,
+                r[10].replace(r[0], k(r[0])),
+            )
+            for r in rows(
+                "SELECT run_uuid, name, source_type, source_name, entry_point_name, user_id, status, "
+                "start_time, end_time, deleted_time, artifact_uri FROM runs"
+            )
+        )
+        tags = []
+        for run, key, value in rows("SELECT run_uuid, KEY, value FROM tags"):
+            if key == mc.TAG_STATE:
+                state = mc.run_state({mc.TAG_STATE: value})
+                state.pop("claim", None)
+                value = json.dumps(state, sort_keys=True)
+            elif key == mc.TAG_PARENT:
+                value = k(value)
+            tags.append((k(run), key, value))
+        out["tags"] = sorted(tags)
+        out["params"] = sorted(
+            (k(r), key, v) for r, key, v in rows("SELECT run_uuid, KEY, value FROM params")
+        )
+        for table in ("metrics", "latest_metrics"):
+            out[table] = sorted(
+                (k(r), key, float(v), int(t), int(s), bool(n))
+                for r, key, v, t, s, n in rows(
+                    f"SELECT run_uuid, KEY, value, timestamp, step, is_nan FROM {table}"
+                )
+            )
+        datasets = {u: (n, d) for u, n, d in rows("SELECT dataset_uuid, name, digest FROM datasets")}
+        out["datasets"] = sorted(rows(
+            "SELECT name, digest, dataset_source_type, dataset_source, dataset_schema, dataset_profile "
+            "FROM datasets"
+        ))  # fmt: skip
+        inputs = rows(
+            "SELECT input_uuid, source_type, source_id, destination_type, destination_id, step FROM inputs"
+        )
+        itags = rows("SELECT input_uuid, name, value FROM input_tags")
+        # dataset inputs; a logged model's output edge has the model's own (random) id
+        out["inputs"] = sorted(
+            (st, datasets.get(si, si), dt, k(di), step, tuple(sorted((n, v) for u, n, v in itags if u == iu)))
+            if st == "DATASET"
+            else (st, dt, k(di) if dt == "RUN" else "model", step)
+            for iu, st, si, dt, di, step in inputs
+        )
+    eng.dispose()
+    return out
+
+
+def fresh(kind: str, request: pytest.FixtureRequest, tmp_path: Path, name: str) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / f'{name}.db'}"
+    server = request.getfixturevalue("postgres" if kind == "postgresql" else "mariadb")
+    return server.create_database(f"{name}{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql"])
+def test_the_bulk_path_writes_the_rows_mlflows_api_writes(kind, demo_store, tmp_path, request):
+    edges = edge_bundle(tmp_path / "edges")
+    demo = tmp_path / "demo-bundle"
+    run_cli("export", demo_store["tb"], str(demo))
+    got = {}
+    for path, env in (("api", {"TRACKBRIDGE_BULK": "0"}), ("bulk", {})):
+        url = fresh(kind, request, tmp_path, path)
+        for bundle in (edges, demo):
+            p = subprocess.run(
+                [sys.executable, "-m", "trackbridge.cli", "import", str(bundle), f"mlflow+{url}",
+                 "--artifact-root", str(tmp_path / f"{path}-files")],
+                capture_output=True, text=True, env={**os.environ, **env}, timeout=600,
+            )  # fmt: skip
+            assert p.returncode == 0, p.stdout + p.stderr
+            assert ("bulk-path-off" in p.stdout) == (path == "api"), p.stdout
+        got[path] = dump(url)
+        got[path]["runs"] = [(*r[:-1], r[-1].replace(f"{path}-files", "X")) for r in got[path]["runs"]]
+    for table in got["api"]:
+        assert got["bulk"][table] == got["api"][table], table
+    assert len(got["bulk"]["runs"]) == 5 + 6 and got["bulk"]["inputs"]
+    assert any(n for *_, n in got["bulk"]["latest_metrics"])  # a NaN is the latest of a key
