@@ -109,9 +109,21 @@ def copy(
     task = bar.add(label, len(runs))
     read: list[str] = []
 
+    # runs that failed here: in a destination that links a child to its parent's own id,
+    # their children wait for them
+    failed: set[str] = set()
+    wait = bool(getattr(sink, "CHILDREN_WAIT_FOR_PARENTS", False))
+
     def one(row: dict[str, Any]) -> None:
         rr = report.run(row["run_key"], row.get("name"))
+        parent = schema.depends_on(row)
         try:
+            if wait and parent in failed:
+                # written now, it would point at a parent that is not there (or only half
+                # there); next time both go in, the parent first
+                raise TrackbridgeError(
+                    f"not written: its parent {parent} failed; it goes in with it next time"
+                )
             decided = plan.skip(row)
             if decided is not None:
                 rr.outcome = decided[0]
@@ -136,9 +148,12 @@ def copy(
             rr.outcome = "failed"
             rr.error = f"{type(e).__name__}: {first_line(e)}"
             rr._traceback = traceback.format_exc()  # type: ignore[attr-defined]
+        if rr.outcome == "failed":
+            failed.add(row["run_key"])  # a set's add is atomic: workers may share it
         plan.done(row, rr)
         bar.advance(task, 1, rr.points)
 
+    flush = getattr(sink, "flush", None)
     for wave in waves(runs):
         if workers <= 1:
             for row in wave:
@@ -147,10 +162,10 @@ def copy(
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tb-run") as ex:
                 for f in as_completed([ex.submit(one, row) for row in wave]):
                     f.result()
-
-    flush = getattr(sink, "flush", None)
-    if flush is not None:  # runs a destination held to write together, before what needs them
-        flush()
+        if flush is not None:
+            # runs a destination held to write together are in it before what needs them:
+            # the next wave's children, the artifacts and the registry
+            flush()
     for art in source.artifacts(sel, projects):
         _guard(report, f"artifact {art.row['artifact_key']}", sink.write_artifact, art, report)
     reg_sel = plan.registry_selection(sel, report, read) if sel.registry else None

@@ -178,3 +178,83 @@ def test_a_nightly_sync_of_wandb_runs_into_mysql_keeps_its_files_under_the_root(
     assert runs and all(r.info.artifact_uri.startswith(root.as_uri()) for r in runs)
     p = run_cli("sync", "--config", str(config), "--artifact-root", str(root), *state, check=2)
     assert "artifact_root in its [[pair]]" in one_line(p.stderr)
+
+
+PG_KILL_TRIALS = 6
+
+
+def test_kill_9_at_random_moments_into_postgresql_then_sync_leaves_one_clean_copy(
+    wandb_demo, postgres, tmp_path
+):
+    """As the SQLite trials (test_sync): syncs into PostgreSQL killed with SIGKILL at
+    random moments, each followed by one more sync and `verify`: every run once, every
+    point once, one model version. The bulk path's groups and the API path's model run
+    are both in each sync."""
+    import random
+
+    rng = random.Random(20261201)
+    src = f"wandb+offline://{wandb_demo}"
+    root = str(tmp_path / "files")
+
+    def start(dest: str, state: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "trackbridge.cli", "sync", src, dest, "--register-models",
+               "--artifact-root", root, "--state-dir", state]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    t0 = time.perf_counter()
+    assert start(f"mlflow+{postgres.create_database('clean')}", str(tmp_path / "s-clean")).wait() == 0
+    clean = time.perf_counter() - t0
+    killed = 0
+    for trial in range(PG_KILL_TRIALS):
+        url = postgres.create_database(f"kill{trial}")
+        dest, state = f"mlflow+{url}", str(tmp_path / f"s{trial}")
+        proc = start(dest, state)
+        time.sleep(rng.uniform(0.3, 0.95) * clean)
+        if proc.poll() is None:
+            proc.kill()
+            killed += 1
+        proc.wait()
+        assert start(dest, state).wait() == 0
+        p = run_cli("verify", src, dest, "--register-models", check=None)
+        assert p.returncode == 0, f"trial {trial}: {p.stdout[-2000:]}"
+        live = [
+            r
+            for r in ours(url)
+            if r.info.lifecycle_stage == "active" and mc.TAG_DUPLICATE_OF not in r.data.tags
+        ]
+        assert len(live) == 3 and len({r.data.tags[mc.TAG_SOURCE_KEY] for r in live}) == 3
+        assert len(mlflow.MlflowClient(url).search_model_versions("name='demo-classifier'")) == 1
+    assert killed >= PG_KILL_TRIALS // 2, (killed, clean)
+
+
+def test_two_importers_into_one_postgresql_store_keep_each_run_once(demo_store, postgres, tmp_path):
+    """No lock reaches another machine: two migrations of one source into one
+    PostgreSQL store at once commit their groups independently; whichever commits a run
+    second finds it taken, or, committing at the same moment, one copy is retired."""
+    url = postgres.create_database("race")
+    dest = f"mlflow+{url}"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trackbridge.cli",
+                "migrate",
+                demo_store["tb"],
+                dest,
+                "--no-verify",
+                "--artifact-root",
+                str(tmp_path / "files"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, out + err
+    live = [r for r in ours(url) if mc.TAG_DUPLICATE_OF not in r.data.tags]
+    assert len(live) == 6 and len({r.data.tags[mc.TAG_SOURCE_KEY] for r in live}) == 6
+    assert "verify: identical" in run_cli("verify", demo_store["tb"], dest).stdout

@@ -208,10 +208,12 @@ def test_two_writers_into_one_wandb_offline_folder(sources, tmp_path):
     assert "verify: identical" in run_cli("verify", sources["mlflow"], dest, *only).stdout
 
 
-def test_a_param_another_importer_wrote_a_moment_before_is_no_failure(sources, tmp_path):
+def test_a_param_another_importer_wrote_a_moment_before_is_no_failure(sources, tmp_path, monkeypatch):
     """What MLflow answers when two importers insert one param into one run at the same
     moment (seen in the race above, not every time): the import reads the run afresh and
-    writes only what it lacks, instead of failing the run."""
+    writes only what it lacks, instead of failing the run. (Through MLflow's API, as
+    into a server: the bulk path commits a run whole, under the store's lock.)"""
+    monkeypatch.setenv("TRACKBRIDGE_BULK", "0")
     from mlflow.exceptions import MlflowException
     from trackbridge import engine
     from trackbridge.model import Selection
@@ -239,12 +241,13 @@ def test_a_param_another_importer_wrote_a_moment_before_is_no_failure(sources, t
     assert "verify: identical" in run_cli("verify", sources["mlflow"], dest).stdout
 
 
-def test_a_copy_another_importer_retired_while_we_wrote_it_is_no_failure(sources, tmp_path):
+def test_a_copy_another_importer_retired_while_we_wrote_it_is_no_failure(sources, tmp_path, monkeypatch):
     """The other order of the server race above (seen in CI): importer B creates its copy,
     looks and sees only its own, and starts writing; importer A, whose claim is earlier,
     creates its copy a moment later, sees both and retires B's. B's next write meets a
     deleted run (MLflow: "must be in the 'active' state"): it must carry on into A's
-    copy, not fail the run."""
+    copy, not fail the run. (Through MLflow's API, as into a server.)"""
+    monkeypatch.setenv("TRACKBRIDGE_BULK", "0")
     from trackbridge import claims, engine
     from trackbridge.model import Selection
     from trackbridge.uri import open_sink, open_source

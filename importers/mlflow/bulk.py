@@ -305,6 +305,8 @@ class BulkStore:
 
     def insert(self, session: Any, runs: list[PendingRun]) -> None:
         """Every row of ``runs``, in the session's transaction."""
+        if not runs:
+            return  # (an insert given no rows would add one row of nulls)
         m = self.m
         conn = session.connection()
         conn.execute(

@@ -71,7 +71,9 @@ class GroupedRuns:
 
     def _drop_pending(self, run_id: str | None) -> None:
         with self._lock:
-            self._pending.pop(run_id, None)  # type: ignore[arg-type]
+            run = self._pending.pop(run_id, None)  # type: ignore[arg-type]
+            if run is not None:  # its id was never committed: nothing may point at it
+                self._run_ids.pop(run.payload.key, None)
 
     def _sealed(self, run_id: str, report: Any) -> None:
         run = self._pending.get(run_id)
@@ -116,6 +118,10 @@ class GroupedRuns:
         if alone:
             with self._lock:
                 self._pending.pop(runs[0].run_id, None)
+        with self._lock:  # before any is written again: a child must find its parent anew
+            for r in runs:
+                if r.payload.key in taken:
+                    self._run_ids.pop(r.payload.key, None)
         for r in runs:
             if r.payload.key in taken:
                 self._again(r)
@@ -136,6 +142,8 @@ class GroupedRuns:
     def _again(self, run: PendingRun) -> None:
         """Write a run another importer committed first through the API: into its run,
         adding only what that one lacks (usually nothing)."""
+        with self._lock:
+            self._run_ids.pop(run.payload.key, None)  # its id here was never committed
         report = run.report
         report.points = report.files = report.bytes = 0
         report.mappings.clear()

@@ -58,6 +58,7 @@ class MlflowSink(GroupedRuns, RunIdentity, PointsWriter, FilesWriter, ModelsWrit
     # the fingerprint's version: the source content digest plus this; a change re-imports
     FORMAT = f"m{MAPPING_VERSION}"
     KEEPS_TOKENS = True
+    CHILDREN_WAIT_FOR_PARENTS = True  # mlflow.parentRunId holds the parent's run id
 
     def __init__(
         self,
@@ -93,13 +94,14 @@ class MlflowSink(GroupedRuns, RunIdentity, PointsWriter, FilesWriter, ModelsWrit
         # a store every trackbridge process on this machine locks the same way (SQLite, a
         # file store): a look-up and a create under its lock are exact; elsewhere the
         # creator checks again after creating (trackbridge.claims)
-        self._locked_store = tracking_uri.startswith(("sqlite:", "file:"))
+        self._locked_store = mc.is_locked(tracking_uri)
         self.origin: str | None = None
         # what the sink did beyond the runs it was given (duplicates it retired), for the report
         self.notices: list[tuple[str, str, str]] = []
         # new runs into an in-process SQL store: held, then committed a group at a time
         self._bulk_setup(store, enabled=self._creds is None and not dry_run)
-        self.client = Routed(self.client, self._pending)
+        if self._bulk is not None:
+            self.client = Routed(self.client, self._pending)
 
     def describe(self) -> str:
         return f"mlflow+{self.safe}"

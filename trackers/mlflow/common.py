@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -159,7 +160,9 @@ def client(tracking_uri: str):
         _probe_database(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         _see_error_responses()
-    return RetryingProxy(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), POLICY)
+    # (MlflowClient opens its store at once: a new database gets MLflow's tables here)
+    made = _opening(lambda: MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    return RetryingProxy(made, POLICY)
 
 
 def _see_error_responses() -> None:
@@ -217,13 +220,28 @@ def store_of(client: Any) -> Any:
     """The client's store, opened now. For a database store this connects (and runs
     MLflow's schema migrations on a new one), so a database that is down, refuses the
     account or is not MLflow's fails here, as one line, not later as "a bug"."""
-    try:
-        return client._tracking_client.store
-    except Exception as e:
-        dbapi = getattr(sys.modules.get("sqlalchemy.exc"), "DBAPIError", None)
-        if dbapi is not None and isinstance(e, dbapi):
+    return _opening(lambda: client._tracking_client.store)
+
+
+def _opening(open_store: Callable[[], Any]) -> Any:
+    for attempt in range(5):
+        try:
+            return open_store()
+        except Exception as e:
+            dbapi = getattr(sys.modules.get("sqlalchemy.exc"), "DBAPIError", None)
+            if dbapi is None or not isinstance(e, dbapi):
+                raise
+            if attempt < 4 and _RACED_SCHEMA.search(str(e)):
+                # another process made MLflow's tables in this new database at the same
+                # moment (its migrations ran first): open it again, as it now stands
+                time.sleep(0.5 * (attempt + 1))
+                continue
             raise StoreUnreachable(first_line(e)) from e
-        raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# How PostgreSQL and MySQL word a table or type that a concurrent migration made first.
+_RACED_SCHEMA = re.compile(r"already exists|duplicate key|UniqueViolation|Duplicate entry", re.IGNORECASE)
 
 
 def _probe_database(tracking_uri: str) -> None:
@@ -348,10 +366,12 @@ def sqlite_artifact_root(tracking_uri: str) -> Path | None:
 
 
 def store_lock(tracking_uri: str) -> Any:
-    """A lock that every trackbridge process writing the same in-process SQLite or file
-    store shares (the store's folder), held while it looks an object up by its source
-    key and creates it: two importers into one store then never both create it.
-    A server or a database server is not locked here; ``trackbridge.claims`` guards those."""
+    """A lock that every trackbridge process writing the same in-process store shares,
+    held while it looks an object up by its source key and creates it: two importers
+    into one store then never both create it. For SQLite or a file store, the store's
+    folder; for PostgreSQL and MySQL, a lock of the database server itself (an advisory
+    lock, ``GET_LOCK``), which reaches every machine that writes the database. A
+    tracking server is not locked here; ``trackbridge.claims`` guards those."""
     from trackbridge.locks import folder_lock
     from trackbridge.trackers.mlflow.uris import sqlite_path
 
@@ -362,7 +382,49 @@ def store_lock(tracking_uri: str) -> Any:
         from urllib.parse import urlsplit
 
         return folder_lock(urlsplit(tracking_uri).path)
+    if is_database(tracking_uri):
+        return _database_lock(tracking_uri)
     return contextlib.nullcontext()
+
+
+def is_locked(tracking_uri: str) -> bool:
+    """Whether ``store_lock`` reaches every other trackbridge writing this store."""
+    return tracking_uri.startswith(("sqlite:", "file:")) or is_database(tracking_uri)
+
+
+_LOCK_ENGINES: dict[str, Any] = {}
+_LOCK = threading.Lock()
+_LOCK_NAME = "trackbridge.store_lock"
+_LOCK_KEY = int.from_bytes(hashlib.sha256(_LOCK_NAME.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _database_lock(tracking_uri: str) -> Iterator[None]:
+    """The database server's own lock, on a connection of its own (it is held by that
+    session, and released by it, or by the server when a killed importer's connection
+    drops: a kill -9 never leaves it held)."""
+    import sqlalchemy
+
+    with _LOCK:
+        engine = _LOCK_ENGINES.get(tracking_uri)
+        if engine is None:
+            engine = _LOCK_ENGINES[tracking_uri] = sqlalchemy.create_engine(tracking_uri, pool_size=2)
+    postgres = engine.dialect.name == "postgresql"
+    with engine.connect() as conn:
+        if postgres:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+        else:
+            got = conn.exec_driver_sql(f"SELECT GET_LOCK('{_LOCK_NAME}', 3600)").scalar()
+            if got != 1:
+                raise TimeoutError(f"the database lock {_LOCK_NAME} was not granted within an hour")
+        try:
+            yield
+        finally:
+            if postgres:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
+            else:
+                conn.exec_driver_sql(f"SELECT RELEASE_LOCK('{_LOCK_NAME}')")
+            conn.commit()
 
 
 def _create_sqlite_store(tracking_uri: str) -> None:
