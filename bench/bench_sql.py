@@ -159,7 +159,9 @@ def client_loop(url: str, bundle: Path, root: Path, tmp: Path) -> float:
 
     client = mlflow.MlflowClient(url)
     exp = client.create_experiment(f"loop-{uuid.uuid4().hex[:6]}", artifact_location=root.as_uri())
-    table = ds.dataset(bundle / "metrics", format="parquet").to_table().to_pylist()
+    t = ds.dataset(bundle / "metrics", format="parquet").to_table()
+    t = t.set_column(t.schema.get_field_index("timestamp"), "timestamp", t.column("timestamp").cast("int64"))
+    table = t.to_pylist()
     params = ds.dataset(bundle / "params", format="parquet").to_table().to_pylist()
     by_run: dict[str, list] = {}
     for r in table:

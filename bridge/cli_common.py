@@ -158,7 +158,8 @@ def workers_option(f: Any) -> Any:
         "--workers",
         type=click.IntRange(1, 64),
         default=None,
-        help="Runs copied in parallel. Default: 4 for servers, 1 for local stores and folders.",
+        help="Runs copied in parallel. Default: 4 for servers, 1 for stores used in-process "
+        "(SQLite, PostgreSQL, MySQL) and folders.",
     )(f)
 
 

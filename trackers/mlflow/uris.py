@@ -174,4 +174,8 @@ def canonical(t: Target) -> str:
 
 
 def is_local(t: Target) -> bool:
-    return t.inner.startswith(("sqlite:", "file:"))
+    """A store this process writes itself (SQLite, a file store, or a database server
+    used in-process): one writer is fastest, as the work is this process's own CPU (and
+    the bulk path commits a group at a time under one lock); docs/benchmarks.md."""
+    scheme = t.inner.split("://", 1)[0].split("+")[0]
+    return scheme in ("file", *DATABASES)
