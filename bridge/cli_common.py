@@ -158,8 +158,8 @@ def workers_option(f: Any) -> Any:
         "--workers",
         type=click.IntRange(1, 64),
         default=None,
-        help="Runs copied in parallel. Default: 4 for servers, 1 for stores used in-process "
-        "(SQLite, PostgreSQL, MySQL) and folders.",
+        help="Runs copied in parallel. Default: 4 for servers and databases, 1 for SQLite "
+        "and file stores and folders.",
     )(f)
 
 

@@ -271,13 +271,8 @@ class BulkStore:
         except TypeError:  # an MLflow before read-only sessions
             return self.store.ManagedSessionMaker()
 
-    def taken(
-        self, session: Any, exp_ids: set[str], keys: list[str], more_than_once: bool = False
-    ) -> set[str]:
-        """The source keys among ``keys`` that a run of the experiments carries (with
-        ``more_than_once``: that two or more carry)."""
-        from sqlalchemy import func
-
+    def taken(self, session: Any, exp_ids: set[str], keys: list[str]) -> set[str]:
+        """The source keys among ``keys`` that a run of the experiments carries."""
         m = self.m
         found: set[str] = set()
         ids = [int(e) for e in exp_ids]
@@ -288,8 +283,6 @@ class BulkStore:
                 .filter(m.SqlTag.key == mc.TAG_SOURCE_KEY, m.SqlTag.value.in_(keys[i : i + 500]))
                 .filter(m.SqlRun.experiment_id.in_(ids))
             )
-            if more_than_once:
-                q = q.group_by(m.SqlTag.value).having(func.count() > 1)
             found |= {r[0] for r in q.all()}
         return found
 

@@ -93,8 +93,10 @@ class GroupedRuns:
             self._commit(ready)
 
     def _commit(self, runs: list[PendingRun], alone: bool = False) -> None:
-        """One transaction for ``runs``; the ones another importer made first are written
-        again the API way (into that importer's run); a failed group is tried run by run."""
+        """One transaction for ``runs``, under the store's lock (every store the bulk path
+        writes has one that reaches all machines), so the look for runs another importer
+        made first is exact; those are written again the API way, into that importer's
+        run. A failed group is tried run by run."""
         assert self._bulk is not None
         keys = [r.payload.key for r in runs]
         exps = {r.experiment_id for r in runs}
@@ -125,19 +127,6 @@ class GroupedRuns:
         for r in runs:
             if r.payload.key in taken:
                 self._again(r)
-        if not self._locked_store:
-            self._settle_duplicates(exps, [k for k in keys if k not in taken])
-
-    def _settle_duplicates(self, exps: set[str], keys: list[str]) -> None:
-        """No lock reaches another machine: a key two importers both committed just now
-        is settled as the API path settles it (the earliest complete claim stays)."""
-        assert self._bulk is not None
-        with self._bulk.session() as session:
-            twice = self._bulk.taken(session, exps, keys, more_than_once=True)
-        for key in twice:
-            found = self._runs_with_key(sorted(exps), key)
-            if len(found) > 1:
-                self._keep_one(key, found)
 
     def _again(self, run: PendingRun) -> None:
         """Write a run another importer committed first through the API: into its run,
