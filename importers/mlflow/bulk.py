@@ -31,7 +31,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from trackbridge.trackers.mlflow import common as mc
@@ -238,7 +237,6 @@ class BulkStore:
         self.store = store
         self.m = m
         self.dialect = store.engine.dialect.name
-        self.driver = store.engine.dialect.driver
 
     @classmethod
     def check(cls, store: Any) -> SchemaCheck:
@@ -430,11 +428,3 @@ def new_pending(store: Any, exp: Any, payload: Any, tags: dict[str, str], name: 
         payload=payload,
     )
     return run
-
-
-def local_artifact_dir(uri: str) -> Path | None:
-    """The folder a ``file:`` artifact location names (to tidy up after a run that was
-    written some other way in the end)."""
-    from urllib.parse import unquote, urlsplit
-
-    return Path(unquote(urlsplit(uri).path)) if uri.startswith("file:") else None

@@ -106,16 +106,14 @@ class GroupedRuns:
                 if alone and taken:
                     raise Conflict(keys[0])
                 self._bulk.insert(session, [r for r in runs if r.payload.key not in taken])
-        except Conflict:
-            raise
         except Exception as e:
-            if alone or len(runs) == 1:
-                if alone:
-                    raise
+            if alone:
+                raise  # the write of that one run fails (or, on a Conflict, goes the API way)
+            if len(runs) == 1:
                 self._failed(runs[0], e)
-                return
-            for r in runs:
-                self._commit([r])
+            else:
+                for r in runs:
+                    self._commit([r])
             return
         if alone:
             with self._lock:
@@ -163,7 +161,7 @@ class GroupedRuns:
             self._bulk.set_tag_values(session, mc.TAG_STATE, states)
 
 
-def retry_api(sink: Any, payload: RunPayload, report: Any, e: BaseException) -> str:
+def retry_api(sink: Any, payload: RunPayload, report: Any) -> str:
     """A pending run that turned out to need MLflow's API (``NotBulk``, ``Conflict``):
     forgotten, and written the API way from the start."""
     sink._api_only.add(payload.key)

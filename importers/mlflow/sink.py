@@ -204,7 +204,7 @@ class MlflowSink(GroupedRuns, RunIdentity, PointsWriter, FilesWriter, ModelsWrit
                 if pending or isinstance(e, BULK_ERRORS):
                     self._drop_pending(attempt.found.id if attempt.found else None)
                     if isinstance(e, BULK_ERRORS):
-                        return retry_api(self, payload, report, e)
+                        return retry_api(self, payload, report)
                     raise  # nothing of it reached the store
                 if self._finished_by_another(payload, attempt):
                     report.mapped(

@@ -13,6 +13,7 @@ root, and have no MariaDB of their own to bring; this is the small part they wou
 
 from __future__ import annotations
 
+import abc
 import glob
 import os
 import pwd
@@ -40,7 +41,7 @@ def _find(names: list[str], patterns: list[str]) -> str | None:
     return None
 
 
-class LocalDatabase:
+class LocalDatabase(abc.ABC):
     """One server in its own folder; ``with Local…() as db: db.create_database("x")``."""
 
     kind = ""
@@ -79,16 +80,19 @@ class LocalDatabase:
 
     # -- the life cycle
 
+    @abc.abstractmethod
     def _initialise(self) -> None:
-        raise NotImplementedError
+        """One server kind's part of the life cycle."""
 
+    @abc.abstractmethod
     def _server_argv(self) -> list[str]:
-        raise NotImplementedError
+        """One server kind's part of the life cycle."""
 
+    @abc.abstractmethod
     def _ready(self) -> bool:
-        raise NotImplementedError
+        """One server kind's part of the life cycle."""
 
-    def _after_start(self) -> None:
+    def _after_start(self) -> None:  # noqa: B027 - most kinds need nothing here
         """One-time set-up that needs the server up (accounts)."""
 
     def start(self, timeout: float = 120) -> LocalDatabase:
@@ -130,9 +134,9 @@ class LocalDatabase:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @abc.abstractmethod
     def create_database(self, name: str) -> str:
         """A new, empty database; returns its SQLAlchemy URL with the default driver."""
-        raise NotImplementedError
 
 
 class LocalPostgres(LocalDatabase):
