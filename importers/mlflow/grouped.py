@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow as pa
 from trackbridge import claims, native, schema
 from trackbridge.errors import first_line
 from trackbridge.importers.mlflow.bulk import MAX_POINTS, BulkStore, NotBulk, PendingRun, new_pending
@@ -62,9 +63,12 @@ class GroupedRuns:
             self._pending[run.run_id] = run
         return run.get_run()
 
-    def _pending_points(self, run: PendingRun, recs: list[dict[str, Any]]) -> None:
-        run.add(recs)
-        if len(run.points) > MAX_POINTS:
+    def _pending_points(self, run: PendingRun, points: list[dict[str, Any]] | pa.Table) -> None:
+        if isinstance(points, pa.Table):
+            run.points.add(points)
+        else:
+            run.points.add_records(points)
+        if run.points.count > MAX_POINTS:
             # too large to hold: committed now as an unfinished run (RUNNING, no
             # fingerprint), the rest of it through the API as any resumed run
             self._commit([run], alone=True)
@@ -85,7 +89,7 @@ class GroupedRuns:
         """Commit the sealed pending runs (only once a group is full, with ``full_only``)."""
         with self._lock:
             ready = [r for r in self._pending.values() if r.sealed]
-            if full_only and len(ready) < GROUP_RUNS and sum(len(r.points) for r in ready) < GROUP_POINTS:
+            if full_only and len(ready) < GROUP_RUNS and sum(r.points.count for r in ready) < GROUP_POINTS:
                 return
             for r in ready:
                 del self._pending[r.run_id]

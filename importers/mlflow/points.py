@@ -93,8 +93,9 @@ class SqlPoints:
             self.store._update_latest_metrics_if_necessary(candidates, session)
 
 
-def to_records(batch: pa.RecordBatch, plan: Plan, model_ids: dict[str, str]) -> list[dict[str, Any]]:
-    """A batch of neutral points as MLflow metric dicts, column-wise rather than per point."""
+def fitted_points(batch: pa.RecordBatch, plan: Plan) -> pa.Table:
+    """A batch of neutral points as MLflow takes them (key, value, timestamp in ms, step),
+    column-wise; what had to change is reported once."""
     enc = batch.column("key").dictionary_encode()
     keys = pa.array([plan.metric_key(k) for k in enc.dictionary.to_pylist()], pa.string())
     micros = batch.column("timestamp").cast(pa.int64())
@@ -113,7 +114,12 @@ def to_records(batch: pa.RecordBatch, plan: Plan, model_ids: dict[str, str]) -> 
         "timestamp": millis,
         "step": batch.column("step"),
     }
-    recs = pa.table(cols).to_pylist()
+    return pa.table(cols)
+
+
+def to_records(batch: pa.RecordBatch, plan: Plan, model_ids: dict[str, str]) -> list[dict[str, Any]]:
+    """A batch of neutral points as MLflow metric dicts, links to logged models included."""
+    recs = fitted_points(batch, plan).to_pylist()
     models = batch.column("model_key")
     if models.null_count < len(models):
         names = batch.column("dataset_name").to_pylist()
@@ -173,7 +179,14 @@ class PointsWriter:
         have: dict[str, Counter[tuple[int, int, str]]] = {}
         pending: list[dict[str, Any]] = []
         for batch in payload.metrics():
-            recs = to_records(plan.keep_hidden(batch), plan, self._model_ids)
+            batch = plan.keep_hidden(batch)
+            held = self._pending.get(run_id)
+            if held is not None and not have_keys and batch.column("model_key").null_count == len(batch):
+                # a new run held for the bulk path: its points stay columns
+                self._pending_points(held, fitted_points(batch, plan))
+                report.points += len(batch)
+                continue
+            recs = to_records(batch, plan, self._model_ids)
             if have_keys:
                 recs = self._missing(run_id, recs, have_keys, have)
             pending += recs

@@ -22,7 +22,6 @@ from typing import Any
 
 from trackbridge import native, schema
 from trackbridge.errors import DestinationError, UsageError, first_line
-from trackbridge.files import temp_dir
 from trackbridge.importers.mlflow.bulk import Routed
 from trackbridge.importers.mlflow.files import (
     FilesWriter,
@@ -352,10 +351,8 @@ class MlflowSink(GroupedRuns, RunIdentity, PointsWriter, FilesWriter, ModelsWrit
         extras = self._write_extras(run_id, payload, report, shown.done(previous), plan.kept)
         mapped = None
         if plan.mapping_needed():
-            with temp_dir() as d:
-                p = d / "mapping.json"
-                p.write_text(json.dumps(plan.mapping, indent=1, ensure_ascii=False))
-                self.client.log_artifact(run_id, str(p), mc.MAPPING_DIR)
+            text = json.dumps(plan.mapping, indent=1, ensure_ascii=False)
+            self.client.log_text(run_id, text, f"{mc.MAPPING_DIR}/mapping.json")
             mapped = str(len(report.mappings))
 
         status = mc.TO_MLFLOW_STATUS.get(run.get("status") or "finished", "FINISHED")
