@@ -110,19 +110,25 @@ class PendingRun:
 
         return get_artifact_repository(self.artifact_uri)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """Straight into a local artifact folder: no temporary file to copy from."""
+    def local_dir(self) -> str | None:
+        """The run's artifact folder when it is on this machine: files go straight in."""
         from urllib.parse import urlparse
 
         from mlflow.utils.file_utils import local_file_uri_to_path
 
         if urlparse(self.artifact_uri).scheme not in ("", "file"):
-            repo = self._repo()
+            return None
+        return local_file_uri_to_path(self.artifact_uri)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Straight into a local artifact folder: no temporary file to copy from."""
+        local = self.local_dir()
+        if local is None:
             with temp_dir() as d:
                 (d / os.path.basename(artifact_file)).write_text(text, encoding="utf-8")
                 folder = os.path.dirname(artifact_file)
-                return repo.log_artifact(str(d / os.path.basename(artifact_file)), folder or None)
-        path = os.path.join(local_file_uri_to_path(self.artifact_uri), *artifact_file.split("/"))
+                return self._repo().log_artifact(str(d / os.path.basename(artifact_file)), folder or None)
+        path = os.path.join(local, *artifact_file.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)

@@ -35,19 +35,37 @@ class NotBulk(Exception):
 
 
 class PendingPoints:
-    """Points added in batches, settled (sanitised, repeats dropped, latest found) once."""
+    """Points added in batches: each batch sanitised once and folded into the latest
+    values as it comes (a run's writer asks for them before its last batch); repeats
+    dropped once, when the rows are asked for."""
 
     def __init__(self) -> None:
-        self._chunks: list[pa.Table] = []
+        self._chunks: list[pa.Table] = []  # sanitised, with the "same" column
         self.count = 0  # as added, repeats included: the size held in memory
+        self._best: pa.Table | None = None  # one row per key, the latest
         self._rows: pa.Table | None = None
         self._latest: dict[str, tuple] | None = None
 
     def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._chunks.append(table.select(POINTS.names).cast(POINTS))
-            self.count += table.num_rows
-            self._rows = self._latest = None
+        if not table.num_rows:
+            return
+        t = table.select(POINTS.names).cast(POINTS)
+        is_nan = pc.is_nan(t["value"])
+        clamped = pc.max_element_wise(pc.min_element_wise(t["value"], MAX_DOUBLE), -MAX_DOUBLE)
+        value = pc.if_else(is_nan, 0.0, clamped)
+        chunk = pa.table(
+            {
+                "key": t["key"], "value": value, "timestamp": t["timestamp"], "step": t["step"],
+                "is_nan": is_nan,
+                # -0.0 and 0.0 are one value to Python's comparison and the databases' keys
+                "same": pc.add(value, 0.0),
+            }
+        )  # fmt: skip
+        self._chunks.append(chunk)
+        self.count += table.num_rows
+        # the earlier latest values first: among equals the first added wins
+        self._best = _best(pa.concat_tables([self._best, chunk]) if self._best is not None else chunk)
+        self._rows = self._latest = None
 
     def add_records(self, recs: list[dict[str, Any]]) -> None:
         if any(r.get("model_id") for r in recs):
@@ -56,16 +74,34 @@ class PendingPoints:
 
     @property
     def rows(self) -> pa.Table:
-        """The rows of ``metrics``: key, value, timestamp, step, is_nan."""
-        self._settle()
-        assert self._rows is not None
+        """The rows of ``metrics`` (key, value, timestamp, step, is_nan), exact repeats
+        kept once as the table's primary key keeps them."""
+        if self._rows is None:
+            if not self._chunks:
+                self._rows = ROWS.empty_table()
+            else:
+                kept = pa.concat_tables(self._chunks).group_by(
+                    ["key", "same", "timestamp", "step", "is_nan"], use_threads=False
+                ).aggregate([("value", "first")])  # fmt: skip
+                self._rows = pa.table({c: kept["value_first" if c == "value" else c] for c in _STORED})
         return self._rows
 
     @property
     def latest(self) -> dict[str, tuple]:
         """key -> (step, timestamp, value, is_nan), the row of ``latest_metrics``."""
-        self._settle()
-        assert self._latest is not None
+        if self._latest is None:
+            b = self._best
+            self._latest = (
+                {}
+                if b is None
+                else {
+                    k: tuple(row)
+                    for k, *row in zip(
+                        *(b[c].to_pylist() for c in ("key", "step", "timestamp", "value", "is_nan")),
+                        strict=True,
+                    )
+                }
+            )
         return self._latest
 
     def history(self, key: str) -> list[tuple]:
@@ -76,46 +112,18 @@ class PendingPoints:
             for k, v, ts, s, n in zip(*(t[c].to_pylist() for c in _STORED), strict=True)
         ]
 
-    def _settle(self) -> None:
-        if self._rows is not None:
-            return
-        if not self._chunks:  # (a run's first look, before its points: no table work)
-            self._latest = {}
-            self._rows = pa.table({c: [] for c in _STORED}, schema=ROWS)
-            return
-        t = pa.concat_tables(self._chunks)
-        value = t["value"]
-        is_nan = pc.is_nan(value)
-        clamped = pc.max_element_wise(pc.min_element_wise(value, MAX_DOUBLE), -MAX_DOUBLE)
-        value = pc.if_else(is_nan, 0.0, clamped)
-        # -0.0 and 0.0 are one value to Python's comparison and the databases' keys
-        same = pc.add(value, 0.0)
-        full = pa.table(
-            {
-                "key": t["key"], "value": value, "timestamp": t["timestamp"], "step": t["step"],
-                "is_nan": is_nan, "same": same,
-            }
-        )  # fmt: skip
-        # the sort is stable: among equals the first added comes first, as MLflow keeps it
-        order = pc.sort_indices(
-            full,
-            sort_keys=[("key", "ascending"), ("step", "descending"), ("timestamp", "descending"),
-                       ("same", "descending")],
-        )  # fmt: skip
-        firsts = [(c, "first") for c in ("step", "timestamp", "value", "is_nan")]
-        best = full.take(order).group_by("key", use_threads=False).aggregate(firsts)
-        self._latest = {
-            k: tuple(row)
-            for k, *row in zip(
-                best["key"].to_pylist(),
-                *(best[f"{c}_first"].to_pylist() for c, _ in firsts),
-                strict=True,
-            )
-        }
-        kept = full.group_by(["key", "same", "timestamp", "step", "is_nan"], use_threads=False).aggregate(
-            [("value", "first")]
-        )
-        self._rows = pa.table({c: kept["value_first" if c == "value" else c] for c in _STORED})
+
+def _best(t: pa.Table) -> pa.Table:
+    """The latest row per key by MLflow's rule: greatest (step, timestamp, value), the
+    first of equals (the sort is stable, and ``first`` keeps the order)."""
+    order = pc.sort_indices(
+        t,
+        sort_keys=[("key", "ascending"), ("step", "descending"), ("timestamp", "descending"),
+                   ("same", "descending")],
+    )  # fmt: skip
+    cols = t.column_names[1:]  # the chunks' own order, so the next concat matches
+    best = t.take(order).group_by("key", use_threads=False).aggregate([(c, "first") for c in cols])
+    return pa.table({"key": best["key"], **{c: best[f"{c}_first"] for c in cols}})
 
 
 def driver_rows(points: PendingPoints, run_id: str) -> list[tuple]:

@@ -8,15 +8,20 @@ import dataclasses
 import json
 import os
 import posixpath
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from trackbridge import schema
-from trackbridge.files import temp_dir
+from trackbridge.files import safe_relpath, temp_dir
 from trackbridge.model import ArtifactPayload, RunPayload
 from trackbridge.report import RunReport
 from trackbridge.trackers.mlflow import common as mc
 from trackbridge.trackers.mlflow import media
+from trackbridge.untrusted import inside
 
 
 def extras_of(payload: RunPayload, shown: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -67,14 +72,20 @@ def under(art: ArtifactPayload, folder: str) -> ArtifactPayload:
     return ArtifactPayload(row=art.row, files=files)
 
 
-def upload_missing(art: ArtifactPayload, lister: Any, log: Any, report: RunReport | None) -> None:
-    """Upload the files the destination lacks (same path and size counts as present)."""
+def upload_missing(
+    art: ArtifactPayload, lister: Any, log: Any, report: RunReport | None, put: Any = None
+) -> None:
+    """Upload the files the destination lacks (same path and size counts as present):
+    through ``log`` (MLflow's ``log_artifact`` form), or ``put(local, rel)`` if given."""
     have = {fi.path: fi.file_size for fi in mc.walk_artifacts(lister)} if lister else {}
     for f in art.files:
         if f.path in have and (f.size is None or have[f.path] == f.size):
             continue
         with f.fetch() as local:
-            upload_one(local, f.path, log)
+            if put is not None:
+                put(local, f.path)
+            else:
+                upload_one(local, f.path, log)
         if report is not None:
             report.files += 1
             report.bytes += int(f.size or 0)
@@ -91,8 +102,6 @@ def upload_one(local: str, rel: str, log: Any) -> None:
         try:
             os.symlink(os.path.abspath(local), link)
         except OSError:
-            import shutil
-
             shutil.copyfile(local, link)
         log(str(link), folder or None)
 
@@ -125,14 +134,13 @@ class FilesWriter:
             series = schema.table("series", [r for r in series.to_pylist() if not media.derived(r)])
         if extras is None and series.num_rows == 0:
             return False
-        with temp_dir() as d:
+        with self._files_into(run_id, mc.MAPPING_DIR) as d:
             if extras is not None:
                 (d / "extras.json").write_text(json.dumps(extras, indent=1, ensure_ascii=False, default=str))
             if series.num_rows:
                 pq.write_table(series, d / "series.parquet")
             if kept:
                 pq.write_table(pa.Table.from_batches(kept), d / "metrics.parquet")
-            self.client.log_artifacts(run_id, str(d), mc.MAPPING_DIR)
         if payload.summary.num_rows:
             n = payload.summary.num_rows
             report.mapped("summary-kept", "summary", f"{n} value(s) in {mc.EXTRAS_ARTIFACT}")
@@ -141,13 +149,45 @@ class FilesWriter:
             report.mapped("series-kept", "series", f"{n} value(s) in {mc.SERIES_ARTIFACT}")
         return True
 
+    @contextmanager
+    def _files_into(self, run_id: str, artifact_path: str) -> Iterator[Path]:
+        """A folder whose files become the run's artifacts under ``artifact_path``: the
+        artifact folder itself for a run held for the bulk path on this machine, else a
+        temporary one uploaded when the block ends."""
+        held = getattr(self, "_pending", {}).get(run_id)
+        local = held.local_dir() if held is not None else None
+        if local is not None:
+            folder = Path(local, *artifact_path.split("/"))
+            folder.mkdir(parents=True, exist_ok=True)
+            yield folder
+            return
+        with temp_dir() as d:
+            yield d
+            self.client.log_artifacts(run_id, str(d), artifact_path)
+
     def _upload_run_files(self, run_id: str, art: ArtifactPayload, existed: bool, report: RunReport) -> None:
         upload_missing(
             art,
             (lambda p: self.client.list_artifacts(run_id, p)) if existed else None,
             lambda lp, ap: self.client.log_artifact(run_id, lp, ap),
             report,
+            put=self._local_put(run_id),
         )
+
+    def _local_put(self, run_id: str) -> Any:
+        """For a new run held for the bulk path whose artifact folder is on this machine:
+        a copy straight to the file's place, not a temporary link and MLflow's copy."""
+        held = getattr(self, "_pending", {}).get(run_id)
+        local = held.local_dir() if held is not None else None
+        if local is None:
+            return None
+
+        def put(src: str, rel: str) -> None:
+            dest = inside(Path(local), safe_relpath(rel, f"run {run_id}"), "an artifact")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+
+        return put
 
     def _write_datasets(self, run_id: str, tbl: pa.Table, existing: Any) -> None:
         if tbl.num_rows == 0:
