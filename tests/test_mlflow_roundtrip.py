@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,8 @@ def _files(client, run_id: str, path: str | None = None) -> dict[str, bytes]:
         if fi.is_dir:
             out.update(_files(client, run_id, fi.path))
         else:
-            local = client.download_artifacts(run_id, fi.path, str(Path(_tmp()) / run_id))
-            out[fi.path] = Path(local).read_bytes()
+            with tempfile.TemporaryDirectory(prefix="tb-dl-") as d:
+                out[fi.path] = Path(client.download_artifacts(run_id, fi.path, d)).read_bytes()
     return out
 
 
@@ -64,12 +65,6 @@ def _dataset_inputs(run) -> list[tuple]:
         )
         for d in run.inputs.dataset_inputs
     ]
-
-
-def _tmp() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="tb-dl-")
 
 
 def _counts(db: Path) -> tuple[int, ...]:

@@ -14,10 +14,10 @@ writes it whole.
 
 The rows are the ones MLflow itself writes (``create_run``, ``log_batch``,
 ``set_terminated``, ``log_inputs``), the points held and settled column-wise by
-``trackbridge.importers.mlflow.columns`` as MLflow's store settles them. A run that grows
-past ``MAX_POINTS``
-in memory is committed early as an unfinished run (status RUNNING, no fingerprint, as
-the API path leaves one mid-import) and the rest of it goes the API way.
+``trackbridge.importers.mlflow.columns`` as MLflow's store settles them. A run that
+grows past ``MAX_POINTS`` in memory is committed early as an unfinished run (status
+RUNNING, no fingerprint, as the API path leaves one mid-import) and the rest of it goes
+the API way.
 
 Used only when the store's schema revision is the one the installed MLflow expects;
 otherwise MLflow's API it is, and the report says so once.

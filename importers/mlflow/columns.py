@@ -2,8 +2,9 @@
 (``trackbridge.importers.mlflow.bulk``).
 
 A Python object per point cost more than the database's own insert of it: held
-column-wise, the points go from the bundle's Parquet to the driver's rows or to
-PostgreSQL's ``COPY`` text without being touched one by one in Python. The rows are the
+column-wise, the points go from the source's Arrow batches to SQLite's rows, to
+PostgreSQL's ``COPY`` data or to MySQL's multi-row ``INSERT``s without being touched
+one by one in Python. The rows are the
 ones MLflow's ``log_batch`` writes: NaN and ±inf sanitised by MLflow's rule
 (``SqlAlchemyStore.sanitize_metric_value``), exact repeats kept once (as the table's
 primary key keeps them), and the latest value per key by MLflow's rule, greatest
