@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trackbridge.trackers.mlflow import common as mc
 
 from tests import factories as f
@@ -175,3 +177,54 @@ def test_the_bulk_path_writes_the_rows_mlflows_api_writes(kind, demo_store, tmp_
     zero = [r for r in got["bulk"]["metrics"] if r[1] == "z"]
     assert sorted(bool(r[-1]) for r in zero) == [False, True]  # NaN, and 0.0 once (-0.0 repeats it)
     assert any(n for *_, n in got["bulk"]["latest_metrics"])  # a NaN is the latest of a key
+
+
+def _mlflow_rule(batches: list[list[dict]]) -> tuple[set[tuple], dict[str, tuple]]:
+    """MLflow's store, point by point as ``log_batch`` settles them: its own
+    ``sanitize_metric_value``, exact repeats kept once, the latest value per key the
+    greatest (step, timestamp, value) with the first of equals kept."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    rows: set[tuple] = set()
+    latest: dict[str, tuple] = {}
+    for batch in batches:
+        for p in batch:
+            is_nan, value = SqlAlchemyStore.sanitize_metric_value(None, p["value"])
+            rows.add((p["key"], float(value), p["timestamp"], p["step"], is_nan))
+            best = latest.get(p["key"])
+            if best is None or (p["step"], p["timestamp"], value) > best[:3]:
+                latest[p["key"]] = (p["step"], p["timestamp"], float(value), is_nan)
+    return rows, latest
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "key": st.sampled_from(["a", "b", "c/d"]),
+                    "value": st.sampled_from([0.0, -0.0, 1.0, 2.5, -1.0, math.nan, INF, -INF]),
+                    "timestamp": st.integers(0, 3),
+                    "step": st.integers(-1, 3),
+                }
+            ),
+            min_size=1,
+            max_size=30,
+        ),
+        max_size=4,
+    )
+)
+def test_points_held_as_columns_settle_as_mlflows_store_does(batches):
+    """The few values (ties, repeats, NaN, ±inf, -0.0) make MLflow's rules decide often."""
+    from trackbridge.importers.mlflow.columns import PendingPoints
+
+    held = PendingPoints()
+    for b in batches:
+        held.add_records(b)
+    want_rows, want_latest = _mlflow_rule(batches)
+    got = held.rows
+    assert set(zip(*(got[c].to_pylist() for c in got.column_names), strict=True)) == want_rows
+    assert got.num_rows == len(want_rows)  # one row for -0.0 and 0.0, as the primary key keeps
+    assert held.latest == want_latest
+    assert held.count == sum(len(b) for b in batches)

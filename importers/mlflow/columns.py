@@ -116,15 +116,19 @@ class PendingPoints:
 
 def _best(t: pa.Table) -> pa.Table:
     """The latest row per key by MLflow's rule: greatest (step, timestamp, value), the
-    first of equals (the sort is stable, and ``first`` keeps the order)."""
+    first of equals. The sort is stable, so each key's first row after it is its latest."""
     order = pc.sort_indices(
         t,
         sort_keys=[("key", "ascending"), ("step", "descending"), ("timestamp", "descending"),
                    ("same", "descending")],
     )  # fmt: skip
-    cols = t.column_names[1:]  # the chunks' own order, so the next concat matches
-    best = t.take(order).group_by("key", use_threads=False).aggregate([(c, "first") for c in cols])
-    return pa.table({"key": best["key"], **{c: best[f"{c}_first"] for c in cols}})
+    s = t.take(order)
+    keys = s["key"].combine_chunks()
+    n = len(keys)
+    first = pa.concat_arrays(
+        [pa.array([True]), pc.not_equal(keys.slice(1), keys.slice(0, n - 1))]
+    )  # a key's first row: where the key changes
+    return s.filter(first)
 
 
 def driver_rows(points: PendingPoints, run_id: str) -> list[tuple]:

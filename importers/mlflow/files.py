@@ -182,9 +182,13 @@ class FilesWriter:
         if local is None:
             return None
 
+        made: set[Path] = set()
+
         def put(src: str, rel: str) -> None:
             dest = inside(Path(local), safe_relpath(rel, f"run {run_id}"), "an artifact")
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.parent not in made:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                made.add(dest.parent)
             shutil.copyfile(src, dest)
 
         return put
