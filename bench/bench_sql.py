@@ -1,20 +1,24 @@
 """trackbridge into MLflow's SQL stores, against the database's own bulk load and MLflow's
 client, side by side in one run (issue 17).
 
-    python bench/bench_sql.py                       # both cases, every database
+    python bench/bench_sql.py                       # every case, every database
     python bench/bench_sql.py --case points --db postgresql
+    python bench/bench_sql.py --case server          # through mlflow server --workers 4
     python bench/bench_sql.py --json bench/results/sql.json
 
 Cases:
 
 - ``points``: 500,000 points (10 runs x 10 keys x 5,000 steps) into a new store.
-  Against the database's own bulk load of the same rows into a scratch table with
-  MLflow's ``metrics`` indexes (PostgreSQL: ``COPY ... FROM STDIN``; MySQL: ``LOAD DATA
-  LOCAL INFILE``; SQLite: one ``executemany``), and against a ``MlflowClient.log_batch``
-  loop (1,000 points a call).
+  Against the database's own bulk load of the same rows (PostgreSQL: ``COPY ... FROM
+  STDIN``; MySQL: ``LOAD DATA LOCAL INFILE``; SQLite: one ``executemany``), twice: into
+  a scratch table with MLflow's ``metrics`` indexes, and into MLflow's own ``metrics``
+  table, whose foreign key to ``runs`` the database checks row by row; and against a
+  ``MlflowClient.log_batch`` loop (1,000 points a call).
 - ``small``: 1,000 small runs (10 params, 5 keys x 100 points) into a new store, against
-  MLflow's client doing per run what a user's script does: ``create_run``, one
-  ``log_batch`` of params, ``log_batch`` of points, ``set_terminated``.
+  the same loads and MLflow's client doing per run what a user's script does:
+  ``create_run``, one ``log_batch`` of params, ``log_batch`` of points, ``set_terminated``.
+- ``server``: the points case through a PostgreSQL-backed ``mlflow server --workers 4``,
+  ``trackbridge import --workers 4`` against MLflow's REST calls posted by 4 threads.
 
 trackbridge is timed inside this process (``engine.copy`` from a bundle on disk: the
 bundle read included, Python's start-up and ``import mlflow`` not, as for the
@@ -288,8 +292,8 @@ def direct_case(
     if loop:
         res["client_loop_s"] = client_loop(fresh(kind, db, tmp, "loop"), bundle, tmp / "loop", tmp)
         res["vs_client_loop"] = round(res["client_loop_s"] / res["trackbridge_s"], 2)
-        # the most any writer could gain on the loop: the database's own load of the
-        # points alone into MLflow's table, no runs, params or tags
+        # what the database itself allows a writer to gain on the loop: its own load of
+        # the points alone into MLflow's table, no runs, params or tags
         res["loop_vs_table_load"] = round(res["client_loop_s"] / res["table_load_s"], 1)
     return res
 
