@@ -1,12 +1,15 @@
 """Shared fixtures: real MLflow stores and a real MLflow server on 127.0.0.1.
 
 The environment is pinned before anything imports MLflow: telemetry off, and HOME and
-every tracker directory inside one temporary folder, so no test writes to the real home.
+every tracker directory inside one temporary folder, so no test writes to the real home;
+the folder goes when the test process ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +19,7 @@ from pathlib import Path
 import pytest
 
 _SANDBOX = Path(tempfile.mkdtemp(prefix="trackbridge-tests-"))
+atexit.register(shutil.rmtree, _SANDBOX, ignore_errors=True)  # after every fixture's teardown
 os.environ["HOME"] = str(_SANDBOX / "home")
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
