@@ -132,9 +132,8 @@ class GroupedRuns:
 
     def _again(self, run: PendingRun) -> None:
         """Write a run another importer committed first through the API: into its run,
-        adding only what that one lacks (usually nothing)."""
-        with self._lock:
-            self._run_ids.pop(run.payload.key, None)  # its id here was never committed
+        adding only what that one lacks (usually nothing). (``_commit`` has forgotten the
+        id it held for it, which was never committed.)"""
         report = run.report
         report.points = report.files = report.bytes = 0
         report.mappings.clear()

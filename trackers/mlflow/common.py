@@ -369,8 +369,9 @@ def store_lock(tracking_uri: str) -> Any:
     """A lock that every trackbridge process writing the same in-process store shares,
     held while it looks an object up by its source key and creates it: two importers
     into one store then never both create it. For SQLite or a file store, the store's
-    folder; for PostgreSQL and MySQL, a lock of the database server itself (an advisory
-    lock, ``GET_LOCK``), which reaches every machine that writes the database. A
+    folder; for PostgreSQL and MySQL, a lock of the database server itself, for that one
+    database (an advisory lock, ``GET_LOCK``), which reaches every machine that writes
+    it. A
     tracking server is not locked here; ``trackbridge.claims`` guards those."""
     from trackbridge.locks import folder_lock
     from trackbridge.trackers.mlflow.uris import sqlite_path
@@ -395,6 +396,7 @@ def is_locked(tracking_uri: str) -> bool:
 _LOCK_ENGINES: dict[str, Any] = {}
 _LOCK = threading.Lock()
 _LOCK_NAME = "trackbridge.store_lock"
+_MYSQL_LOCK = f"CONCAT('{_LOCK_NAME}:', SHA1(DATABASE()))"  # within MySQL's 64 characters
 _LOCK_KEY = int.from_bytes(hashlib.sha256(_LOCK_NAME.encode()).digest()[:8], "big", signed=True)
 
 
@@ -414,7 +416,9 @@ def _database_lock(tracking_uri: str) -> Iterator[None]:
         if postgres:
             conn.exec_driver_sql(f"SELECT pg_advisory_lock({_LOCK_KEY})")
         else:
-            got = conn.exec_driver_sql(f"SELECT GET_LOCK('{_LOCK_NAME}', 3600)").scalar()
+            # GET_LOCK names are the whole server's (PostgreSQL's advisory locks are one
+            # database's): named after this database, other stores' imports never wait
+            got = conn.exec_driver_sql(f"SELECT GET_LOCK({_MYSQL_LOCK}, 3600)").scalar()
             if got != 1:
                 raise TimeoutError(f"the database lock {_LOCK_NAME} was not granted within an hour")
         try:
@@ -423,7 +427,7 @@ def _database_lock(tracking_uri: str) -> Iterator[None]:
             if postgres:
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
             else:
-                conn.exec_driver_sql(f"SELECT RELEASE_LOCK('{_LOCK_NAME}')")
+                conn.exec_driver_sql(f"SELECT RELEASE_LOCK({_MYSQL_LOCK})")
             conn.commit()
 
 
