@@ -138,13 +138,14 @@ def test_a_database_that_cannot_be_reached_is_one_line(demo_store, tmp_path, sch
     assert "cannot connect" in line and "secret" not in line
 
 
-def test_a_server_on_postgresql_takes_a_migration_and_a_resync(demo_store, postgres, tmp_path):
-    """A real `mlflow server --workers 2` with PostgreSQL behind it, written by several
-    trackbridge workers at once; MLflow's client lists each run once, in PostgreSQL too."""
+def test_a_server_on_a_database_takes_a_migration_and_a_resync(demo_store, database, tmp_path):
+    """A real `mlflow server --workers 2` with PostgreSQL / MariaDB behind it, written by
+    several trackbridge workers at once; MLflow's client lists each run once, and so does
+    the database itself."""
+    import sqlalchemy as sa
     from trackbridge.trackers.mlflow.server import LocalMlflowServer
 
-    backend = postgres.create_database("served")
-    with LocalMlflowServer(tmp_path / "server", workers=2, backend=backend) as url:
+    with LocalMlflowServer(tmp_path / "server", workers=2, backend=database) as url:
         dest = f"mlflow+{url}"
         p = run_cli("migrate", demo_store["tb"], dest, "--workers", "4")
         assert "verify: identical" in p.stdout
@@ -154,10 +155,18 @@ def test_a_server_on_postgresql_takes_a_migration_and_a_resync(demo_store, postg
             again = run_cli("sync", demo_store["tb"], dest, "--state-dir", str(tmp_path / "state"))
             assert "metric points written: 0; artifact files written: 0" in again.stdout
         assert "6 unchanged" in again.stdout, again.stdout
-    rows = postgres.psql(
-        f"SELECT count(*) FROM tags WHERE key = '{mc.TAG_SOURCE_KEY}'", database="served"
-    ).split()
-    assert rows == ["6"]
+    tags = sa.table("tags", sa.column("key"), sa.column("value"))
+    engine = sa.create_engine(database)
+    try:
+        with engine.connect() as c:
+            rows = c.execute(
+                sa.select(sa.func.count(), sa.func.count(sa.distinct(tags.c.value))).where(
+                    tags.c.key == mc.TAG_SOURCE_KEY
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    assert tuple(rows) == (6, 6)
 
 
 def test_a_nightly_sync_of_wandb_runs_into_mysql_keeps_its_files_under_the_root(
