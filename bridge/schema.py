@@ -16,6 +16,7 @@ Conventions that make the tables lossless:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -285,7 +286,9 @@ def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+@functools.cache
 def empty(name: str) -> pa.Table:
+    """Tables are immutable, so one empty table of each kind serves every reader."""
     return SCHEMAS[name].empty_table()
 
 

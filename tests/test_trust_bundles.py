@@ -244,6 +244,40 @@ def test_a_marker_that_lies_about_rows(bundle, tmp_path):
     assert "holds 2500 rows, its marker says 7" in one_line(p.stderr)
 
 
+@pytest.mark.parametrize("small", [8 << 20, 0], ids=["read-at-once", "streamed"])
+def test_a_table_file_is_checked_whichever_way_it_is_read(bundle, monkeypatch, small):
+    """A small table file is hashed and parsed from the same bytes in memory, a large one
+    hashed as it streams and parsed from disk: both give the file's rows, and both refuse
+    the file once one byte of it changes."""
+    from trackbridge import bundle_reader, schema
+    from trackbridge.errors import BadInputError
+
+    monkeypatch.setattr(bundle_reader, "SMALL_TABLE", small)
+    src = BundleSource(bundle)
+    runs = src.runs(Selection(), src.projects(Selection()))
+    for r in runs:
+        _, body = _marker(bundle, r["run_key"])
+        payload = src.read_run(r)
+        on_disk = pq.read_table(bundle / body["tables"]["metrics"]["file"]).cast(schema.SCHEMAS["metrics"])
+        assert pa.Table.from_batches(list(payload.metrics()), on_disk.schema).equals(on_disk)
+        if "params" in body["tables"]:
+            assert payload.params.equals(
+                pq.read_table(bundle / body["tables"]["params"]["file"]).cast(schema.SCHEMAS["params"])
+            )
+    _, body = _marker(bundle, "test:run/a")
+    for table in ("metrics", "params"):
+        path = bundle / body["tables"][table]["file"]
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    run_a = next(r for r in runs if r["run_key"] == "test:run/a")
+    with pytest.raises(BadInputError, match=r"params.*checksum mismatch"):
+        src.read_run(run_a)
+    monkeypatch.setattr(src, "read_table", lambda m, name: schema.empty(name))  # the params aside
+    with pytest.raises(BadInputError, match=r"metrics.*checksum mismatch"):
+        list(src.read_run(run_a).metrics())
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 # what Python itself may read while the reader runs: modules it imports late, time zones
