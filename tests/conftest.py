@@ -112,6 +112,13 @@ def run_cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     return p
 
 
+def killable_env(tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a command a test will kill -9: its temporary files in the
+    test's own folder, since a killed process cannot remove them."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**(env if env is not None else os.environ), "TMPDIR": str(tmp_path / "tmp")}
+
+
 def one_line(stderr: str) -> str:
     """The single line an error must be: no traceback, nothing else on stderr."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]

@@ -43,7 +43,7 @@ from trackbridge.verify import verify
 
 from tests import factories as f
 from tests import jsonl_tracker
-from tests.conftest import one_line
+from tests.conftest import killable_env, one_line
 
 # where the plug-in's distribution metadata is installed for this test session
 SITE = Path(tempfile.mkdtemp(prefix="trackbridge-plugin-"))
@@ -264,7 +264,7 @@ def test_an_import_killed_at_a_random_moment_is_completed_by_the_next(
     folder = tmp_path / "d"
     folder.mkdir()
     dest = _dest(name, folder)
-    env = {**os.environ, **plugin, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = killable_env(tmp_path, {**os.environ, **plugin, "MLFLOW_DISABLE_TELEMETRY": "true"})
     cmd = [sys.executable, "-m", "trackbridge.cli", "import", big_source, dest]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

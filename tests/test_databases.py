@@ -16,7 +16,7 @@ import pytest
 from mlflow.entities import ViewType
 from trackbridge.trackers.mlflow import common as mc
 
-from tests.conftest import one_line, run_cli
+from tests.conftest import killable_env, one_line, run_cli
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -208,7 +208,9 @@ def test_kill_9_at_random_moments_into_postgresql_then_sync_leaves_one_clean_cop
     def start(dest: str, state: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "trackbridge.cli", "sync", src, dest, "--register-models",
                "--artifact-root", root, "--state-dir", state]  # fmt: skip
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(
+            cmd, env=killable_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
     t0 = time.perf_counter()
     assert start(f"mlflow+{postgres.create_database('clean')}", str(tmp_path / "s-clean")).wait() == 0

@@ -25,7 +25,7 @@ from trackbridge.trackers.mlflow.server import LocalMlflowServer
 from trackbridge.uri import open_source
 from trackbridge.verify import verify
 
-from tests.conftest import run_cli
+from tests.conftest import killable_env, run_cli
 from tests.faultproxy import FAULTS, FaultProxy
 
 pytest.importorskip("mlflow")
@@ -147,7 +147,7 @@ def test_kill_9_of_training_then_replay_leaves_nothing_missing(tmp_path: Path) -
         [sys.executable, "-c", textwrap.dedent(TRAIN), dest, str(tmp_path / "spool")],
         stdout=subprocess.PIPE,
         text=True,
-        env=os.environ.copy(),
+        env=killable_env(tmp_path),
     )
     acked = 0
     assert p.stdout is not None

@@ -22,7 +22,7 @@ from trackbridge import sync as sy
 from trackbridge.model import ModelRule, Selection
 from trackbridge.trackers.mlflow import common as mc
 
-from tests.conftest import hold_sync_lock, run_cli
+from tests.conftest import hold_sync_lock, killable_env, run_cli
 
 pytest.importorskip("wandb")
 
@@ -317,7 +317,7 @@ def test_kill_9_at_random_moments_then_sync_leaves_one_clean_copy(wandb_demo: Pa
 
     rng = random.Random(20261122)
     src = f"wandb+offline://{wandb_demo}"
-    env = {**os.environ, "TRACKBRIDGE_STATE_DIR": str(tmp_path / "state")}
+    env = killable_env(tmp_path, {**os.environ, "TRACKBRIDGE_STATE_DIR": str(tmp_path / "state")})
 
     def start(dest: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "trackbridge.cli", "sync", src, dest, "--register-models"]

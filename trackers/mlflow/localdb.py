@@ -66,8 +66,13 @@ class LocalDatabase(abc.ABC):
     def _cmd(self, *argv: str) -> list[str]:
         return ["runuser", "-u", self.os_user, "--", *argv] if self._owner() else list(argv)
 
+    def _env(self) -> dict[str, str]:
+        """The server's temporary files in its own folder: gone with it, and always
+        writable by its account (a caller's TMPDIR may be private to the caller)."""
+        return {**os.environ, "TMPDIR": str(self.root)} if self.root else dict(os.environ)
+
     def _run(self, *argv: str, timeout: float = 120) -> str:
-        p = subprocess.run(self._cmd(*argv), capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(self._cmd(*argv), capture_output=True, text=True, timeout=timeout, env=self._env())
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:2])} failed: {(p.stderr or p.stdout).strip()[-1500:]}")
         return p.stdout
@@ -101,6 +106,7 @@ class LocalDatabase(abc.ABC):
         self._log = open(self.root.parent / f"{self.root.name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self._cmd(*self._server_argv()),
+            env=self._env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
