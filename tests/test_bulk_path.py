@@ -228,3 +228,61 @@ def test_points_held_as_columns_settle_as_mlflows_store_does(batches):
     assert got.num_rows == len(want_rows)  # one row for -0.0 and 0.0, as the primary key keeps
     assert held.latest == want_latest
     assert held.count == sum(len(b) for b in batches)
+
+
+def test_a_quiet_nights_index_read_from_tags_is_the_runs_index(tmp_path):
+    """What a sync may skip, read from the bookkeeping tags in one query, is what the
+    runs index built from MLflow's search says: complete runs (deleted ones too) with
+    their change tokens, a run without its fingerprint left out, a state kept in the
+    separate tags of an earlier trackbridge read; and where two runs carry one source key
+    it is left to the runs index, which retires one."""
+    from trackbridge import engine
+    from trackbridge.bundle_reader import BundleSource
+    from trackbridge.model import Selection
+    from trackbridge.uri import open_sink
+
+    bundle = edge_bundle(tmp_path / "bundle")
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    engine.copy(BundleSource(bundle), open_sink(f"mlflow+{url}"), Selection())
+    client = mc.client(url)
+    exp = client.get_experiment_by_name("limits")
+    runs = {
+        r.data.tags[mc.TAG_SOURCE_KEY]: r
+        for r in client.search_runs([exp.experiment_id], run_view_type=3)  # ViewType.ALL
+    }
+
+    def state(key: str) -> dict:
+        return mc.run_state(runs[key].data.tags)
+
+    client.set_tag(
+        runs["test:run/tie"].info.run_id, mc.TAG_STATE, json.dumps({**state("test:run/tie"), "token": "t1"})
+    )
+    unfinished = {k: v for k, v in state("test:run/zero").items() if k != "fingerprint"}
+    client.set_tag(runs["test:run/zero"].info.run_id, mc.TAG_STATE, json.dumps(unfinished))
+    legacy = runs["test:run/empty"].info.run_id  # an earlier trackbridge's separate tags
+    client.set_tag(legacy, mc.TAG_FINGERPRINT, state("test:run/empty")["fingerprint"])
+    client.delete_tag(legacy, mc.TAG_STATE)
+
+    def synced(light: bool) -> dict:
+        sink = open_sink(f"mlflow+{url}")
+        src = BundleSource(bundle)
+        for p in src.projects(Selection()):
+            sink.write_project(engine.Plan().project(p))
+        if not light:
+            sink._bulk = None
+        else:
+            assert sink._synced_from_tags(sink._exp_ids["test:project/1"]) is not None
+        return sink.synced("test:project/1")
+
+    got = synced(light=True)
+    assert got == synced(light=False)
+    assert set(got) == {k for k in runs if k != "test:run/zero"}
+    assert got["test:run/tie"] == ("t1", runs["test:run/tie"].info.run_id)
+    assert got["test:run/gone"][1] == runs["test:run/gone"].info.run_id  # deleted, still known
+
+    twin = client.create_run(exp.experiment_id, tags={mc.TAG_SOURCE_KEY: "test:run/tie"})
+    sink = open_sink(f"mlflow+{url}")
+    for p in BundleSource(bundle).projects(Selection()):
+        sink.write_project(engine.Plan().project(p))
+    assert sink._synced_from_tags(sink._exp_ids["test:project/1"]) is None
+    assert sink.synced("test:project/1")["test:run/tie"][1] != twin.info.run_id

@@ -272,6 +272,20 @@ class BulkStore:
             found |= {r[0] for r in q.all()}
         return found
 
+    def run_tags(self, session: Any, exp_id: str, keys: tuple[str, ...]) -> dict[str, dict[str, str]]:
+        """The tags ``keys`` of every run of the experiment (deleted ones too), by run id:
+        one query, where MLflow's search builds every run whole."""
+        m = self.m
+        q = (
+            session.query(m.SqlTag.run_uuid, m.SqlTag.key, m.SqlTag.value)
+            .join(m.SqlRun, m.SqlRun.run_uuid == m.SqlTag.run_uuid)
+            .filter(m.SqlRun.experiment_id == int(exp_id), m.SqlTag.key.in_(keys))
+        )
+        out: dict[str, dict[str, str]] = {}
+        for run_id, key, value in q.all():
+            out.setdefault(run_id, {})[key] = value
+        return out
+
     def set_tag_values(self, session: Any, key: str, values: dict[str, str]) -> None:
         """One tag of many runs, each to its value, in one statement sent many times."""
         from sqlalchemy import bindparam, update

@@ -67,11 +67,36 @@ class RunIdentity:
         exp_id = self._exp_ids.get(project_key)
         if not exp_id:
             return {}
+        light = self._synced_from_tags(exp_id)
+        if light is not None:
+            return light
         out = {}
         for k, r in self._runs_index(exp_id).items():
             state = mc.run_state(r.data.tags)
             if "fingerprint" in state:
                 out[k] = (state.get("token"), r.info.run_id)
+        return out
+
+    def _synced_from_tags(self, exp_id: str) -> dict[str, tuple[str | None, str]] | None:
+        """``synced`` from the bookkeeping tags of each run, read straight from a SQL store's tables
+        (a quiet night asks for nothing more); None where the runs index must settle it:
+        no such store, or a source key that two runs carry (the index retires one)."""
+        bulk = getattr(self, "_bulk", None)
+        if bulk is None or exp_id in self._index:
+            return None
+        with bulk.session() as session:
+            tags = bulk.run_tags(
+                session, exp_id, (mc.TAG_SOURCE_KEY, mc.TAG_STATE, mc.TAG_DUPLICATE_OF, *mc.LEGACY_STATE_TAGS)
+            )
+        keyed = {run_id: t for run_id, t in tags.items() if mc.TAG_SOURCE_KEY in t}
+        keys = [t[mc.TAG_SOURCE_KEY] for t in keyed.values()]
+        if len(set(keys)) != len(keys) or any(mc.TAG_DUPLICATE_OF in t for t in keyed.values()):
+            return None
+        out = {}
+        for run_id, t in keyed.items():
+            state = mc.run_state(t)
+            if "fingerprint" in state:
+                out[t[mc.TAG_SOURCE_KEY]] = (state.get("token"), run_id)
         return out
 
     def _cached(self, cache: dict[str, dict[str, Any]], exp_id: str, load: Any) -> dict[str, Any]:
