@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
+from collections.abc import Callable
 from typing import Any
 
 from trackbridge.tracker import Limits
@@ -34,22 +36,31 @@ def fit_key(key: str, limits: Limits) -> str:
     return k
 
 
+def insensitive(key: str) -> str:
+    """What a case- and accent-insensitive collation (MySQL's default) compares of a key:
+    ``LR`` and ``lr``, ``é`` and ``e``, ``a`` and ``a `` are one key to it."""
+    decomposed = unicodedata.normalize("NFKD", key)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold().rstrip(" ")
+
+
 class KeySpace:
     """Fits keys of one kind (a run's params, tags or metrics) and keeps two different
-    originals from landing on one key."""
+    originals from landing on one key: one key as the destination compares keys
+    (``same``: a case-insensitive database's ``insensitive``), not only as Python does."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, same: Callable[[str], str] | None = None) -> None:
         self.limits = limits
+        self.same = same or (lambda k: k)
         self.used: dict[str, object] = {}
 
     def fit(self, original: str, identity: object = None) -> str:
         """``identity`` tells keys apart that print the same (["a", "b"] vs ["a.b"])."""
         ident = original if identity is None else identity
         k = fit_key(original, self.limits)
-        if self.used.get(k, ident) != ident:
+        if self.used.get(self.same(k), ident) != ident:
             room = self.limits.key_chars or len(k) + 9
             k = k[: room - 9] + "-" + hashlib.sha1(repr(ident).encode()).hexdigest()[:8]
-        self.used[k] = ident
+        self.used[self.same(k)] = ident
         return k
 
 

@@ -271,3 +271,35 @@ def test_two_importers_into_one_postgresql_store_keep_each_run_once(demo_store, 
     assert not [r for r in runs if mc.TAG_DUPLICATE_OF in r.data.tags]
     assert len(runs) == 6 and len({r.data.tags[mc.TAG_SOURCE_KEY] for r in runs}) == 6
     assert "verify: identical" in run_cli("verify", demo_store["tb"], dest).stdout
+
+
+def test_keys_that_differ_only_in_case_both_land_in_mysql_and_come_back_exact(mariadb, tmp_path):
+    """MySQL's tables compare keys without regard to case or accents, so ``LR`` and
+    ``lr`` are one primary key there: the second is renamed as any colliding key is,
+    the original kept in mapping.json, and `verify` reads both back exact."""
+    from tests import factories as f
+
+    bundle = f.write_bundle(
+        tmp_path / "bundle",
+        [f.project()],
+        [
+            f.payload(
+                f.run("test:run/cased"),
+                params=[(["LR"], 0.1), (["lr"], 0.2), (["café"], 1), (["cafe"], 2)],
+                tags={"Team": "a", "team": "b"},
+                points=[("Loss", 0, 1.0), ("loss", 0, 1.0), ("loss", 1, 0.5)],
+            )
+        ],
+    )
+    url = mariadb.create_database("cased")
+    p = run_cli("migrate", str(bundle), f"mlflow+{url}", "--artifact-root", str(tmp_path / "files"))
+    assert "verify: identical" in p.stdout and "0 failed" in p.stdout, p.stdout
+    (run,) = ours(url)
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert len(params) == 4 and {"LR", "café"} <= set(params)
+    assert sorted(params.values()) == ["0.1", "0.2", "1", "2"]
+    assert {"Team", "team"} & set(tags) and sum(k.lower().startswith("team") for k in tags) == 2
+    assert len(metrics) == 2 and "Loss" in metrics
+    renamed = next(k for k in metrics if k != "Loss")
+    history = mlflow.MlflowClient(url).get_metric_history(run.info.run_id, renamed)
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]

@@ -5,6 +5,7 @@ exporter reads back so that a round trip is exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +31,18 @@ def fit_key(key: str) -> str:
     return fit.fit_key(key, LIMITS)
 
 
+def key_collation(store: Any) -> Callable[[str], str] | None:
+    """How the store's tables compare keys, where Python's ``==`` would mislead: MLflow
+    makes its MySQL tables with the database's collation, by default case- and
+    accent-insensitive, so a run's ``LR`` and ``lr`` are one primary key there and the
+    second is renamed as any other collision is. (Behind an ``mlflow server`` the
+    database cannot be seen, and keys are compared as written.)"""
+    engine = getattr(store, "engine", None)
+    if engine is not None and engine.dialect.name == "mysql":
+        return fit.insensitive
+    return None
+
+
 def param_text(value_json: str, value_type: str) -> str:
     if value_type in ("str", "datetime"):
         v = schema.loads_value(value_json)
@@ -40,7 +53,11 @@ def param_text(value_json: str, value_type: str) -> str:
 class Plan:
     """How one run's keys and values are fitted into MLflow, and the record to undo it."""
 
-    def __init__(self, report: RunReport, source: Tracker | None = None) -> None:
+    def __init__(
+        self, report: RunReport, source: Tracker | None = None, same: Callable[[str], str] | None = None
+    ) -> None:
+        """``same``: how the destination compares keys, where that is not as Python does
+        (``mc.key_collation``: a MySQL store, where ``LR`` and ``lr`` are one key)."""
         self.report = report
         # the tracker the run came from: its system metrics get MLflow's names, its own
         # bookkeeping series (W&B's _runtime) go to a private file (trackbridge.native)
@@ -49,9 +66,9 @@ class Plan:
         self.kept: list[pa.RecordBatch] = []
         self.system_named = 0
         self.mapping: dict[str, Any] = {"version": MAPPING_VERSION, "params": {}, "tags": {}, "metrics": {}}
-        self._param_keys = fit.KeySpace(LIMITS)
-        self._tag_keys = fit.KeySpace(LIMITS)
-        self._metric_keys = fit.KeySpace(LIMITS)
+        self._param_keys = fit.KeySpace(LIMITS, same)
+        self._tag_keys = fit.KeySpace(LIMITS, same)
+        self._metric_keys = fit.KeySpace(LIMITS, same)
         self._metric_cache: dict[str, str] = {}
         self._reported: set[tuple[str, str, str]] = set()
 

@@ -167,6 +167,8 @@ def chunks_by_size(items: list[Any], max_count: int, max_bytes: int) -> Iterator
 class PointsWriter:
     """A run's points, each written once."""
 
+    _same: Any = None  # how the store compares keys (the sink's ``key_collation``)
+
     def _write_metrics(
         self,
         run_id: str,
@@ -202,7 +204,7 @@ class PointsWriter:
     def append_points(self, run_id: str, batch: pa.RecordBatch) -> None:
         """Points for a run being logged right now (the dual-logging shim): fitted to
         MLflow as an import fits them, sent at once, never diffed."""
-        plan = Plan(RunReport(run_key=""))
+        plan = Plan(RunReport(run_key=""), same=self._same)
         recs = to_records(batch, plan, self._model_ids)
         for i in range(0, len(recs), self._batch):
             self._send_metrics(run_id, recs[i : i + self._batch])

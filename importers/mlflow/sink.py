@@ -37,6 +37,7 @@ from trackbridge.importers.mlflow.plan import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     Plan,
+    key_collation,
 )
 from trackbridge.importers.mlflow.points import (
     PointsWriter,
@@ -94,6 +95,7 @@ class MlflowSink(GroupedRuns, RunIdentity, PointsWriter, FilesWriter, ModelsWrit
         # file store): a look-up and a create under its lock are exact; elsewhere the
         # creator checks again after creating (trackbridge.claims)
         self._locked_store = mc.is_locked(tracking_uri)
+        self._same = key_collation(store)  # how its tables compare keys, if not as Python
         self.origin: str | None = None
         # what the sink did beyond the runs it was given (duplicates it retired), for the report
         self.notices: list[tuple[str, str, str]] = []
@@ -304,7 +306,7 @@ class MlflowSink(GroupedRuns, RunIdentity, PointsWriter, FilesWriter, ModelsWrit
                             self._source_models.add(a.row["artifact_key"])
 
     def fit(self, payload: RunPayload, found: Found | None, report: RunReport) -> Any:
-        plan = Plan(report, native.system_of(payload.key))
+        plan = Plan(report, native.system_of(payload.key), self._same)
         params = plan.params(payload.params)
         tags = plan.tags(payload.tags, payload.run)
         shown = plan_native(payload, tags, report)
