@@ -70,6 +70,23 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def bytes_fetch(data: bytes) -> Callable[[], AbstractContextManager[str]]:
+    """``FileRef.fetch`` for bytes a source holds in memory (a file inside a log, an
+    image inside an event): written to a temporary file only while it is read."""
+
+    @contextmanager
+    def fetch() -> Iterator[str]:
+        fd, name = tempfile.mkstemp(prefix="trackbridge-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            yield name
+        finally:
+            os.unlink(name)
+
+    return fetch
+
+
 def local_fetch(path: Path) -> Callable[[], AbstractContextManager[str]]:
     """``FileRef.fetch`` for a file already on local disk: no copy, just a check that it
     is still there when its turn comes."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -284,6 +285,15 @@ def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
             nxt = node[part] = {}
         node = nxt
     node[path[-1]] = value
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def us_to_dt(us: int | None) -> datetime | None:
+    """Microseconds since the epoch as a UTC datetime, exactly (a float division may be
+    a microsecond off)."""
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
 
 
 @functools.cache

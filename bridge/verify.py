@@ -366,7 +366,32 @@ SERIES_COLUMNS = ("key", "step", "timestamp", "kind", "value_json", "file_path")
 
 
 def _rows(tbl: Any, cols: tuple[str, ...]) -> set[str]:
-    return {json.dumps([_norm(r[c]) for c in cols], default=str) for r in tbl.select(list(cols)).to_pylist()}
+    return {
+        json.dumps([_same_json(r[c]) if c == "value_json" else _norm(r[c]) for c in cols], default=str)
+        for r in tbl.select(list(cols)).to_pylist()
+    }
+
+
+def _same_json(text: str | None) -> Any:
+    """A JSON value as its readers see it: ``0.0`` and ``0`` are one number (W&B writes
+    a whole float back without its ``.0``), object keys in one order."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+
+    def whole(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+            return int(v)
+        if isinstance(v, list):
+            return [whole(x) for x in v]
+        if isinstance(v, dict):
+            return {k: whole(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(whole(value), sort_keys=True, allow_nan=True)
 
 
 def _tags(v: Any) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -79,6 +80,14 @@ def test_the_installed_wheel_runs_the_quickstart(wheel: Path, tmp_path: Path) ->
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False, system_site_packages=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    # this interpreter's site-packages, also when it is itself a virtualenv (whose
+    # packages "system site packages" would miss); listed as plain paths, so that its
+    # .pth files (the editable install of trackbridge) are not run
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    Path(purelib, "this-interpreter.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
         check=True,

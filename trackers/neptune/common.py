@@ -19,10 +19,7 @@ beside one key logged at fractional steps.
 
 from __future__ import annotations
 
-import contextlib
 import mimetypes
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from trackbridge import schema
-from trackbridge.files import local_fetch, sha256_file
+from trackbridge.files import bytes_fetch, local_fetch, sha256_file
 from trackbridge.model import ArtifactPayload, FileRef, RunPayload
 
 MICRO = 1_000_000
@@ -117,8 +114,7 @@ def to_us(t: datetime | float | int | None) -> int | None:
     return round(float(t) * MICRO)
 
 
-def us_to_dt(us: int | None) -> datetime | None:
-    return None if us is None else EPOCH + timedelta(microseconds=us)
+us_to_dt = schema.us_to_dt
 
 
 @dataclass
@@ -137,23 +133,9 @@ class FileSource:
 
     def ref(self, path: str) -> FileRef:
         if self.data is not None:
-            return FileRef(path=path, size=len(self.data), sha256=None, fetch=_bytes_fetch(self.data))
+            return FileRef(path=path, size=len(self.data), sha256=None, fetch=bytes_fetch(self.data))
         assert self.local is not None
         return FileRef(path=path, size=self.local.stat().st_size, sha256=None, fetch=local_fetch(self.local))
-
-
-def _bytes_fetch(data: bytes):
-    @contextlib.contextmanager
-    def fetch() -> Iterator[str]:
-        fd, name = tempfile.mkstemp(prefix="trackbridge-neptune-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            yield name
-        finally:
-            os.unlink(name)
-
-    return fetch
 
 
 @dataclass

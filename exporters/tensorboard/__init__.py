@@ -1,0 +1,1 @@
+"""TensorBoard event files, read into the neutral schema (``tensorboard:///PATH``)."""

@@ -1,0 +1,186 @@
+"""TensorBoard event files as a source (issue 18): logs written at test time by a real
+writer (PyTorch's ``SummaryWriter``), read back from the destination with MLflow's and
+W&B's own readers and compared with what TensorBoard's own ``EventFileLoader`` reads
+from the same files."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+from trackbridge.errors import BadInputError
+from trackbridge.trackers.mlflow import common as mc
+from trackbridge.trackers.tensorboard.demo import make_tensorboard_demo
+from trackbridge.trackers.tensorboard.tfrecord import masked, read_records
+
+from tests.conftest import one_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tensorboard_demo(tmp_path_factory.mktemp("tb") / "logs")
+
+
+@pytest.fixture
+def logs(demo: Path, tmp_path: Path) -> Path:
+    """A copy of the demo a test may change."""
+    return Path(shutil.copytree(demo, tmp_path / "logs"))
+
+
+def tensorboard_reads(folder: Path) -> tuple[dict[tuple[str, int], list[float]], list[float]]:
+    """What TensorBoard's own loader reads from a run folder: scalar points by (tag,
+    step), every value in file order, and the events' wall times."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    points: dict[tuple[str, int], list[float]] = {}
+    times = []
+    for f in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[-1])):
+        for ev in EventFileLoader(str(f)).Load():
+            times.append(ev.wall_time)
+            for v in ev.summary.value:  # the loader hands scalars over as its plugin's tensors
+                if v.metadata.plugin_data.plugin_name == "scalars":
+                    value = float(tensor_util.make_ndarray(v.tensor).item())
+                    points.setdefault((v.tag, ev.step), []).append(value)
+    return points, times
+
+
+def mlflow_runs(url: str) -> dict[str, mlflow.entities.Run]:
+    client = mlflow.MlflowClient(url)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_name: r for r in client.search_runs(exps)}
+
+
+def mlflow_points(url: str, run: mlflow.entities.Run) -> dict[tuple[str, int], list[float]]:
+    client = mlflow.MlflowClient(url)
+    out: dict[tuple[str, int], list[float]] = {}
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run.info.run_id, key):
+            out.setdefault((key, m.step), []).append(m.value)
+    return out
+
+
+def test_tensorboard_logs_land_in_mlflow_as_tensorboard_shows_them(demo, tmp_path):
+    """Every scalar TensorBoard reads, at its step, the restart's file included; the
+    hparams as params; the image in MLflow's image view; the text and the histogram kept;
+    the run's times from its events; a second migration adds nothing."""
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    p = run_cli("migrate", f"tensorboard://{demo}", f"mlflow+{url}")
+    assert "verify: identical" in p.stdout and "3 new" in p.stdout, p.stdout
+    runs = mlflow_runs(url)
+    assert set(runs) == {"logs", "train/a", "train/b"}
+    for name, folder in (
+        ("train/a", demo / "train" / "a"),
+        ("train/b", demo / "train" / "b"),
+        ("logs", demo),
+    ):
+        want, times = tensorboard_reads(folder)
+        got = mlflow_points(url, runs[name])
+        assert got == {k: sorted(v) for k, v in want.items()}, name
+        assert runs[name].info.start_time == int(min(times) * 1000)
+    a, b = runs["train/a"], runs["train/b"]
+    assert sorted(s for k, s in mlflow_points(url, a) if k == "loss") == list(range(60))
+    assert b.data.params == {"lr": "0.01", "batch_size": "32", "optimizer": "adam", "dropout": "1"}
+    assert b.data.tags["tensorboard.hparams.metrics"] == '["hparam/accuracy"]'
+    assert a.data.tags["mlflow.loggedImages"] == "True"
+    client = mlflow.MlflowClient(url)
+    assert [f.path for f in client.list_artifacts(a.info.run_id, "images")]  # MLflow's image view
+    series = pq.read_table(client.download_artifacts(a.info.run_id, mc.SERIES_ARTIFACT, str(tmp_path)))
+    kinds = {r["key"]: r["kind"] for r in series.to_pylist()}
+    assert kinds["notes/text_summary"] == "string" and kinds["weights"] == "histogram"
+    text = next(r for r in series.to_pylist() if r["key"] == "notes/text_summary")
+    assert text["value_json"] == '"first *epoch* done"' and text["step"] == 10
+    assert a.data.tags["tensorboard.file_version"] == "brain.Event:2"
+
+    again = run_cli("migrate", f"tensorboard://{demo}", f"mlflow+{url}")
+    assert "0 new" in again.stdout and "3 unchanged" in again.stdout, again.stdout
+    assert "metric points written: 0" in again.stdout
+
+
+def test_tensorboard_logs_into_wandb_offline_verify(demo, tmp_path):
+    p = run_cli("migrate", f"tensorboard://{demo}", f"wandb+offline://{tmp_path / 'wandb'}")
+    assert "verify: identical" in p.stdout and "3 new" in p.stdout, p.stdout
+
+
+def test_a_cut_off_file_moves_its_whole_records_and_a_corrupt_one_fails_only_its_run(logs, tmp_path):
+    a_files = sorted((logs / "train" / "a").glob("events.*"), key=lambda p: int(p.name.split(".")[-1]))
+    cut = a_files[-1]
+    cut.write_bytes(cut.read_bytes()[:-7])  # the restart's job killed while writing
+    bad = next((logs / "train" / "b").glob("events.*"))
+    data = bytearray(bad.read_bytes())
+    records = read_records(bad)
+    start = data.find(records.records[2])  # a record in the middle: its data flipped
+    data[start + 3] ^= 0x01
+    bad.write_bytes(bytes(data))
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    p = run_cli("import", f"tensorboard://{logs}", f"mlflow+{url}", check=1)
+    assert "2 new" in p.stdout and "1 failed" in p.stdout, p.stdout
+    line = one_line(p.stderr)
+    assert str(bad) in line and f"byte {start - 12}: record checksum mismatch" in line
+    runs = mlflow_runs(url)
+    assert set(runs) == {"logs", "train/a"}
+    assert runs["train/a"].data.tags[mc.TAG_INCOMPLETE] == "true"
+    want, _ = tensorboard_reads(logs / "train" / "a")  # TensorBoard stops at the cut too
+    assert mlflow_points(url, runs["train/a"]) == {k: sorted(v) for k, v in want.items()}
+
+
+def test_a_sync_picks_up_the_points_of_a_growing_run(logs, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    state = ["--state-dir", str(tmp_path / "state")]
+    first = run_cli("sync", f"tensorboard://{logs}", f"mlflow+{url}", *state)
+    assert "3 new" in first.stdout, first.stdout
+    with SummaryWriter(str(logs / "train" / "a")) as w:  # the job goes on: a new file
+        for step in range(60, 70):
+            w.add_scalar("loss", 1.0 / (step + 1), step)
+    second = run_cli("sync", f"tensorboard://{logs}", f"mlflow+{url}", *state)
+    assert "1 updated" in second.stdout and "2 unchanged" in second.stdout, second.stdout
+    assert "metric points written: 10" in second.stdout
+    runs = mlflow_runs(url)
+    want, _ = tensorboard_reads(logs / "train" / "a")
+    assert mlflow_points(url, runs["train/a"]) == {k: sorted(v) for k, v in want.items()}
+    third = run_cli("sync", f"tensorboard://{logs}", f"mlflow+{url}", *state)
+    assert "3 unchanged" in third.stdout, third.stdout
+
+
+def _record(data: bytes) -> bytes:
+    import google_crc32c
+
+    length = struct.pack("<Q", len(data))
+    return (
+        length
+        + struct.pack("<I", masked(google_crc32c.value(length)))
+        + data
+        + struct.pack("<I", masked(google_crc32c.value(data)))
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "expect"),
+    [
+        (lambda b: b[:-1], ("truncated", 2)),  # the last record's data CRC cut
+        (lambda b: b[: len(b) - 20], ("truncated", 2)),  # inside the last record's data
+        (lambda b: b + b"\x01\x02", ("truncated", 3)),  # a header begun
+        (lambda b: b[:8] + b"\x00" + b[9:], ("error", "byte 0: record length checksum mismatch")),
+        (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], ("error", "byte 26: record checksum mismatch")),
+    ],
+    ids=["cut-crc", "cut-data", "cut-header", "bad-length-crc", "bad-data-crc"],
+)
+def test_tfrecord_framing_is_checked(tmp_path, damage, expect):
+    """The framing's rules, byte by byte, on records made by the format's own recipe."""
+    whole = _record(b"x" * 10) + _record(b"y" * 11) + _record(b"z" * 30)
+    f = tmp_path / "events.out.tfevents.1.host"
+    f.write_bytes(whole)
+    assert [bytes(r) for r in read_records(f)] == [b"x" * 10, b"y" * 11, b"z" * 30]
+    f.write_bytes(damage(whole))
+    if expect[0] == "truncated":
+        got = read_records(f)
+        assert got.truncated_at is not None and len(got.records) == expect[1]
+    else:
+        with pytest.raises(BadInputError, match=expect[1]):
+            read_records(f)
