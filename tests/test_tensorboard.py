@@ -12,6 +12,8 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trackbridge.errors import BadInputError
 from trackbridge.trackers.mlflow import common as mc
 from trackbridge.trackers.tensorboard.demo import make_tensorboard_demo
@@ -113,7 +115,7 @@ def test_a_cut_off_file_moves_its_whole_records_and_a_corrupt_one_fails_only_its
     bad = next((logs / "train" / "b").glob("events.*"))
     data = bytearray(bad.read_bytes())
     records = read_records(bad)
-    start = data.find(records.records[2])  # a record in the middle: its data flipped
+    start = data.find(records.record(2))  # a record in the middle: its data flipped
     data[start + 3] ^= 0x01
     bad.write_bytes(bytes(data))
     url = f"sqlite:///{tmp_path / 'd.db'}"
@@ -180,7 +182,87 @@ def test_tfrecord_framing_is_checked(tmp_path, damage, expect):
     f.write_bytes(damage(whole))
     if expect[0] == "truncated":
         got = read_records(f)
-        assert got.truncated_at is not None and len(got.records) == expect[1]
+        assert got.truncated_at is not None and len(got) == expect[1]
     else:
         with pytest.raises(BadInputError, match=expect[1]):
             read_records(f)
+
+
+_tags = st.one_of(st.sampled_from(["loss", "metric/0", "", "é/λ", "x" * 120]), st.text(max_size=140))
+_values = st.floats(width=32, allow_nan=True, allow_infinity=True)
+_steps = st.one_of(
+    st.sampled_from([0, 1, 127, 128, 2**31, -1, 2**63 - 1, -(2**63)]), st.integers(-(2**63), 2**63 - 1)
+)
+_walls = st.one_of(st.sampled_from([0.0, 1_700_000_000.123456, -1.5]), st.floats(0, 4e9))
+
+
+@st.composite
+def _events(draw: st.DrawFn) -> list:
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    out = []
+    for _ in range(draw(st.integers(1, 12))):
+        ev = Event(wall_time=draw(_walls), step=draw(_steps))
+        kind = draw(st.sampled_from(["scalar", "scalar", "scalar", "two", "metadata", "version"]))
+        if kind == "version":
+            ev.file_version = "brain.Event:2"
+        else:
+            for _ in range(2 if kind == "two" else 1):
+                v = Summary.Value(tag=draw(_tags), simple_value=draw(_values))
+                if kind == "metadata":
+                    v.metadata.display_name = "shown"
+                ev.summary.value.append(v)
+        out.append(ev)
+    return out
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=_events())
+def test_scalars_decoded_together_are_what_protobuf_decodes(events, tmp_path):
+    """The column decoder against TensorBoard's protobuf classes, event by event, on
+    events the classes themselves encoded: steps absent (0), negative and 10-byte,
+    tags empty, long or not ASCII, NaN and infinities, two values or metadata in one
+    event (which it leaves to protobuf)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from trackbridge.exporters.tensorboard import events as ev
+
+    f = tmp_path / f"events.out.tfevents.{len(events)}.h"
+    f.write_bytes(b"".join(_record(e.SerializeToString()) for e in events))
+    got = ev.Events()
+    ev.read_events(read_records(f), got)
+    table = got.metrics("r").to_pylist()
+    want = []
+    for i, data in enumerate(read_records(f)):
+        e = Event.FromString(data)
+        for v in e.summary.value:
+            want.append((v.tag, e.step, int(e.wall_time * 1_000_000), v.simple_value, i))
+    want.sort(key=lambda w: (w[0], w[1], w[2], w[4]))
+
+    def same(x: float) -> object:
+        return "nan" if x != x else x
+
+    assert [(r["key"], r["step"], r["timestamp"], same(r["value"])) for r in table] == [
+        (k, s, schema_ts(t), same(v)) for k, s, t, v, _ in want
+    ]
+
+
+def schema_ts(us: int):
+    from trackbridge import schema
+
+    return schema.us_to_dt(us)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(st.binary(min_size=5, max_size=5), min_size=1, max_size=20), extra=st.binary(max_size=80)
+)
+def test_checksums_by_columns_are_crc32c(rows, extra):
+    """The column-wise CRC-32C (many short records at once) is Google's CRC-32C."""
+    import google_crc32c
+    import numpy as np
+    from trackbridge.trackers.tensorboard.tfrecord import crc_columns
+
+    for width_rows in (rows, [r + extra for r in rows]):
+        mat = np.frombuffer(b"".join(width_rows), dtype=np.uint8).reshape(len(width_rows), -1)
+        assert crc_columns(mat).tolist() == [google_crc32c.value(r) for r in width_rows]

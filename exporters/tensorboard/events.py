@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from trackbridge import schema
 
@@ -39,12 +40,9 @@ class Image:
 
 @dataclass
 class Events:
-    """What one run's event files held, gathered in wall-time order."""
+    """What one run's event files held, gathered in file order."""
 
-    keys: list[str] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    times: list[int] = field(default_factory=list)  # µs since the epoch
-    values: list[float] = field(default_factory=list)
+    chunks: list[pa.Table] = field(default_factory=list)  # points: key, step, ts (µs), value, seq
     series: list[dict[str, Any]] = field(default_factory=list)
     images: list[Image] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
@@ -52,23 +50,57 @@ class Events:
     file_version: str | None = None
     first_us: int | None = None
     last_us: int | None = None
+    seen: int = 0  # records read so far: a point's place, for ties
     skipped: Counter[str] = field(default_factory=Counter)
+    # points decoded one event at a time, flushed into ``chunks`` after each file
+    keys: list[str] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+
+    def saw(self, lo: int, hi: int) -> None:
+        self.first_us = lo if self.first_us is None else min(self.first_us, lo)
+        self.last_us = hi if self.last_us is None else max(self.last_us, hi)
+
+    def _flush(self) -> None:
+        if self.keys:
+            self.chunks.append(
+                pa.table(
+                    {
+                        "key": pa.array(self.keys, pa.string()),
+                        "step": pa.array(self.steps, pa.int64()),
+                        "ts": pa.array(self.times, pa.int64()),
+                        "value": pa.array(self.values, pa.float64()),
+                        "seq": pa.array(self.seqs, pa.int64()),
+                    }
+                )
+            )
+        for lst in (self.keys, self.steps, self.times, self.values, self.seqs):
+            lst.clear()
 
     def metrics(self, run_key: str) -> pa.Table:
-        n = len(self.keys)
+        """The points in the neutral table, sorted by key, step and time (ties in the
+        order they were written)."""
+        self._flush()
+        if not self.chunks:
+            return schema.empty("metrics")
+        pts = pa.concat_tables(self.chunks).sort_by(
+            [("key", "ascending"), ("step", "ascending"), ("ts", "ascending"), ("seq", "ascending")]
+        )
+        n = pts.num_rows
         tbl = pa.table(
             {
                 "run_key": pa.array([run_key] * n, pa.string()),
-                "key": pa.array(self.keys, pa.string()),
-                "step": pa.array(self.steps, pa.int64()),
-                "timestamp": pa.array(self.times, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-                "value": pa.array(self.values, pa.float64()),
+                "key": pts.column("key"),
+                "step": pts.column("step"),
+                "timestamp": pts.column("ts").cast(pa.timestamp("us", tz="UTC")),
+                "value": pts.column("value"),
                 "model_key": pa.nulls(n, pa.string()),
                 "dataset_name": pa.nulls(n, pa.string()),
                 "dataset_digest": pa.nulls(n, pa.string()),
             }
         )
-        tbl = tbl.sort_by([("key", "ascending"), ("step", "ascending"), ("timestamp", "ascending")])
         return tbl.cast(schema.SCHEMAS["metrics"])
 
 
@@ -80,17 +112,36 @@ def _classes() -> tuple[Any, Any]:
 
 
 def read_events(records: Any, into: Events) -> None:
-    """Decode one file's records into ``into``; called for each file of a run in order."""
+    """Decode one file's records into ``into``; called for each file of a run in order.
+    Plain scalar events are decoded together (``scalars``), every other event by
+    TensorBoard's protobuf classes."""
+    from trackbridge.exporters.tensorboard import scalars
+
+    base = into.seen
+    into.seen += len(records)
+    fast = scalars.decode(records.starts, records.lengths, records.buf)
+    if len(fast.index):
+        into.chunks.append(
+            pa.table(
+                {
+                    "key": fast.keys,
+                    "step": pa.array(fast.steps, pa.int64()),
+                    "ts": pa.array(fast.times_us, pa.int64()),
+                    "value": pa.array(fast.values.astype(np.float64), pa.float64()),
+                    "seq": pa.array(fast.index + base, pa.int64()),
+                }
+            )
+        )
+        into.saw(int(fast.times_us.min()), int(fast.times_us.max()))
+    rest = np.ones(len(records), dtype=bool)
+    rest[fast.index] = False
     event_class, hparams_class = _classes()
     parse = event_class.FromString
-    keys, steps, times, values = into.keys, into.steps, into.times, into.values
-    for data in records:
-        ev = parse(data)
+    keys, steps, times, values, seqs = into.keys, into.steps, into.times, into.values, into.seqs
+    for i in np.flatnonzero(rest).tolist():
+        ev = parse(records.record(i))
         ts = int(ev.wall_time * 1_000_000)
-        if into.first_us is None or ts < into.first_us:
-            into.first_us = ts
-        if into.last_us is None or ts > into.last_us:
-            into.last_us = ts
+        into.saw(ts, ts)
         what = ev.WhichOneof("what")
         if what == "summary":
             step = ev.step
@@ -101,20 +152,22 @@ def read_events(records: Any, into: Events) -> None:
                     steps.append(step)
                     times.append(ts)
                     values.append(v.simple_value)
+                    seqs.append(base + i)
                 else:
-                    _other(into, v, kind, step, ts, hparams_class)
+                    _other(into, v, kind, step, ts, hparams_class, base + i)
         elif what == "file_version":
             into.file_version = into.file_version or ev.file_version
         elif what is not None:
             into.skipped[what] += 1  # a graph, a session log, run metadata: not tracking data
+    into._flush()
 
 
-def _other(into: Events, v: Any, kind: str | None, step: int, ts: int, hparams_class: Any) -> None:
+def _other(into: Events, v: Any, kind: str | None, step: int, ts: int, hparams_class: Any, seq: int) -> None:
     plugin = v.metadata.plugin_data.plugin_name if v.HasField("metadata") else ""
     if plugin == "hparams":
         _hparams(into, hparams_class.FromString(v.metadata.plugin_data.content))
     elif kind == "tensor":
-        _tensor(into, v.tag, plugin, v.tensor, step, ts)
+        _tensor(into, v.tag, plugin, v.tensor, step, ts, seq)
     elif kind == "image":
         im = v.image
         into.images.append(Image(v.tag, step, ts, im.encoded_image_string, im.width, im.height))
@@ -125,12 +178,13 @@ def _other(into: Events, v: Any, kind: str | None, step: int, ts: int, hparams_c
         into.skipped[f"{plugin or kind or 'empty'} summaries"] += 1
 
 
-def _tensor(into: Events, tag: str, plugin: str, t: Any, step: int, ts: int) -> None:
+def _tensor(into: Events, tag: str, plugin: str, t: Any, step: int, ts: int, seq: int) -> None:
     if plugin in ("scalars", "") and not t.tensor_shape.dim and t.dtype in _NUMPY:
         into.keys.append(tag)
         into.steps.append(step)
         into.times.append(ts)
         into.values.append(float(_array(t)[0]))
+        into.seqs.append(seq)
     elif plugin == "text":
         texts = [s.decode("utf-8", "replace") for s in t.string_val]
         shape = [d.size for d in t.tensor_shape.dim]
@@ -162,7 +216,6 @@ def _tensor(into: Events, tag: str, plugin: str, t: Any, step: int, ts: int) -> 
 
 def _array(t: Any) -> Any:
     """A tensor's values as numpy: from its packed bytes, else its typed value list."""
-    import numpy as np
 
     dtype = _NUMPY[t.dtype]
     if t.tensor_content:
