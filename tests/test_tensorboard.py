@@ -266,3 +266,22 @@ def test_checksums_by_columns_are_crc32c(rows, extra):
     for width_rows in (rows, [r + extra for r in rows]):
         mat = np.frombuffer(b"".join(width_rows), dtype=np.uint8).reshape(len(width_rows), -1)
         assert crc_columns(mat).tolist() == [google_crc32c.value(r) for r in width_rows]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    runs=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 70)), min_size=1, max_size=12),
+    cut=st.integers(0, 30),
+)
+def test_records_are_found_however_their_lengths_repeat(runs, cut, tmp_path):
+    """Runs of equal lengths (taken many at once) and lengths that change every record
+    (taken one by one) give the records a plain walk gives, the last one cut or not."""
+    datas = [bytes([i % 251]) * n for i, (n, times) in enumerate(runs) for _ in range(times)]
+    whole = b"".join(_record(d) for d in datas)
+    f = tmp_path / "events.out.tfevents.9.h"
+    f.write_bytes(whole[: len(whole) - cut])
+    got = read_records(f)
+    ends = [sum(len(x) + 16 for x in datas[: i + 1]) for i in range(len(datas))]
+    size = max(len(whole) - cut, 0)
+    assert list(got) == [d for d, end in zip(datas, ends, strict=True) if end <= size]
+    assert (got.truncated_at is None) == (size in (0, *ends))

@@ -69,14 +69,16 @@ def _of_length(idx: np.ndarray, rows: np.ndarray, length: int) -> list[tuple]:
     has_step = rows[:, 9] == 0x10
     ok &= has_step | (rows[:, 9] == 0x2A)
     width = min(10, length - 10)
-    v = rows[:, 10 : 10 + width].astype(np.uint64)
-    ends = (v & 0x80) == 0
+    cols = rows[:, 10 : 10 + width]
+    ends = cols < 0x80
     step_len = np.where(ends.any(axis=1), ends.argmax(axis=1) + 1, 99)
-    shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
-    used = np.arange(width)[None, :] < step_len[:, None]
-    step = (((v & np.uint64(0x7F)) << shifts) * used).sum(axis=1, dtype=np.uint64).view(np.int64)
     step_len = np.where(has_step, step_len, 0)
-    step = np.where(has_step, step, 0)
+    longest = int(step_len[step_len <= width].max(initial=0))
+    acc = np.zeros(n, dtype=np.uint64)
+    for j in range(longest):  # only as many bytes as the longest step has
+        part = (cols[:, j].astype(np.uint64) & np.uint64(0x7F)) << np.uint64(7 * j)
+        acc |= np.where(step_len > j, part, np.uint64(0))
+    step = acc.view(np.int64)
     ok &= step_len <= width
     # then summary, value and tag, each a one-byte length that must end with the record
     p = np.where(has_step, 10 + step_len, 9)
@@ -95,8 +97,7 @@ def _of_length(idx: np.ndarray, rows: np.ndarray, length: int) -> list[tuple]:
         sel = np.flatnonzero(ok & (p == start))
         tl = length - 5 - (start + 6)
         if tl:
-            tags = np.ascontiguousarray(rows[sel, start + 6 : start + 6 + tl]).view(f"V{tl}").ravel()
-            uniq, inverse = np.unique(tags, return_inverse=True)
+            uniq, inverse = _distinct(np.ascontiguousarray(rows[sel, start + 6 : start + 6 + tl]))
         else:  # an empty tag
             uniq, inverse = [b""], np.zeros(len(sel), np.int64)
         try:
@@ -109,3 +110,19 @@ def _of_length(idx: np.ndarray, rows: np.ndarray, length: int) -> list[tuple]:
             (idx[sel], names, inverse.astype(np.int64), step[sel], (wall * 1_000_000).astype(np.int64), value)
         )
     return out
+
+
+def _distinct(tags: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """The distinct rows of a 2-D uint8 array and each row's place among them: by a
+    64-bit hash of each row (a few vector passes, where sorting the rows themselves is
+    slow), every row then compared with its distinct row, and by sorting the rows after
+    all if two ever shared a hash."""
+    h = np.full(len(tags), 14695981039346656037, dtype=np.uint64)  # FNV-1a over the columns
+    with np.errstate(over="ignore"):
+        for j in range(tags.shape[1]):
+            h = (h ^ tags[:, j].astype(np.uint64)) * np.uint64(1099511628211)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    if (tags == tags[first][inverse]).all():
+        return [tags[i].tobytes() for i in first], inverse
+    uniq, inverse = np.unique(tags.view(f"V{tags.shape[1]}").ravel(), return_inverse=True)
+    return [bytes(u) for u in uniq], inverse
