@@ -119,7 +119,7 @@ def read_events(records: Any, into: Events) -> None:
 
     base = into.seen
     into.seen += len(records)
-    fast = scalars.decode(records.starts, records.lengths, records.buf)
+    fast = scalars.decode(records)
     if len(fast.index):
         into.chunks.append(
             pa.table(

@@ -17,6 +17,7 @@ differently from what those classes would give.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,11 +36,12 @@ class Scalars:
     values: np.ndarray  # float32, as the file holds them
 
 
-def decode(starts: np.ndarray, lengths: np.ndarray, buf: np.ndarray) -> Scalars:
+def decode(records: Any) -> Scalars:
+    """The plain scalar events among ``records`` (``tfrecord.Records``)."""
     parts: list[tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    lengths = records.lengths
     for length in np.unique(lengths[(lengths >= 20) & (lengths <= _SHORT)]).tolist():
-        idx = np.flatnonzero(lengths == length)
-        rows = buf[starts[idx][:, None] + np.arange(length)]
+        idx, rows = records.rows(length)
         parts += _of_length(idx, rows, length)
     if not parts:
         empty = np.zeros(0, np.int64)

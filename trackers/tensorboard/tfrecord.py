@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from trackbridge.errors import BadInputError, MissingExtraError
 
 _MASK_DELTA = 0xA282EAD8
-_SHORT = 64  # records up to this long are checked together, by columns
+_SHORT = 128  # records up to this long are checked together, by columns...
+_MANY = 32  # ...when there are at least this many of one length
 _LENGTH = struct.Struct("<Q")
 
 
@@ -67,7 +68,11 @@ def crc_columns(rows: np.ndarray) -> np.ndarray:
 
 
 def _gather(buf: np.ndarray, at: np.ndarray, width: int) -> np.ndarray:
-    return buf[at[:, None] + np.arange(width)]
+    """``width`` bytes from each offset in ``at``, as rows: a window view of the buffer
+    (no copy) indexed by the offsets, so only the rows themselves are copied."""
+    if len(buf) < width:
+        return np.zeros((0, width), dtype=np.uint8)
+    return np.lib.stride_tricks.sliding_window_view(buf, width)[at]
 
 
 @dataclass
@@ -79,6 +84,16 @@ class Records:
     starts: np.ndarray  # int64: the byte where each record's data starts
     lengths: np.ndarray  # int64
     truncated_at: int | None = None  # the byte where a cut-off record starts
+    # the records of one length, checked by columns: their places and their bytes as
+    # rows, kept for the decoders that read them by columns too
+    by_length: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def rows(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The records of ``length``: which they are, and their bytes as rows."""
+        if length not in self.by_length:
+            idx = np.flatnonzero(self.lengths == length)
+            self.by_length[length] = (idx, _gather(self.buf, self.starts[idx], length))
+        return self.by_length[length]
 
     @property
     def buf(self) -> np.ndarray:
@@ -175,13 +190,15 @@ def _check(out: Records, heads: np.ndarray) -> None:
     bad_data: list[int] = []
     if n:
         stored = _gather(buf, out.starts + out.lengths, 4).copy().view("<u4").ravel()
-        short = out.lengths <= _SHORT
-        for length in np.unique(out.lengths[short]):
-            idx = np.flatnonzero(out.lengths == length)
-            got = _masked(crc_columns(_gather(buf, out.starts[idx], int(length))))
+        lengths, counts = np.unique(out.lengths, return_counts=True)
+        by_columns = (lengths <= _SHORT) & (counts >= _MANY)
+        for length in lengths[by_columns].tolist():
+            idx, rows = out.rows(length)
+            got = _masked(crc_columns(rows))
             bad_data += idx[got != stored[idx]].tolist()
         crc = _crc32c()
-        for i in np.flatnonzero(~short).tolist():
+        one_by_one = ~np.isin(out.lengths, lengths[by_columns])
+        for i in np.flatnonzero(one_by_one).tolist():
             if masked(crc(out.record(i))) != int(stored[i]):
                 bad_data.append(i)
     first_bad_data = int(out.starts[min(bad_data)]) - 12 if bad_data else None
