@@ -34,6 +34,7 @@ SYNC_HELP = """Copy what is new or changed in SRC into DEST; made to run every n
   trackbridge sync wandb://acme/research mlflow+https://mlflow.acme.internal --register-models
   trackbridge sync --config /etc/trackbridge/sync.toml
   trackbridge sync SRC DEST --shard 3/8          (one of 8 machines or tasks)
+  trackbridge sync SRC DEST --shard auto         (in a Kubernetes Indexed Job or a Slurm array)
 
 A run unchanged since the last sync is skipped without being read (its change token is
 kept on the destination run); a changed run gets only its new points and fields; a new
@@ -79,7 +80,12 @@ See docs/sync.md for the config file, cron and Airflow examples, and recovery.
 )
 @workers_option
 @artifact_root_option
-@click.option("--shard", metavar="K/N", help="Copy only shard K of N (a stable hash of each run family).")
+@click.option(
+    "--shard",
+    metavar="K/N|auto",
+    help="Copy only shard K of N (a stable hash of each run family); auto: K and N from the "
+    "scheduler (TRACKBRIDGE_SHARD, a Kubernetes Indexed Job, a Slurm array; docs/scale-out.md).",
+)
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False),

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,13 +105,78 @@ def default_state_dir() -> Path:
     return Path(base) / "trackbridge"
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
+def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """``K/N``, or ``auto``: read from the scheduler that started this process."""
     if not text:
         return None
+    if text.strip().lower() == "auto":
+        return shard_from_scheduler(os.environ if env is None else env)
     m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
-        raise UsageError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 2/8")
+        raise UsageError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 2/8, or auto")
     return int(m.group(1)), int(m.group(2))
+
+
+AUTO_HELP = (
+    "TRACKBRIDGE_SHARD=K/N; a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with "
+    "TRACKBRIDGE_SHARD_COUNT set to the Job's completions); a Slurm job array "
+    "(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN)"
+)
+
+
+def shard_from_scheduler(env: Mapping[str, str]) -> tuple[int, int]:
+    """This task's shard, from what its scheduler set: every scheduler found must say
+    the same shard, and one must be found (a guess would copy runs twice or never)."""
+    found: dict[str, tuple[int, int]] = {}
+    if env.get("TRACKBRIDGE_SHARD"):
+        text = env["TRACKBRIDGE_SHARD"]
+        m = re.fullmatch(r"\s*(\d+)/(\d+)\s*", text)
+        if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
+            raise UsageError(f"TRACKBRIDGE_SHARD={text!r}: expected K/N with 1 <= K <= N, e.g. 2/8")
+        found["TRACKBRIDGE_SHARD"] = (int(m.group(1)), int(m.group(2)))
+    if env.get("JOB_COMPLETION_INDEX") is not None and env.get("JOB_COMPLETION_INDEX") != "":
+        index = _whole(env, "JOB_COMPLETION_INDEX")
+        count = env.get("TRACKBRIDGE_SHARD_COUNT")
+        if not count:
+            raise UsageError(
+                "--shard auto: JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but not "
+                "TRACKBRIDGE_SHARD_COUNT; set it to the Job's spec.completions in its pod template"
+            )
+        n = _whole(env, "TRACKBRIDGE_SHARD_COUNT")
+        if not 0 <= index < n:
+            raise UsageError(
+                f"--shard auto: JOB_COMPLETION_INDEX={index} is not below TRACKBRIDGE_SHARD_COUNT={n}"
+            )
+        found["JOB_COMPLETION_INDEX"] = (index + 1, n)
+    if env.get("SLURM_ARRAY_TASK_ID"):
+        task = _whole(env, "SLURM_ARRAY_TASK_ID")
+        n = _whole(env, "SLURM_ARRAY_TASK_COUNT")
+        low = _whole(env, "SLURM_ARRAY_TASK_MIN") if env.get("SLURM_ARRAY_TASK_MIN") else 0
+        step = _whole(env, "SLURM_ARRAY_TASK_STEP") if env.get("SLURM_ARRAY_TASK_STEP") else 1
+        k, off = divmod(task - low, step or 1)
+        if off or not 0 <= k < n:
+            raise UsageError(
+                f"--shard auto: Slurm array task {task} is not one of {n} evenly spaced from {low} "
+                f"(step {step}); give the array as a range (--array=0-{n - 1}) or use --shard K/N"
+            )
+        found["SLURM_ARRAY_TASK_ID"] = (k + 1, n)
+    if not found:
+        raise UsageError(
+            f"--shard auto: no scheduler's shard found in the environment; looked for {AUTO_HELP}"
+        )
+    if len(set(found.values())) > 1:
+        said = ", ".join(f"{k} says {v[0]}/{v[1]}" for k, v in found.items())
+        raise UsageError(f"--shard auto: the environment contradicts itself ({said})")
+    return next(iter(found.values()))
+
+
+def _whole(env: Mapping[str, str], name: str) -> int:
+    text = env.get(name)
+    if text is None:
+        raise UsageError(f"--shard auto: {name} is not set")
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise UsageError(f"--shard auto: {name}={text!r} is not a whole number")
+    return int(text)
 
 
 def parse_when(text: Any, where: str) -> datetime | None:
