@@ -5,6 +5,7 @@ from the same files."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -285,3 +286,59 @@ def test_records_are_found_however_their_lengths_repeat(runs, cut, tmp_path):
     size = max(len(whole) - cut, 0)
     assert list(got) == [d for d, end in zip(datas, ends, strict=True) if end <= size]
     assert (got.truncated_at is None) == (size in (0, *ends))
+
+
+def test_tensor_summaries_as_tensorflow_2_writes_them(tmp_path):
+    """TensorFlow 2's summaries are tensors with a plugin name (``tf.summary.scalar``,
+    ``histogram``, ``text``), written here by TensorBoard's own writer and summary
+    functions (no TensorFlow): scalars become points, the histogram's ``[k, 3]`` tensor
+    W&B's edges and counts, the text a string, as TensorBoard's loader reads them."""
+    import numpy as np
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+    from tensorboard.plugins.text.summary_v2 import text_pb
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.util import tensor_util
+
+    logs = tmp_path / "tf2" / "run"
+    writer = EventFileWriter(str(logs))
+    for step in range(5):
+        writer.add_event(
+            Event(
+                wall_time=1_700_000_000 + step, step=step, summary=scalar_pb("epoch_loss", 1.0 / (step + 1))
+            )
+        )
+    writer.add_event(
+        Event(
+            wall_time=1_700_000_010, step=4, summary=histogram_pb("dense/kernel", np.arange(10.0), buckets=3)
+        )
+    )
+    writer.add_event(Event(wall_time=1_700_000_011, step=4, summary=text_pb("notes", "done")))
+    writer.close()
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    p = run_cli("migrate", f"tensorboard://{tmp_path / 'tf2'}", f"mlflow+{url}")
+    assert "verify: identical" in p.stdout, p.stdout
+    (run,) = mlflow_runs(url).values()
+    # TensorFlow's scalars are 32-bit floats: carried exactly as the file holds them
+    assert mlflow_points(url, run) == {
+        ("epoch_loss", s): [float(np.float32(1.0 / (s + 1)))] for s in range(5)
+    }
+    client = mlflow.MlflowClient(url)
+    series = pq.read_table(
+        client.download_artifacts(run.info.run_id, mc.SERIES_ARTIFACT, str(tmp_path))
+    ).to_pylist()
+    by_key = {r["key"]: r for r in series}
+    assert by_key["notes"]["kind"] == "string" and by_key["notes"]["value_json"] == '"done"'
+    hist = json.loads(by_key["dense/kernel"]["value_json"])
+    (ev,) = [e for e in _loader_events(logs) if e.summary.value and e.summary.value[0].tag == "dense/kernel"]
+    buckets = tensor_util.make_ndarray(ev.summary.value[0].tensor)  # (left, right, count) rows
+    assert hist["bins"] == [buckets[0][0], *buckets[:, 1]] and hist["values"] == [
+        int(c) for c in buckets[:, 2]
+    ]
+
+
+def _loader_events(folder: Path) -> list:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [e for f in sorted(folder.glob("events.out.tfevents.*")) for e in EventFileLoader(str(f)).Load()]
