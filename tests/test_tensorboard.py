@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from trackbridge.errors import BadInputError
 from trackbridge.trackers.mlflow import common as mc
@@ -274,16 +274,17 @@ def test_checksums_by_columns_are_crc32c(rows, extra):
     runs=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 70)), min_size=1, max_size=12),
     cut=st.integers(0, 30),
 )
+@example(runs=[(0, 1)], cut=17)  # cut to less than one header
 def test_records_are_found_however_their_lengths_repeat(runs, cut, tmp_path):
     """Runs of equal lengths (taken many at once) and lengths that change every record
     (taken one by one) give the records a plain walk gives, the last one cut or not."""
     datas = [bytes([i % 251]) * n for i, (n, times) in enumerate(runs) for _ in range(times)]
     whole = b"".join(_record(d) for d in datas)
     f = tmp_path / "events.out.tfevents.9.h"
-    f.write_bytes(whole[: len(whole) - cut])
+    size = max(len(whole) - cut, 0)
+    f.write_bytes(whole[:size])
     got = read_records(f)
     ends = [sum(len(x) + 16 for x in datas[: i + 1]) for i in range(len(datas))]
-    size = max(len(whole) - cut, 0)
     assert list(got) == [d for d, end in zip(datas, ends, strict=True) if end <= size]
     assert (got.truncated_at is None) == (size in (0, *ends))
 
