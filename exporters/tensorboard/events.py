@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ import pyarrow as pa
 from trackbridge import schema
 
 # TensorFlow's DataType enum values, for the tensors a summary holds
-_DT_FLOAT, _DT_DOUBLE, _DT_HALF, _DT_BFLOAT16 = 1, 2, 19, 14
+_DT_FLOAT, _DT_DOUBLE, _DT_HALF = 1, 2, 19
 _NUMPY = {1: "<f4", 2: "<f8", 19: "<f2", 3: "<i4", 9: "<i8"}
 
 
@@ -305,10 +306,10 @@ def image_rows(run_key: str, images: list[Image]) -> tuple[list[dict[str, Any]],
     rows, files = [], {}
     for im in images:
         ext = _image_ext(im.data)
-        safe = im.key.replace("/", "_") or "_"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", im.key).strip(".") or "_"  # a tag is untrusted text
         suffix = f"_{im.index}" if im.index else ""
-        path = f"media/images/{safe}_{im.step}{suffix}_{hashlib.sha256(im.data).hexdigest()[:20]}.{ext}"
         sha = hashlib.sha256(im.data).hexdigest()
+        path = f"media/images/{safe}_{im.step}{suffix}_{sha[:20]}.{ext}"
         value = {"_type": "image-file", "path": path, "sha256": sha, "size": len(im.data),
                  "width": im.width, "height": im.height, "format": ext}  # fmt: skip
         rows.append(_row(im.key, im.step, im.ts_us, "image-file", value, path, sha))
