@@ -287,8 +287,19 @@ def test_a_permanent_error_on_one_run_leaves_the_others_and_exits_partial(
 ) -> None:
     src = _src(wandb_demo, tmp_path)
     log = next(p for p in src.rglob("*.wandb") if "resumed01" not in str(p) and p.stat().st_size > 20_000)
+    from trackbridge.trackers.wandb.leveldb import RecordLog
+
+    # a byte flipped inside a whole record's data in the middle of the file: a bad CRC
     data = bytearray(log.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # a bad CRC mid-file
+    offset, payload = min(
+        (
+            (o, p)
+            for o, p in RecordLog(log).payloads()
+            if len(p) > 16 and o % 32768 + 7 + len(p) <= 32768 and o + 7 + len(p) < len(data) - 100
+        ),
+        key=lambda r: abs(r[0] - len(data) // 2),
+    )
+    data[offset + 7 + len(payload) // 2] ^= 0xFF
     log.write_bytes(bytes(data))
     r = tmp_path / "r.json"
     p = run_cli(

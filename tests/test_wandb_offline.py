@@ -154,6 +154,30 @@ def test_corrupt_record_names_file_and_offset(wandb_demo: Path, tmp_path: Path) 
         list(RecordLog(log).payloads())
 
 
+@pytest.mark.parametrize(
+    ("byte", "flip", "says"),
+    [
+        (6, 0x80, "record checksum mismatch"),  # the type byte: the checksum covers it
+        (5, 0x7F, "runs past its block"),  # the length's high byte: past the block's end
+    ],
+    ids=["type", "length"],
+)
+def test_a_damaged_header_mid_file_is_an_error_not_a_cut(
+    wandb_demo: Path, tmp_path: Path, byte, flip, says
+) -> None:
+    """A damaged record header in the middle of the file names the file and the byte; it
+    is never taken for the end of a cut-off file (which would drop every later record
+    without a word)."""
+    log = _copy_run(wandb_demo, tmp_path, "baseline")
+    offsets = [o for o, _ in RecordLog(log).payloads()]
+    bad = offsets[len(offsets) // 2]
+    data = bytearray(log.read_bytes())
+    data[bad + byte] ^= flip
+    log.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match=rf"{log.name}: byte {bad}: .*{says}"):
+        list(RecordLog(log).payloads())
+
+
 def test_not_a_wandb_file(tmp_path: Path) -> None:
     d = tmp_path / "offline-run-20260101_000000-abcdefgh"
     d.mkdir()

@@ -86,17 +86,22 @@ class RecordLog:
                 self.truncated = bool(parts)
                 return
             end = pos + HEADER + length
+            if end > pos - pos % BLOCK + BLOCK:
+                # the writer splits records at block ends: a length past one is damage
+                raise self._fail(pos, f"record length {length} runs past its block (the file is damaged)")
             if end > size:
                 self.truncated = True
                 return
             piece = data[pos + HEADER : end]
-            if kind not in _TYPE_CRC:
-                raise self._fail(pos, f"unknown record type {kind}")
-            if crc32(piece, _TYPE_CRC[kind]) != crc:
+            # the checksum covers the type byte too: a damaged type is a checksum failure,
+            # an unknown type with a good checksum is a format this reader does not know
+            if crc32(piece, _TYPE_CRC.get(kind) or crc32(bytes([kind]))) != crc:
                 if end >= size or not any(data[end:size]):
                     self.truncated = True  # a torn final write
                     return
                 raise self._fail(pos, "record checksum mismatch (the file is damaged)")
+            if kind not in _TYPE_CRC:
+                raise self._fail(pos, f"unknown record type {kind}")
             if kind == FULL:
                 if parts:
                     raise self._fail(pos, "a whole record interrupts a split one")
