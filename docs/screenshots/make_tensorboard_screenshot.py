@@ -1,0 +1,73 @@
+"""A TensorBoard log folder migrated into MLflow, as an MLflow user sees it.
+
+    python docs/screenshots/make_tensorboard_screenshot.py [OUT_FOLDER]
+
+Writes the TensorBoard demo logs with PyTorch's ``SummaryWriter`` (scalars, a restart,
+text, an image, a histogram, hparams), migrates them with ``trackbridge migrate
+tensorboard://…`` into a real ``mlflow server`` on 127.0.0.1, and photographs MLflow's
+own UI with headless Chromium: the runs table, and a run's metrics with its image card.
+Everything lives in a temporary folder; the server and the browser are stopped by
+their PIDs. Not part of CI: it needs Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main(out: Path) -> None:
+    from make_screenshots import Browser
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        sys.exit("chromium is not installed (Debian: apt-get install chromium)")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="trackbridge-shots-") as tmp:
+        root = Path(tmp)
+        os.environ["HOME"] = str(root / "home")  # nothing lands in the real home
+        os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        from mlflow import MlflowClient
+        from trackbridge.trackers.mlflow.server import LocalMlflowServer
+        from trackbridge.trackers.tensorboard.demo import make_tensorboard_demo
+
+        logs = make_tensorboard_demo(root / "tb-logs")
+        with LocalMlflowServer(root / "server") as url:
+            cmd = [
+                sys.executable,
+                "-m",
+                "trackbridge.cli",
+                "migrate",
+                f"tensorboard://{logs}",
+                f"mlflow+{url}",
+            ]
+            subprocess.run(cmd, check=True)
+            client = MlflowClient(url)
+            exp = client.get_experiment_by_name("tb-logs").experiment_id
+            (run,) = client.search_runs([exp], filter_string="attributes.run_name = 'train/a'")
+            browser = Browser(chromium, root / "chromium")
+            try:
+                browser.shoot(
+                    f"{url}/#/experiments/{exp}/runs", out / "tensorboard-runs.png", width=1600, height=500
+                )
+                browser.shoot(
+                    f"{url}/#/experiments/{exp}/runs/{run.info.run_id}/model-metrics",
+                    out / "tensorboard-run.png",
+                    height=1500,
+                    settle=10,
+                )
+            finally:
+                browser.close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
