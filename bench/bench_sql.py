@@ -20,9 +20,10 @@ Cases:
 - ``server``: the points case through a PostgreSQL-backed ``mlflow server --workers 4``,
   ``trackbridge import --workers 4`` against MLflow's REST calls posted by 4 threads.
 
-trackbridge is timed inside this process (``engine.copy`` from a bundle on disk: the
-bundle read included, Python's start-up and ``import mlflow`` not, as for the
-references), and also as the real command, start-up included. The database servers are
+trackbridge is timed inside this process (``engine.copy`` from a bundle on disk, with
+the command's default ``--workers`` for the destination: the bundle read included,
+Python's start-up and ``import mlflow`` not, as for the references), and also as the
+real command, start-up included. The database servers are
 our own (``trackbridge.trackers.mlflow.localdb``), on loopback, with their fsyncs on.
 """
 
@@ -64,11 +65,14 @@ def make_bundle(path: Path, runs: int, keys: int, steps: int, params: int) -> Pa
     return f.write_bundle(path, [f.project(name="bench")], payloads)
 
 
-def trackbridge(bundle: Path, url: str, root: Path | None, workers: int = 1) -> float:
+def trackbridge(bundle: Path, url: str, root: Path | None, workers: int | None = None) -> float:
+    """``workers``: the command's default for the destination when not given."""
     from trackbridge import engine
     from trackbridge.bundle_reader import BundleSource
     from trackbridge.model import Selection
-    from trackbridge.uri import open_sink
+    from trackbridge.uri import default_workers, open_sink
+
+    workers = workers or default_workers(f"mlflow+{url}")  # as `import` picks it
 
     sink = open_sink(f"mlflow+{url}", artifact_root=str(root) if root else None)
     t = time.perf_counter()

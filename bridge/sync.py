@@ -443,7 +443,9 @@ def sync_pair(pair: Pair, opts: Options, bar: Any = None) -> PairResult:
                 delta_path = root / started.strftime("%Y%m%dT%H%M%SZ")
                 sink = DeltaSink(sink, BundleWriter(delta_path))
             plan = SyncPlan(pair, opts, state, source, sink)
-            workers = opts.workers or default_workers(pair.source, pair.destination)
+            # as `migrate` and `import` pick it: by the destination (a local source is
+            # read from several threads as well as one)
+            workers = opts.workers or default_workers(pair.destination)
             report = engine.copy(
                 source, sink, pair.selection(), workers=workers, bar=bar, label="sync", plan=plan
             )

@@ -71,8 +71,9 @@ def check_destination(t: Target) -> None:
 
 
 def default_workers(*uris: str) -> int:
-    """Runs in parallel: 4 when every side is a server, 1 when one is a local store or
-    folder (SQLite allows one writer; a disk gains nothing from more)."""
+    """Runs in parallel: 4 when every side given is a server or a database, 1 when one is
+    a local store or folder (SQLite allows one writer; a disk gains nothing from more).
+    The commands give it the side that is written: the destination."""
     targets = [parse(u) for u in uris]
     return 1 if any(t.tracker.is_local(t) for t in targets) else 4
 
