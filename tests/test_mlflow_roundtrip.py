@@ -470,7 +470,8 @@ def test_run_files_leave_out_a_logged_model_of_the_same_name(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = mc.client(uri)
-    exp = client.create_experiment("same-name")
+    # its files beside the store (MLflow's client alone would put them in ./mlruns)
+    exp = client.create_experiment("same-name", artifact_location=(tmp_path / "artifacts").as_uri())
     rid = client.create_run(exp).info.run_id
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "weights.bin").write_bytes(b"run's own")
