@@ -155,18 +155,27 @@ class Browser:
         stop_group(self.proc)
 
 
-def main(out: Path) -> None:
+def find_chromium() -> str:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         sys.exit("chromium is not installed (Debian: apt-get install chromium)")
+    return chromium
+
+
+def sandboxed(root: Path) -> None:
+    """Nothing lands in the real home: set before MLflow, matplotlib or W&B is imported."""
+    os.environ["HOME"] = str(root / "home")
+    os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def main(out: Path) -> None:
+    chromium = find_chromium()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trackbridge-shots-") as tmp:
         root = Path(tmp)
-        # nothing lands in the real home: set before MLflow, matplotlib or W&B is imported
-        os.environ["HOME"] = str(root / "home")
-        os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
-        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        sandboxed(root)
         from mlflow import MlflowClient
         from trackbridge.trackers.mlflow.server import LocalMlflowServer
         from trackbridge.trackers.wandb.demo import make_wandb_demo, make_wandb_search

@@ -5,15 +5,13 @@
 Writes the TensorBoard demo logs with PyTorch's ``SummaryWriter`` (scalars, a restart,
 text, an image, a histogram, hparams), migrates them with ``trackbridge migrate
 tensorboard://…`` into a real ``mlflow server`` on 127.0.0.1, and photographs MLflow's
-own UI with headless Chromium: the runs table, and a run's metrics with its image card.
+own UI with headless Chromium: a run's metrics, with its image card and histogram.
 Everything lives in a temporary folder; the server and the browser are stopped by
 their PIDs. Not part of CI: it needs Chromium.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,18 +22,14 @@ sys.path.insert(0, str(HERE))
 
 
 def main(out: Path) -> None:
-    from make_screenshots import Browser
+    from make_screenshots import Browser, find_chromium, sandboxed
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        sys.exit("chromium is not installed (Debian: apt-get install chromium)")
+    chromium = find_chromium()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trackbridge-shots-") as tmp:
         root = Path(tmp)
-        os.environ["HOME"] = str(root / "home")  # nothing lands in the real home
-        os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
-        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        sandboxed(root)
         from mlflow import MlflowClient
         from trackbridge.trackers.mlflow.server import LocalMlflowServer
         from trackbridge.trackers.tensorboard.demo import make_tensorboard_demo
@@ -56,9 +50,6 @@ def main(out: Path) -> None:
             (run,) = client.search_runs([exp], filter_string="attributes.run_name = 'train/a'")
             browser = Browser(chromium, root / "chromium")
             try:
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs", out / "tensorboard-runs.png", width=1600, height=500
-                )
                 browser.shoot(
                     f"{url}/#/experiments/{exp}/runs/{run.info.run_id}/model-metrics",
                     out / "tensorboard-run.png",
