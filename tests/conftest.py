@@ -30,6 +30,24 @@ os.environ["WANDB_MODE"] = "offline"
 (_SANDBOX / "home").mkdir(parents=True, exist_ok=True)
 
 
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_STRAYS = ("mlruns", "wandb", "mlartifacts")  # what a tracker drops in the current folder
+_BEFORE = {name for name in _STRAYS if (_CHECKOUT / name).exists()}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test that leaves a tracker's folder in the checkout (MLflow's ./mlruns, W&B's
+    ./wandb) fails the run: it would do the same in a user's project."""
+    if hasattr(session.config, "workerinput"):
+        return  # the controller checks, once, after every worker is done
+    left = [name for name in _STRAYS if (_CHECKOUT / name).exists() and name not in _BEFORE]
+    if left:
+        session.config.get_terminal_writer().line(
+            f"tests left {', '.join(left)} in {_CHECKOUT}: a test wrote into the current folder", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Path:
     return _SANDBOX

@@ -107,6 +107,12 @@ class OfflineServer:
         self.links.append((artifact_path, target_path, aliases))
 
 
+def _files(tmp_path: Path) -> str:
+    """Where a source store made here with MLflow's plain client keeps its experiment's
+    files: the test's folder (the client alone would use ./mlruns of the checkout)."""
+    return (tmp_path / "src-artifacts").as_uri()
+
+
 def _copy(store: str, server: OfflineServer, sel: Selection, uri: str = "acme/research"):
     return engine.copy(MlflowSource(store), WandbOnlineSink(uri, api=server), sel)
 
@@ -143,7 +149,7 @@ def test_a_named_project_holds_every_source_project_and_says_so(demo_store: dict
 def test_a_run_that_grew_is_resumed_and_only_the_new_rows_appended(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'src.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("nightly")
+    exp = client.create_experiment("nightly", artifact_location=_files(tmp_path))
     rid = client.create_run(exp, start_time=1_700_000_000_000, run_name="long-job").info.run_id
     client.log_batch(
         rid, metrics=[Metric("loss", 1.0 / (s + 1), 1_700_000_000_000 + s, s) for s in range(50)]
@@ -170,7 +176,7 @@ def test_a_half_written_run_is_completed_not_duplicated(tmp_path: Path) -> None:
     """An import killed before its fingerprint: the next one appends what is missing."""
     uri = f"sqlite:///{tmp_path / 'src.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("crashy")
+    exp = client.create_experiment("crashy", artifact_location=_files(tmp_path))
     rid = client.create_run(exp, start_time=1_700_000_000_000).info.run_id
     client.log_batch(rid, metrics=[Metric("acc", s / 100, 1_700_000_000_000 + s, s) for s in range(40)])
     client.set_terminated(rid, "FINISHED")
@@ -207,7 +213,7 @@ def test_a_half_written_run_is_completed_not_duplicated(tmp_path: Path) -> None:
 def test_history_changed_under_a_written_run_is_refused_not_doubled(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'src.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("edited")
+    exp = client.create_experiment("edited", artifact_location=_files(tmp_path))
     rid = client.create_run(exp, start_time=1_700_000_000_000).info.run_id
     client.log_batch(rid, metrics=[Metric("loss", 1.0, 1_700_000_000_000 + s, s) for s in range(10)])
     server = OfflineServer(tmp_path / "server")
@@ -226,7 +232,7 @@ def test_registry_versions_are_linked_with_aliases_and_stage(tmp_path: Path) -> 
 
     uri = f"sqlite:///{tmp_path / 'src.db'}"
     client = MlflowClient(uri)
-    exp = client.create_experiment("vision")
+    exp = client.create_experiment("vision", artifact_location=_files(tmp_path))
     rid = client.create_run(exp, start_time=1_700_000_000_000, run_name="train").info.run_id
     client.log_batch(rid, metrics=[Metric("loss", 0.5, 1_700_000_000_000, 0)])
     lm = client.create_logged_model(exp, name="resnet", source_run_id=rid)
