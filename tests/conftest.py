@@ -27,6 +27,7 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SANDBOX / 'unused-default.db'}
 for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
     os.environ[var] = str(_SANDBOX / var.lower())
 os.environ["WANDB_MODE"] = "offline"
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_SANDBOX / "torchinductor")  # else /tmp/torchinductor_<user>
 (_SANDBOX / "home").mkdir(parents=True, exist_ok=True)
 
 
