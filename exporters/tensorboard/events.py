@@ -13,7 +13,6 @@ with TensorBoard's own statistics beside it. Anything else is counted and report
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -174,7 +173,7 @@ def _other(into: Events, v: Any, kind: str | None, step: int, ts: int, hparams_c
         into.images.append(Image(v.tag, step, ts, im.encoded_image_string, im.width, im.height))
     elif kind == "histo":
         h = v.histo
-        into.series.append(_hist_row(v.tag, step, ts, _histo_value(h)))
+        into.series.append(_row(v.tag, step, ts, "histogram", _histo_value(h)))
     else:
         into.skipped[f"{plugin or kind or 'empty'} summaries"] += 1
 
@@ -210,7 +209,7 @@ def _tensor(into: Events, tag: str, plugin: str, t: Any, step: int, ts: int, seq
             "bins": [float(arr[0][0]), *(float(r) for r in arr[:, 1])],
             "values": [_whole(float(c)) for c in arr[:, 2]],
         }
-        into.series.append(_hist_row(tag, step, ts, value))
+        into.series.append(_row(tag, step, ts, "histogram", value))
     else:
         into.skipped[f"{plugin or 'tensor'} summaries"] += 1
 
@@ -261,10 +260,6 @@ def _whole(x: float) -> float | int:
     return int(x) if float(x).is_integer() and abs(x) < 2**53 else x
 
 
-def _hist_row(tag: str, step: int, ts: int, value: dict[str, Any]) -> dict[str, Any]:
-    return _row(tag, step, ts, "histogram", value)
-
-
 def _row(tag: str, step: int, ts: int, kind: str, value: Any, file_path: str | None = None,
          sha: str | None = None) -> dict[str, Any]:  # fmt: skip
     return {
@@ -301,7 +296,7 @@ def _hparams(into: Events, data: Any) -> None:
                 into.hparam_metrics.append(tag)
 
 
-def image_rows(run_key: str, images: list[Image]) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+def image_rows(images: list[Image]) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """Series entries for the images, and their bytes by path among the run's files."""
     rows, files = [], {}
     for im in images:
@@ -337,7 +332,3 @@ def hparams_params(run_key: str, hparams: dict[str, Any]) -> list[dict[str, Any]
         }
         for name, value in sorted(hparams.items())
     ]
-
-
-def metric_infos_text(tags: list[str]) -> str:
-    return json.dumps(tags, ensure_ascii=False)

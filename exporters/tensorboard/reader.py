@@ -14,6 +14,7 @@ still move, as for ``.wandb`` files.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -147,7 +148,7 @@ class TensorBoardSource(TrackerSource):
                 )
         for what, n in sorted(got.skipped.items()):
             notes.append(("not-carried", what, f"{n} left out: not tracking data trackbridge carries"))
-        image_rows, blobs = ev.image_rows(key, got.images)
+        image_rows, blobs = ev.image_rows(got.images)
         series_rows = [{"run_key": key, **r} for r in [*got.series, *image_rows]]
         for r in series_rows:
             r["timestamp"] = schema.us_to_dt(r["timestamp"])
@@ -155,7 +156,7 @@ class TensorBoardSource(TrackerSource):
         if got.file_version:
             tags["tensorboard.file_version"] = got.file_version
         if got.hparam_metrics:
-            tags["tensorboard.hparams.metrics"] = ev.metric_infos_text(got.hparam_metrics)
+            tags["tensorboard.hparams.metrics"] = json.dumps(got.hparam_metrics, ensure_ascii=False)
         row = {
             **{k: v for k, v in run.items() if k in schema.SCHEMAS["runs"].names},
             "start_time": schema.us_to_dt(got.first_us) or run.get("start_time"),

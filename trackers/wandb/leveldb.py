@@ -95,7 +95,7 @@ class RecordLog:
             piece = data[pos + HEADER : end]
             # the checksum covers the type byte too: a damaged type is a checksum failure,
             # an unknown type with a good checksum is a format this reader does not know
-            if crc32(piece, _TYPE_CRC.get(kind) or crc32(bytes([kind]))) != crc:
+            if crc32(piece, _TYPE_CRC[kind] if kind in _TYPE_CRC else crc32(bytes([kind]))) != crc:
                 if end >= size or not any(data[end:size]):
                     self.truncated = True  # a torn final write
                     return
