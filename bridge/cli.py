@@ -233,6 +233,7 @@ def _migrate(
             report.runs.append(er)
         elif ir is not None and er.mappings:
             ir.mappings[:0] = [m for m in er.mappings if m not in ir.mappings]
+    report.other_mappings[:0] = [m for m in exp.other_mappings if m not in report.other_mappings]
     report.errors[:0] = [f"export: {e}" for e in exp.errors]
     code = finish(report, report_path)
     if dry_run:

@@ -179,6 +179,8 @@ def copy(
     sink.finish()
     for notice in sink.notices:  # e.g. duplicates another importer left, removed
         report.mapped(*notice)
+    for notice in getattr(source, "notices", ()):  # what a source holds but does not carry
+        report.mapped(*notice)
     return report
 
 

@@ -118,7 +118,8 @@ class Tracker:
     accepts: Callable[[str], bool] | None = None  # schemes beyond the listed ones
     open_source: Callable[..., Any] = _no  # (Target, **options) -> Source
     open_sink: Callable[..., Any] = _no  # (Target, **options) -> Sink
-    not_a_destination: str = ""  # why, when writes is False
+    not_a_destination: str = ""  # why, when writes is False or the scheme is read only
+    read_only: tuple[str, ...] = ()  # schemes it reads but never writes (a backup's format)
     not_a_source: str = ""
     check_source: Callable[[Target], None] | None = None  # cheap checks before any read
     check_destination: Callable[[Target], None] | None = None  # ... before any export
@@ -219,7 +220,7 @@ def support_table() -> str:
     """The README's support table, from the declarations (a test keeps the two equal)."""
     rows = ["| tracker | URIs | read | write | extra |", "|---|---|---|---|---|"]
     for t in registry():
-        uris = ", ".join(f"`{s}://`" for s in t.schemes)
+        uris = ", ".join(f"`{s}://`" + (" (read only)" if s in t.read_only else "") for s in t.schemes)
         caps = t.capabilities
         extra = f"`[{t.extra}]`" if t.extra else "(built in)"
         read, write = ("yes" if ok else "no" for ok in (caps.reads, caps.writes))

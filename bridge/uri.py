@@ -66,6 +66,8 @@ def check_destination(t: Target) -> None:
     missing driver. Each is one line and an exit code of its own, within a second,
     instead of a failure after minutes of export."""
     d = t.tracker
+    if t.scheme in d.read_only:
+        raise UsageError(f"{t.safe}: {d.not_a_destination or f'{t.scheme}:// is read only'}")
     if d.check_destination is not None:
         d.check_destination(t)
 

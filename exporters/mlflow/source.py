@@ -44,11 +44,13 @@ def _own_metric_keys(metrics: Any, renamed: dict[str, str], shown: dict[str, Any
 
 
 class MlflowSource(HistoryReader, FilesReader, ModelsReader, TrackerSource):
-    def __init__(self, tracking_uri: str, safe: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, safe: str | None = None, client: Any = None) -> None:
+        """``client``: what answers the calls made here instead of an ``MlflowClient``
+        (an export folder's, ``export_import``)."""
         self.uri = tracking_uri
         self.safe = safe or tracking_uri
         try:
-            self.client = mc.client(tracking_uri)
+            self.client = client or mc.client(tracking_uri)
         except mc.StoreUnreachable as e:
             raise SourceNotFoundError(f"{self.describe()}: cannot connect ({e})") from e
         self._runs: dict[str, Any] = {}

@@ -69,6 +69,10 @@ SYSTEM = "system/"
 
 
 def _open_source(t: Target, **options: Any) -> Any:
+    if t.scheme == uris.EXPORT_IMPORT:
+        from trackbridge.exporters.mlflow.export_import import ExportImportSource
+
+        return ExportImportSource(t.inner, **options)
     from trackbridge.exporters.mlflow.source import MlflowSource
 
     return MlflowSource(t.inner, safe=redact(t.inner), **options)
@@ -101,6 +105,11 @@ TRACKER = Tracker(
         ("mlflow+sqlite:////ABS/PATH.db", "an MLflow SQLite store, used in-process"),
         ("mlflow+postgresql://…", "an MLflow database store, used in-process (also mysql://, any +driver)"),
         ("mlflow+file:///ABS/PATH", "an MLflow file store (mlruns), used in-process"),
+        (
+            "mlflow-export-import:///ABS/PATH",
+            "a folder mlflow-export-import wrote (export-all, -experiments, -experiment, -models), "
+            "read as the store it came from, original times kept (read only)",
+        ),
     ),
     capabilities=Capabilities(time_precision_ms=1, limits=LIMITS, live_append=True),
     extra="mlflow",
@@ -113,6 +122,11 @@ TRACKER = Tracker(
     canonical=uris.canonical,
     in_process=uris.is_local,
     sink_options=("artifact_root",),
+    read_only=(uris.EXPORT_IMPORT,),
+    not_a_destination=(
+        "an mlflow-export-import folder is a source only: migrate it into mlflow+… "
+        "(its original times kept) or wandb+offline://…"
+    ),
     transient=_transient,
     # what MLflow itself keeps in tags for fields the neutral schema has elsewhere, and
     # the tag it maintains on a logged model for the versions made from it

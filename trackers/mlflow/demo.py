@@ -19,8 +19,13 @@ from trackbridge.trackers.mlflow import common as mc
 T0 = 1_736_900_000_000  # 2025-01-15, in ms: clearly not "now"
 
 
-def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[str, Any]:
-    """Fill ``tracking_uri`` with the demo data; return ids the tests check against."""
+def make_mlflow_demo(
+    tracking_uri: str, steps: int = 60, seed: int = 7, legacy: bool = False
+) -> dict[str, Any]:
+    """Fill ``tracking_uri`` with the demo data; return ids the tests check against.
+
+    ``legacy``: only what MLflow 2.3 could hold (no dataset inputs, no logged model), the
+    data that tools of that time, such as mlflow-export-import 1.x, can copy whole."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunTag
 
     rng = random.Random(seed)
@@ -79,22 +84,23 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
         metrics.append(Metric("epoch", 1.0, T0 + 10_000_003, -1))  # negative step
         for k in range(0, len(metrics), 1000):
             client.log_batch(rid, metrics=metrics[k : k + 1000])
-        client.log_inputs(
-            rid,
-            datasets=[
-                DatasetInput(
-                    Dataset(
-                        "cifar10-train",
-                        "d41d8cd9",
-                        "local",
-                        '{"uri": "/data/cifar10"}',
-                        '{"mlflow_colspec": []}',
-                        '{"num_rows": 50000}',
-                    ),
-                    [InputTag("mlflow.data.context", "training")],
-                )
-            ],
-        )
+        if not legacy:
+            client.log_inputs(
+                rid,
+                datasets=[
+                    DatasetInput(
+                        Dataset(
+                            "cifar10-train",
+                            "d41d8cd9",
+                            "local",
+                            '{"uri": "/data/cifar10"}',
+                            '{"mlflow_colspec": []}',
+                            '{"num_rows": 50000}',
+                        ),
+                        [InputTag("mlflow.data.context", "training")],
+                    )
+                ],
+            )
         with tempfile.TemporaryDirectory() as d:
             p = Path(d)
             (p / "notes.txt").write_text(f"trial {i}: lr={lr}\n")
@@ -109,33 +115,34 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
 
     # MLflow 3: a logged model with params, tags, files, and metrics linked to it.
     rid0 = out["runs"]["trial-0"]
-    lm = client.create_logged_model(
-        exp_id,
-        name="resnet",
-        source_run_id=rid0,
-        tags={"framework": "torch"},
-        params={"depth": "18"},
-        model_type="classifier",
-    )
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
-        client.log_model_artifact(lm.model_id, str(Path(d) / "MLmodel"))
-    client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
-    client.log_batch(
-        rid0,
-        metrics=[
-            Metric(
-                "eval/f1",
-                0.87,
-                T0 + 20_000_000,
-                0,
-                model_id=lm.model_id,
-                dataset_name="cifar10-test",
-                dataset_digest="abc123",
-            )
-        ],
-    )
-    out["logged_model"] = lm.model_id
+    if not legacy:
+        lm = client.create_logged_model(
+            exp_id,
+            name="resnet",
+            source_run_id=rid0,
+            tags={"framework": "torch"},
+            params={"depth": "18"},
+            model_type="classifier",
+        )
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
+            client.log_model_artifact(lm.model_id, str(Path(d) / "MLmodel"))
+        client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
+        client.log_batch(
+            rid0,
+            metrics=[
+                Metric(
+                    "eval/f1",
+                    0.87,
+                    T0 + 20_000_000,
+                    0,
+                    model_id=lm.model_id,
+                    dataset_name="cifar10-test",
+                    dataset_digest="abc123",
+                )
+            ],
+        )
+        out["logged_model"] = lm.model_id
 
     killed = run("killed-run", exp_id, 5, "bob")
     client.log_batch(killed, metrics=[Metric("loss", 1.0, T0 + 5 * 60_000, 0)])
@@ -165,14 +172,17 @@ def make_mlflow_demo(tracking_uri: str, steps: int = 60, seed: int = 7) -> dict[
         tags={"validated": "yes"},
         description="from run files",
     )
-    with mc.global_tracking_uri(tracking_uri):
-        v2 = client.create_model_version(
-            "demo-classifier",
-            f"models:/{lm.model_id}",
-            run_id=rid0,
-            description="from the logged model",
-            model_id=lm.model_id,
-        )
+    if legacy:  # a second version from run files, as MLflow 2 made them
+        v2 = client.create_model_version("demo-classifier", f"{art_uri}/model", run_id=rid0)
+    else:
+        with mc.global_tracking_uri(tracking_uri):
+            v2 = client.create_model_version(
+                "demo-classifier",
+                f"models:/{out['logged_model']}",
+                run_id=rid0,
+                description="from the logged model",
+                model_id=out["logged_model"],
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still used
         client.transition_model_version_stage("demo-classifier", v1.version, "Staging")

@@ -13,11 +13,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from trackbridge.errors import BadInputError, SourceNotFoundError, UsageError
-from trackbridge.tracker import Target, redact
-from trackbridge.uri import writable, writable_folder
+from trackbridge.tracker import Target, local_path, redact
+from trackbridge.uri import folder_canonical, writable, writable_folder
 
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
-SCHEMES = ("mlflow+http", "mlflow+https", "mlflow+file", *(f"mlflow+{d}" for d in DATABASES))
+# a folder mlflow-export-import wrote: read as the store it was exported from
+EXPORT_IMPORT = "mlflow-export-import"
+SCHEMES = ("mlflow+http", "mlflow+https", "mlflow+file", *(f"mlflow+{d}" for d in DATABASES), EXPORT_IMPORT)
 # The pip package that brings each database driver SQLAlchemy may ask for.
 DRIVER_PACKAGES = {
     "psycopg": "psycopg[binary]",
@@ -41,6 +43,8 @@ def accepts(scheme: str) -> bool:
 
 
 def parse(scheme: str, rest: str, raw: str) -> str:
+    if scheme == EXPORT_IMPORT:
+        return local_path(rest)
     inner = raw.split("+", 1)[1]
     return _plain_sqlite(inner) if inner.startswith("sqlite:") else inner
 
@@ -127,6 +131,10 @@ def _check_sqlite_header(t: Target, path: Path) -> None:
 
 def check_source(t: Target) -> None:
     """A missing SQLite file would be silently created as an empty store: refuse instead."""
+    if t.scheme == EXPORT_IMPORT:
+        if not Path(t.inner).is_dir():
+            raise SourceNotFoundError(f"{t.safe}: no such folder {t.inner}")
+        return
     check_driver(t)
     path = sqlite_path(t.inner)
     if path is not None:
@@ -156,6 +164,8 @@ def check_destination(t: Target) -> None:
 def canonical(t: Target) -> str:
     """One spelling per store: a real path for files; for servers and databases the host
     in lower case, without the default port, the driver, credentials or a trailing slash."""
+    if t.scheme == EXPORT_IMPORT:
+        return folder_canonical(t)
     inner = t.inner
     scheme = inner.split("://", 1)[0].split("+")[0].lower()
     db = sqlite_path(inner)
@@ -177,4 +187,4 @@ def is_local(t: Target) -> bool:
     """SQLite and file stores take one writer at a time. A database server used
     in-process is not local here: 4 workers were as fast as 1 or faster into PostgreSQL
     with the bulk path (docs/benchmarks.md)."""
-    return t.inner.startswith(("sqlite:", "file:"))
+    return t.scheme == EXPORT_IMPORT or t.inner.startswith(("sqlite:", "file:"))
