@@ -118,15 +118,16 @@ def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple
 
 
 AUTO_HELP = (
-    "TRACKBRIDGE_SHARD=K/N; a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with "
-    "TRACKBRIDGE_SHARD_COUNT set to the Job's completions); a Slurm job array "
+    "TRACKBRIDGE_SHARD=K/N; a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, the count "
+    "from TRACKBRIDGE_SHARD_COUNT or read from the Job); a Slurm job array "
     "(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN)"
 )
 
 
-def shard_from_scheduler(env: Mapping[str, str]) -> tuple[int, int]:
+def shard_from_scheduler(env: Mapping[str, str], k8s_account: Path | None = None) -> tuple[int, int]:
     """This task's shard, from what its scheduler set: every scheduler found must say
-    the same shard, and one must be found (a guess would copy runs twice or never)."""
+    the same shard, and one must be found (a guess would copy runs twice or never).
+    ``k8s_account``: where a pod's service account is mounted (Kubernetes' own place)."""
     found: dict[str, tuple[int, int]] = {}
     if env.get("TRACKBRIDGE_SHARD"):
         text = env["TRACKBRIDGE_SHARD"]
@@ -136,17 +137,14 @@ def shard_from_scheduler(env: Mapping[str, str]) -> tuple[int, int]:
         found["TRACKBRIDGE_SHARD"] = (int(m.group(1)), int(m.group(2)))
     if env.get("JOB_COMPLETION_INDEX") is not None and env.get("JOB_COMPLETION_INDEX") != "":
         index = _whole(env, "JOB_COMPLETION_INDEX")
-        count = env.get("TRACKBRIDGE_SHARD_COUNT")
-        if not count:
-            raise UsageError(
-                "--shard auto: JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but not "
-                "TRACKBRIDGE_SHARD_COUNT; set it to the Job's spec.completions in its pod template"
-            )
-        n = _whole(env, "TRACKBRIDGE_SHARD_COUNT")
+        if env.get("TRACKBRIDGE_SHARD_COUNT"):
+            n = _whole(env, "TRACKBRIDGE_SHARD_COUNT")
+        else:  # the count is the Job's: asked of the Kubernetes API
+            from trackbridge.k8s import SERVICE_ACCOUNT, job_completions
+
+            n = job_completions(env, index, k8s_account or SERVICE_ACCOUNT)
         if not 0 <= index < n:
-            raise UsageError(
-                f"--shard auto: JOB_COMPLETION_INDEX={index} is not below TRACKBRIDGE_SHARD_COUNT={n}"
-            )
+            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX={index} is not below the shard count, {n}")
         found["JOB_COMPLETION_INDEX"] = (index + 1, n)
     if env.get("SLURM_ARRAY_TASK_ID"):
         task = _whole(env, "SLURM_ARRAY_TASK_ID")

@@ -85,6 +85,145 @@ def test_a_missing_or_contradictory_shard_is_refused(env, says):
         shard_from_scheduler(env)
 
 
+class _KubeApi:
+    """A Kubernetes API server on 127.0.0.1, over TLS with its own CA, that knows one
+    Job; and the service account a pod of that Job has mounted."""
+
+    def __init__(self, root: Path, job: dict) -> None:
+        import datetime
+        import http.server
+        import ipaddress
+        import json
+        import ssl
+        import threading
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        def certificate(path: Path) -> tuple[Path, Path]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+            now = datetime.datetime.now(datetime.UTC)
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(name)
+                .issuer_name(name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(hours=1))
+                .add_extension(
+                    x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+                )
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                .sign(key, hashes.SHA256())
+            )
+            path.mkdir(parents=True)
+            (path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            (path / "key.pem").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            return path / "cert.pem", path / "key.pem"
+
+        self.job, self.seen = job, []
+        cert, key = certificate(root / "server")
+        self.account = root / "serviceaccount"
+        self.account.mkdir()
+        (self.account / "token").write_text("s3cret-token\n")
+        (self.account / "namespace").write_text("research")
+        (self.account / "ca.crt").write_bytes(cert.read_bytes())
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                api.seen.append((self.path, self.headers.get("Authorization")))
+                status, body = api.job.get(self.path, (404, {"kind": "Status"}))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+        self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def env(self, index: int, hostname: str | None = None) -> dict[str, str]:
+        return {
+            "JOB_COMPLETION_INDEX": str(index),
+            "HOSTNAME": hostname or f"trackbridge-migrate-{index}",
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.server.server_address[1]),
+        }
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+JOB = "/apis/batch/v1/namespaces/research/jobs/trackbridge-migrate"
+
+
+@pytest.fixture
+def kube(tmp_path: Path):
+    api = _KubeApi(tmp_path, {JOB: (200, {"spec": {"completionMode": "Indexed", "completions": 8}})})
+    yield api
+    api.stop()
+
+
+def test_an_indexed_jobs_count_is_read_from_the_job(kube):
+    assert shard_from_scheduler(kube.env(2), k8s_account=kube.account) == (3, 8)
+    assert kube.seen == [(JOB, "Bearer s3cret-token")]
+
+
+@pytest.mark.parametrize(
+    ("job", "hostname", "says"),
+    [
+        ((403, {"kind": "Status"}), None, "403, the pod's service account may not get jobs.batch"),
+        ((200, {"spec": {"completions": 8}}), None, "is not an Indexed Job"),
+        (
+            (200, {"spec": {"completionMode": "Indexed", "completions": 2}}),
+            None,
+            "is not below the shard count, 2",
+        ),
+        ((200, []), None, "is not an Indexed Job"),
+        (None, "worker-7", "hostname 'worker-7' is not <job name>-2"),
+        (None, None, "404, no such Job"),
+    ],
+    ids=["forbidden", "not-indexed", "index-too-big", "junk", "other-hostname", "no-job"],
+)
+def test_a_job_that_cannot_say_its_count_is_one_line(kube, job, hostname, says):
+    kube.job = {JOB: job} if job else {}
+    with pytest.raises(UsageError, match=re.escape(says)) as e:
+        shard_from_scheduler(kube.env(2, hostname), k8s_account=kube.account)
+    assert "s3cret" not in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_the_kubernetes_api_is_only_believed_with_the_pods_own_ca(kube, tmp_path):
+    """A server the service account's CA did not sign is refused, not believed."""
+    other = _KubeApi(tmp_path / "other", kube.job)
+    try:
+        with pytest.raises(UsageError, match="CERTIFICATE_VERIFY_FAILED"):
+            shard_from_scheduler(other.env(2), k8s_account=kube.account)
+        assert other.seen == []
+    finally:
+        other.stop()
+
+
 def test_shard_auto_without_a_scheduler_is_one_line_exit_2(demo_store, tmp_path):
     env = {
         k: v
@@ -230,6 +369,18 @@ def test_the_kubernetes_indexed_job_runs_its_pods_shards(demo_store, tmp_path):
     _together(pods)
     _each_run_once(url, 6)
     assert "verify: identical" in run_cli("verify", demo_store["tb"], f"mlflow+{url}").stdout
+
+
+def test_the_rbac_example_lets_the_pods_read_their_job_and_nothing_more():
+    docs = list(yaml.safe_load_all((EXAMPLES / "kubernetes-job-rbac.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert sorted(kinds) == ["Role", "RoleBinding", "ServiceAccount"]
+    assert kinds["Role"]["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}]
+    binding = kinds["RoleBinding"]
+    assert binding["roleRef"]["name"] == kinds["Role"]["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": kinds["ServiceAccount"]["metadata"]["name"]}
+    ]
 
 
 def test_the_slurm_array_script_runs_its_tasks_shards(demo_store, tmp_path):
