@@ -55,7 +55,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     db = root / "source.db"
     ids = make_mlflow_demo(f"sqlite:///{db}", legacy=True)
     env = {**os.environ, "HOME": str(root)}
-    out = {"db": db, "uri": f"mlflow+sqlite:///{db}", "ids": ids}
+    out = {"db": db, "uri": f"mlflow+sqlite:///{db}", "ids": ids, "tools": root}
     with LocalMlflowServer(root / "server", backend=f"sqlite:///{db}", env=env) as url:
         for name, release, module, options in EXPORTS:
             folder = root / name
@@ -210,6 +210,39 @@ def test_an_export_restores_into_wandb_offline(exported: dict, tmp_path: Path) -
         wb,
     )
     assert "verify: identical (2 projects, 5 runs" in p.stdout, p.stdout
+
+
+def test_runs_trackbridge_wrote_come_back_exact_from_a_backup(
+    exported: dict, wandb_demo: Path, tmp_path: Path
+) -> None:
+    """W&B → an MLflow server → mlflow-export-import 1.2.0 → MLflow: what trackbridge had
+    to map to fit MLflow (kept in the runs' own trackbridge/ files) is restored from the
+    folder as from the server. A run whose W&B model trackbridge made an MLflow logged
+    model cannot be restored from a release that exports none: it fails, saying so."""
+    dest = f"mlflow+sqlite:///{tmp_path / 'dest.db'}"
+    with LocalMlflowServer(tmp_path / "server") as url:
+        run_cli("migrate", f"wandb+offline://{wandb_demo}", f"mlflow+{url}")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlflow_export_import.bulk.export_all",
+                "--output-dir",
+                tmp_path / "backup",
+            ],
+            env={**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(exported["tools"] / "1.2.0")},
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+        )
+        p = run_cli("migrate", f"mlflow-export-import://{tmp_path / 'backup'}", dest, check=1)
+        assert "runs: 2 new, 0 updated, 0 unchanged, 1 failed" in p.stdout, p.stdout
+        assert "(baseline): artifact 'demo-classifier': its files" in p.stdout, p.stdout
+        assert "an MLflow logged model, which this export does not hold" in p.stdout
+        assert "value-truncated params.vocab" in p.stdout  # mapped again, from the full value
+        only = [x for rid in _runs(dest.removeprefix("mlflow+")) for x in ("--run", rid)]
+        p = run_cli("verify", *only, "--no-registry", f"mlflow+{url}", dest)
+        assert "verify: identical (2 projects, 2 runs" in p.stdout, p.stdout
 
 
 @pytest.fixture(scope="module")

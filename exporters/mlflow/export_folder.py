@@ -69,7 +69,6 @@ class ExportFolder:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.layouts: set[str] = set()
         self.left_out: list[tuple[str, str]] = []  # (what, why): what is not carried
         self.tracking_uri: str | None = None
         self.experiments: list[dict[str, Any]] = []
@@ -105,19 +104,18 @@ class ExportFolder:
             body = doc.get("mlflow", {})
             exp, run_ids, traces = body.get("experiment"), body.get("runs", []), body.get("traces") or []
             system = doc.get("system", {})
-            new = system.get("export_file_version") == "2" or (d / "runs").is_dir()
-            runs_dir, layout = (d / "runs", "2") if new else (d, "1.2")
+            new = system.get("export_file_version") == "2" or (d / "runs").is_dir()  # layout 2
+            runs_dir = d / "runs" if new else d
             self.tracking_uri = self.tracking_uri or system.get("mlflow_tracking_uri")
         elif (d / "manifest.json").is_file() and "experiment" in (doc := _json(d / "manifest.json")):
             info = doc.get("export_info", {})
-            exp, run_ids, runs_dir, layout = doc["experiment"], info.get("ok_runs", []), d, "1.x"
+            exp, run_ids, runs_dir = doc["experiment"], info.get("ok_runs", []), d
             traces = []
             self.tracking_uri = self.tracking_uri or info.get("mlflow_tracking_uri")
         else:
             return None
         if not isinstance(exp, dict) or "experiment_id" not in exp or "name" not in exp:
             raise BadInputError(f"{d}: its experiment file names no experiment (id and name)")
-        self.layouts.add(layout)
         if traces:
             self.left_out.append((f"experiment {exp['name']!r}", f"{len(traces)} trace(s) left out"))
         self.experiments.append(exp)

@@ -27,12 +27,14 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from trackbridge import native
 from trackbridge.errors import BadInputError, SourceNotFoundError
 from trackbridge.exporters.mlflow.export_folder import SCHEME, ExportFolder, FolderClient, repo
 from trackbridge.exporters.mlflow.history import points_table
 from trackbridge.exporters.mlflow.source import MlflowSource
 from trackbridge.files import local_fetch
 from trackbridge.tracker import redact
+from trackbridge.trackers.mlflow import common as mc
 
 
 class ExportImportSource(MlflowSource):
@@ -71,6 +73,24 @@ class ExportImportSource(MlflowSource):
 
     def _run_repo(self, r: Any) -> Any:
         return repo(self.export.run_dirs[r.info.run_id] / "artifacts")
+
+    def _source_artifact(self, repo: Any, kept: dict[str, Any], model: Any = None) -> Any:
+        """A source artifact trackbridge kept in the run: its files are in the run's folder,
+        or (a source's model) in an MLflow logged model, which only layout 2 exports. Not
+        there is the run's failure, said plainly, before any of it is written."""
+        if model is None:
+            folder = Path(repo.artifact_dir) / mc.artifact_dir(kept["row"])
+            missing = [f["path"] for f in kept["files"] if f["sha256"] and not (folder / f["path"]).is_file()]
+            if missing:
+                name = kept["row"]["name"]
+                where = (
+                    "an MLflow logged model, which this export does not hold; export with a "
+                    "release that exports logged models, or migrate from the server"
+                    if native.is_model(kept["row"])
+                    else "the run's files, which this export lacks"
+                )
+                raise BadInputError(f"artifact {name!r}: its files ({missing[0]}, …) were kept in {where}")
+        return super()._source_artifact(repo, kept, model)
 
     def _uri_fetcher(self, uri: str):
         parts = urlsplit(uri)
