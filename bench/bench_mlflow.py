@@ -14,6 +14,9 @@ times:
   parallelism; --repeat rounds (default 3), the three taking turns, medians compared;
 - import: `trackbridge import` vs `import-experiment` vs raw `log-batch` calls of 1,000
   points plus artifact uploads, at the same parallelism;
+- restore: `trackbridge migrate mlflow-export-import://FOLDER` vs `import-experiment`,
+  both from the folder mlflow-export-import exported, each into a fresh server (its own
+  import resets the start times; trackbridge keeps them);
 - peak memory (max RSS of the process) of trackbridge export and import, 5 runs vs 20.
 
 mlflow-export-import runs from its own virtualenv (bench/.work/mee-venv, made on first
@@ -358,6 +361,12 @@ def main() -> None:
                 ],
                 env={**ENV, "MLFLOW_TRACKING_URI": url},
             )
+        with Server("dest-restore", args.server_workers) as url:
+            measure(
+                "tb_restore",
+                "trackbridge restore of that folder",
+                tb("migrate", f"mlflow-export-import://{mee_dir}", f"mlflow+{url}", "--no-verify", *workers),
+            )
         payload = raw_payload(bundle)
         with Server("dest-raw", args.server_workers) as url:
             t = time.perf_counter()
@@ -385,6 +394,11 @@ def main() -> None:
         print(
             f"  import: {res['import_vs_mee']:.2f}x mlflow-export-import [>= 2], "
             f"{res['import_vs_raw']:.2f}x raw ceiling [>= 0.8]"
+        )
+        res["restore_vs_mee"] = res["mee_import_s"] / res["tb_restore_s"]
+        print(
+            f"  restore of mlflow-export-import's folder: {res['restore_vs_mee']:.2f}x its own import "
+            f"[no target], peak {res['tb_restore_rss_mb']} MiB"
         )
         print(
             f"  peak memory, import: {res['tb_import_small_rss_mb']} MiB ({args.small_runs} runs) vs "
