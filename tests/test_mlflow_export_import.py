@@ -323,6 +323,22 @@ def test_a_damaged_run_fails_alone(layout_2: Path, new_sqlite: str) -> None:
     assert f"{bad / 'run.json'}: cannot be read as JSON" in p.stdout + p.stderr
 
 
+def test_json_of_another_shape_is_one_line_naming_its_file(layout_2: Path, new_sqlite: str) -> None:
+    """A run whose history is not a list of points fails alone; an experiment file of
+    another shape stops the read before anything is written."""
+    bad = _a_run(layout_2, with_files=True)
+    doc = json.loads((bad / "run.json").read_text())
+    key = next(iter(doc["mlflow"]["metrics"]))
+    doc["mlflow"]["metrics"][key] = [{"value": 1.0}]  # no timestamp
+    (bad / "run.json").write_text(json.dumps(doc))
+    p = run_cli("migrate", f"mlflow-export-import://{layout_2}", new_sqlite, check=1)
+    assert "1 failed" in p.stdout and f"{bad / 'run.json'}: not as mlflow-export-import writes it" in p.stdout
+    exp = bad.parent.parent / "experiment.json"
+    exp.write_text(json.dumps({"mlflow": ["not", "an", "object"]}))
+    p = run_cli("migrate", f"mlflow-export-import://{layout_2}", new_sqlite, check=3)
+    assert f"{exp.parent}: not as mlflow-export-import writes it" in one_line(p.stderr)
+
+
 def test_a_link_in_an_export_fails_its_run_and_nothing_is_read_through_it(
     layout_2: Path, new_sqlite: str, tmp_path: Path
 ) -> None:

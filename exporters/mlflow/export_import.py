@@ -17,7 +17,7 @@ Three layouts, told apart by their own files:
   ``experiments/<id>/runs/<run_id>/`` and MLflow 3 logged models in
   ``experiments/<id>/logged_models/<model_id>/``.
 
-The folder's files are read in ``export_folder``.
+The folder's files are found in ``export_folder`` and read in ``export_client``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from urllib.request import url2pathname
 
 from trackbridge import native
 from trackbridge.errors import BadInputError, SourceNotFoundError
-from trackbridge.exporters.mlflow.export_folder import SCHEME, ExportFolder, FolderClient, repo
+from trackbridge.exporters.mlflow.export_client import FolderClient
+from trackbridge.exporters.mlflow.export_folder import SCHEME, ExportFolder, repo, shaped
 from trackbridge.exporters.mlflow.history import points_table
 from trackbridge.exporters.mlflow.source import MlflowSource
 from trackbridge.files import local_fetch
@@ -100,9 +101,10 @@ class ExportImportSource(MlflowSource):
         return local_fetch(path)
 
     def _history(self, run_id: str, key: str) -> Any:
-        points = self.client.doc(run_id).get("metrics", {}).get(key) or []
-        return points_table(
-            [int(p.get("step") or 0) for p in points],
-            [int(p["timestamp"]) for p in points],
-            [float(p["value"]) for p in points],
-        )
+        with shaped(self.export.run_dirs[run_id] / "run.json"):
+            points = self.client.doc(run_id).get("metrics", {}).get(key) or []
+            return points_table(
+                [int(p.get("step") or 0) for p in points],
+                [int(p["timestamp"]) for p in points],
+                [float(p["value"]) for p in points],
+            )
