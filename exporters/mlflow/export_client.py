@@ -17,10 +17,20 @@ from trackbridge.exporters.mlflow.export_folder import (
     repo,
     shaped,
 )
+from trackbridge.exporters.mlflow.history import points_table
 
 # tags mlflow-export-import 1.x adds to a run with --export-source-tags: copies of its
 # info and of MLflow's tags, and the export's own metadata, none of them the run's
 _EXPORT_TAGS = "mlflow_export_import."
+
+
+def _points(points: list[dict[str, Any]]) -> Any:
+    """One metric's history, as the exporter wrote it, in the reader's columns."""
+    return points_table(
+        [int(p.get("step") or 0) for p in points],
+        [int(p["timestamp"]) for p in points],
+        [float(p["value"]) for p in points],
+    )
 
 
 class FolderClient:
@@ -50,12 +60,24 @@ class FolderClient:
     # -- runs
 
     def doc(self, run_id: str) -> dict[str, Any]:
-        """A run's ``run.json`` body: kept for the last few runs, whose histories are read
-        one key at a time."""
+        """A run's ``run.json`` body, its histories as columns (as Python objects they take
+        ten times the file): kept for the last few runs, whose histories are read one key
+        at a time."""
         with self._lock:
             if run_id in self._docs:
                 self._docs.move_to_end(run_id)
                 return self._docs[run_id]
+        body = self._parse(run_id)
+        with shaped(self.export.run_dirs[run_id] / "run.json"):
+            body = {**body, "metrics": {str(k): _points(p) for k, p in (body.get("metrics") or {}).items()}}
+        with self._lock:
+            self._docs[run_id] = body
+            while len(self._docs) > 8:
+                self._docs.popitem(last=False)
+        return body
+
+    def _parse(self, run_id: str) -> dict[str, Any]:
+        """A run's ``run.json`` body as the exporter wrote it, checked to be that run's."""
         folder = self.export.run_dirs.get(run_id)
         if folder is None:
             raise BadInputError(f"{SCHEME}://{self.export.root}: no run {run_id} in this export")
@@ -68,15 +90,11 @@ class FolderClient:
             ok = info.get("run_id", info.get("run_uuid")) == run_id
         if not ok:
             raise BadInputError(f"{folder / 'run.json'}: holds run {info.get('run_id')!r}, not {run_id}")
-        with self._lock:
-            self._docs[run_id] = body
-            while len(self._docs) > 8:
-                self._docs.popitem(last=False)
         return body
 
     def _run(self, run_id: str) -> Any:
         with shaped(self.export.run_dirs[run_id] / "run.json"):
-            return self._run_of(run_id, self.doc(run_id))
+            return self._run_of(run_id, self._parse(run_id))
 
     def _run_of(self, run_id: str, body: dict[str, Any]) -> Any:
         from mlflow.entities import (
@@ -149,8 +167,6 @@ class FolderClient:
                     self.broken[rid] = e
                     exp = self.export.run_experiment[rid]
                     runs[rid] = Run(RunInfo(rid, exp, "", "FAILED", 0, None, "active"), RunData())
-                with self._lock:  # listing needs no histories: keep none of them
-                    self._docs.pop(rid, None)
             self._runs = runs
         return self._runs
 

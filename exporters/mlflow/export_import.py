@@ -30,7 +30,7 @@ from urllib.request import url2pathname
 from trackbridge import native
 from trackbridge.errors import BadInputError, SourceNotFoundError
 from trackbridge.exporters.mlflow.export_client import FolderClient
-from trackbridge.exporters.mlflow.export_folder import SCHEME, ExportFolder, repo, shaped
+from trackbridge.exporters.mlflow.export_folder import SCHEME, ExportFolder, repo
 from trackbridge.exporters.mlflow.history import points_table
 from trackbridge.exporters.mlflow.source import MlflowSource
 from trackbridge.files import local_fetch
@@ -101,10 +101,4 @@ class ExportImportSource(MlflowSource):
         return local_fetch(path)
 
     def _history(self, run_id: str, key: str) -> Any:
-        with shaped(self.export.run_dirs[run_id] / "run.json"):
-            points = self.client.doc(run_id).get("metrics", {}).get(key) or []
-            return points_table(
-                [int(p.get("step") or 0) for p in points],
-                [int(p["timestamp"]) for p in points],
-                [float(p["value"]) for p in points],
-            )
+        return self.client.doc(run_id)["metrics"].get(key) or points_table([], [], [])
