@@ -163,7 +163,11 @@ def find_chromium() -> str:
 
 
 def sandboxed(root: Path) -> None:
-    """Nothing lands in the real home: set before MLflow, matplotlib or W&B is imported."""
+    """Nothing lands in the real home or /tmp (Chromium's profile folders, MLflow's
+    database locks): set before MLflow, matplotlib or W&B is imported."""
+    (root / "tmp").mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(root / "tmp")
+    tempfile.tempdir = None  # read TMPDIR again
     os.environ["HOME"] = str(root / "home")
     os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
