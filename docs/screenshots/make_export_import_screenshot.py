@@ -15,26 +15,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 EXPORT = HERE.parents[1] / "tests" / "fixtures" / "mlflow-export-import-2" / "export"
 sys.path.insert(0, str(HERE))
-# open the nested runs under their parent: the row's expander, the first button in it
-EXPAND_SWEEP = """[...document.querySelectorAll('[role=row]')]
-  .find(r => r.innerText.includes('sweep'))?.querySelector('button')?.click()"""
 
 
 def main(out: Path) -> None:
-    from make_screenshots import Browser, find_chromium, sandboxed
+    from make_screenshots import EXPAND_PARENT, photo_session
 
-    chromium = find_chromium()
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="trackbridge-shots-") as tmp:
-        root = Path(tmp)
-        sandboxed(root)
+    with photo_session(out) as (out, root, browser):
         from mlflow import MlflowClient
         from trackbridge.trackers.mlflow.server import LocalMlflowServer
 
@@ -42,16 +33,13 @@ def main(out: Path) -> None:
             cmd = [sys.executable, "-m", "trackbridge.cli", "migrate", f"mlflow-export-import://{EXPORT}"]
             subprocess.run([*cmd, f"mlflow+{url}"], check=True)
             exp = MlflowClient(url).get_experiment_by_name("demo-classifier").experiment_id
-            browser = Browser(chromium, root / "chromium")
-            try:
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs",
-                    out / "export-import-runs.png",
-                    height=700,
-                    then=EXPAND_SWEEP,
-                )
-            finally:
-                browser.close()
+            # the trials open under their sweep
+            browser.shoot(
+                f"{url}/#/experiments/{exp}/runs",
+                out / "export-import-runs.png",
+                height=700,
+                then=EXPAND_PARENT,
+            )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -173,13 +175,25 @@ def sandboxed(root: Path) -> None:
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 
-def main(out: Path) -> None:
+@contextmanager
+def photo_session(out: Path) -> Iterator[tuple[Path, Path, Browser]]:
+    """What every screenshot script needs: its output folder, a sandboxed work folder
+    (removed after) and a headless browser (stopped by its PID after)."""
     chromium = find_chromium()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trackbridge-shots-") as tmp:
         root = Path(tmp)
         sandboxed(root)
+        browser = Browser(chromium, root / "chromium")
+        try:
+            yield out, root, browser
+        finally:
+            browser.close()
+
+
+def main(out: Path) -> None:
+    with photo_session(out) as (out, root, browser):
         from mlflow import MlflowClient
         from trackbridge.trackers.mlflow.server import LocalMlflowServer
         from trackbridge.trackers.wandb.demo import make_wandb_demo, make_wandb_search
@@ -222,47 +236,43 @@ def main(out: Path) -> None:
             order = urllib.parse.urlencode({"orderByKey": "metrics.`best_val_acc`", "orderByAsc": "false"})
             by_time = urllib.parse.urlencode({"orderByKey": "attributes.start_time", "orderByAsc": "false"})
             print("photographing MLflow's UI")
-            browser = Browser(chromium, root / "chromium")
-            try:
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs?{order}",
-                    out / "runs-table.png",
-                    width=2000,
-                    then=SHOW_COLUMNS,
-                )
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs?{by_time}",
-                    out / "sweep-nested.png",
-                    width=1600,
-                    height=600,
-                    then=EXPAND_PARENT,
-                )
-                browser.shoot(
-                    f"{url}/#/experiments/{demo_exp}/runs?{by_time}",
-                    out / "models-column.png",
-                    width=1600,
-                    height=500,
-                )
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs/{run_id}/model-metrics",
-                    out / "run-metrics.png",
-                    height=1700,
-                    settle=10,
-                )
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts/{urllib.parse.quote(table)}",
-                    out / "table-view.png",
-                )
-                # the first trial ran with W&B's system monitor on
-                (first,) = client.search_runs([exp], filter_string="attributes.run_name = 'trial-0'")
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs/{first.info.run_id}/system-metrics",
-                    out / "system-metrics.png",
-                    height=1000,
-                    settle=10,
-                )
-            finally:
-                browser.close()
+            browser.shoot(
+                f"{url}/#/experiments/{exp}/runs?{order}",
+                out / "runs-table.png",
+                width=2000,
+                then=SHOW_COLUMNS,
+            )
+            browser.shoot(
+                f"{url}/#/experiments/{exp}/runs?{by_time}",
+                out / "sweep-nested.png",
+                width=1600,
+                height=600,
+                then=EXPAND_PARENT,
+            )
+            browser.shoot(
+                f"{url}/#/experiments/{demo_exp}/runs?{by_time}",
+                out / "models-column.png",
+                width=1600,
+                height=500,
+            )
+            browser.shoot(
+                f"{url}/#/experiments/{exp}/runs/{run_id}/model-metrics",
+                out / "run-metrics.png",
+                height=1700,
+                settle=10,
+            )
+            browser.shoot(
+                f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts/{urllib.parse.quote(table)}",
+                out / "table-view.png",
+            )
+            # the first trial ran with W&B's system monitor on
+            (first,) = client.search_runs([exp], filter_string="attributes.run_name = 'trial-0'")
+            browser.shoot(
+                f"{url}/#/experiments/{exp}/runs/{first.info.run_id}/system-metrics",
+                out / "system-metrics.png",
+                height=1000,
+                settle=10,
+            )
 
 
 if __name__ == "__main__":

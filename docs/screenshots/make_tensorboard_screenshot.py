@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -22,42 +21,26 @@ sys.path.insert(0, str(HERE))
 
 
 def main(out: Path) -> None:
-    from make_screenshots import Browser, find_chromium, sandboxed
+    from make_screenshots import photo_session
 
-    chromium = find_chromium()
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="trackbridge-shots-") as tmp:
-        root = Path(tmp)
-        sandboxed(root)
+    with photo_session(out) as (out, root, browser):
         from mlflow import MlflowClient
         from trackbridge.trackers.mlflow.server import LocalMlflowServer
         from trackbridge.trackers.tensorboard.demo import make_tensorboard_demo
 
         logs = make_tensorboard_demo(root / "tb-logs")
         with LocalMlflowServer(root / "server") as url:
-            cmd = [
-                sys.executable,
-                "-m",
-                "trackbridge.cli",
-                "migrate",
-                f"tensorboard://{logs}",
-                f"mlflow+{url}",
-            ]
-            subprocess.run(cmd, check=True)
+            cmd = [sys.executable, "-m", "trackbridge.cli", "migrate", f"tensorboard://{logs}"]
+            subprocess.run([*cmd, f"mlflow+{url}"], check=True)
             client = MlflowClient(url)
             exp = client.get_experiment_by_name("tb-logs").experiment_id
             (run,) = client.search_runs([exp], filter_string="attributes.run_name = 'train/a'")
-            browser = Browser(chromium, root / "chromium")
-            try:
-                browser.shoot(
-                    f"{url}/#/experiments/{exp}/runs/{run.info.run_id}/model-metrics",
-                    out / "tensorboard-run.png",
-                    height=1500,
-                    settle=10,
-                )
-            finally:
-                browser.close()
+            browser.shoot(
+                f"{url}/#/experiments/{exp}/runs/{run.info.run_id}/model-metrics",
+                out / "tensorboard-run.png",
+                height=1500,
+                settle=10,
+            )
 
 
 if __name__ == "__main__":
