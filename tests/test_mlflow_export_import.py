@@ -331,8 +331,13 @@ def test_json_of_another_shape_is_one_line_naming_its_file(layout_2: Path, new_s
     key = next(iter(doc["mlflow"]["metrics"]))
     doc["mlflow"]["metrics"][key] = [{"value": 1.0}]  # no timestamp
     (bad / "run.json").write_text(json.dumps(doc))
+    timeless = next(r for r in sorted(layout_2.glob("experiments/*/runs/*")) if r != bad) / "run.json"
+    doc = json.loads(timeless.read_text())
+    doc["mlflow"]["info"]["start_time"] = None
+    timeless.write_text(json.dumps(doc))
     p = run_cli("migrate", f"mlflow-export-import://{layout_2}", new_sqlite, check=1)
-    assert "1 failed" in p.stdout and f"{bad / 'run.json'}: not as mlflow-export-import writes it" in p.stdout
+    assert "2 failed" in p.stdout and f"{bad / 'run.json'}: not as mlflow-export-import writes it" in p.stdout
+    assert f"{timeless}: not as mlflow-export-import writes it (ValueError: start_time None" in p.stdout
     exp = bad.parent.parent / "experiment.json"
     exp.write_text(json.dumps({"mlflow": ["not", "an", "object"]}))
     p = run_cli("migrate", f"mlflow-export-import://{layout_2}", new_sqlite, check=3)

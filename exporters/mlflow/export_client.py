@@ -53,7 +53,7 @@ class FolderClient:
             for e in export.experiments
         ]
         self._lock = threading.Lock()
-        self._docs: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the last runs read, whole
+        self._docs: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the last runs read
         self._runs: dict[str, Any] | None = None
         self.broken: dict[str, BadInputError] = {}  # run id -> why its run.json cannot be read
 
@@ -111,6 +111,9 @@ class FolderClient:
         )
 
         info = body["info"]
+        start, end = info.get("start_time"), info.get("end_time")
+        if type(start) is not int or not (end is None or type(end) is int):
+            raise ValueError(f"start_time {start!r} and end_time {end!r} must be whole milliseconds")
         tags = dict(pairs(body.get("tags")))
         if tags.get(_EXPORT_TAGS + "run_info.run_id") == run_id:  # 1.x --export-source-tags
             tags = {k: v for k, v in tags.items() if not k.startswith(_EXPORT_TAGS)}
@@ -138,8 +141,8 @@ class FolderClient:
                 experiment_id=str(info["experiment_id"]),
                 user_id=info.get("user_id") or "",
                 status=info.get("status") or "FINISHED",
-                start_time=info.get("start_time"),
-                end_time=info.get("end_time"),
+                start_time=start,
+                end_time=end,
                 lifecycle_stage=info.get("lifecycle_stage") or "active",
                 artifact_uri=info.get("artifact_uri"),
                 run_name=info.get("run_name") or tags.get("mlflow.runName"),
