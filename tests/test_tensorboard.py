@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -216,6 +217,28 @@ def _events(draw: st.DrawFn) -> list:
                 ev.summary.value.append(v)
         out.append(ev)
     return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.binary(min_size=3, max_size=3), min_size=1, max_size=40),
+    hashing=st.sampled_from(["fnv", "all-collide", "first-byte"]),
+)
+def test_distinct_tags_are_found_even_when_their_hashes_collide(rows, hashing):
+    """Tags are grouped by a 64-bit hash of their bytes, each row then checked against
+    its group's; rows that share a hash (forced here: no two real tags are known to)
+    fall back to sorting the rows themselves, with the same answer."""
+    from trackbridge.exporters.tensorboard.scalars import _distinct, _fnv
+
+    hashed = {
+        "fnv": _fnv,
+        "all-collide": lambda t: np.zeros(len(t), np.uint64),
+        "first-byte": lambda t: t[:, 0].astype(np.uint64),
+    }[hashing]
+    tags = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), 3)
+    uniq, inverse = _distinct(tags, hashed)
+    assert sorted(uniq) == sorted(set(rows))  # each distinct row once
+    assert [uniq[i] for i in inverse] == rows  # and each row's place among them
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

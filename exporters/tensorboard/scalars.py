@@ -16,6 +16,7 @@ differently from what those classes would give.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,16 +115,23 @@ def _of_length(idx: np.ndarray, rows: np.ndarray, length: int) -> list[tuple]:
     return out
 
 
-def _distinct(tags: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-    """The distinct rows of a 2-D uint8 array and each row's place among them: by a
-    64-bit hash of each row (a few vector passes, where sorting the rows themselves is
-    slow), every row then compared with its distinct row, and by sorting the rows after
-    all if two ever shared a hash."""
-    h = np.full(len(tags), 14695981039346656037, dtype=np.uint64)  # FNV-1a over the columns
+def _fnv(tags: np.ndarray) -> np.ndarray:
+    """A 64-bit FNV-1a hash of each row, a few vector passes over the columns."""
+    h = np.full(len(tags), 14695981039346656037, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(tags.shape[1]):
             h = (h ^ tags[:, j].astype(np.uint64)) * np.uint64(1099511628211)
-    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    return h
+
+
+def _distinct(
+    tags: np.ndarray, hashed: Callable[[np.ndarray], np.ndarray] = _fnv
+) -> tuple[list[bytes], np.ndarray]:
+    """The distinct rows of a 2-D uint8 array and each row's place among them: by a
+    64-bit hash of each row (where sorting the rows themselves is slow), every row then
+    compared with its distinct row, and by sorting the rows after all if two ever shared
+    a hash (``hashed`` is replaceable so that a test can make them share one)."""
+    _, first, inverse = np.unique(hashed(tags), return_index=True, return_inverse=True)
     if (tags == tags[first][inverse]).all():
         return [tags[i].tobytes() for i in first], inverse
     uniq, inverse = np.unique(tags.view(f"V{tags.shape[1]}").ravel(), return_inverse=True)
