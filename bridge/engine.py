@@ -14,7 +14,16 @@ from typing import Any
 
 from trackbridge import schema
 from trackbridge.errors import TrackbridgeError, UsageError, first_line
-from trackbridge.model import TOKEN, PlanningSink, RegistryPayload, RunPayload, Selection, Sink, Source
+from trackbridge.model import (
+    TOKEN,
+    NoticingSource,
+    PlanningSink,
+    RegistryPayload,
+    RunPayload,
+    Selection,
+    Sink,
+    Source,
+)
 from trackbridge.progress import Bar
 from trackbridge.report import Report, RunReport
 
@@ -179,8 +188,9 @@ def copy(
     sink.finish()
     for notice in sink.notices:  # e.g. duplicates another importer left, removed
         report.mapped(*notice)
-    for notice in getattr(source, "notices", ()):  # what a source holds but does not carry
-        report.mapped(*notice)
+    if isinstance(source, NoticingSource):  # what a source holds but does not carry
+        for notice in source.notices:
+            report.mapped(*notice)
     return report
 
 

@@ -363,6 +363,14 @@ class CopiedSource(Protocol):
 
 
 @runtime_checkable
+class NoticingSource(Protocol):
+    """A source that holds what it does not carry (an export folder's traces): each
+    notice, (kind, what, detail), goes into the report as a mapping does."""
+
+    notices: list[tuple[str, str, str]]
+
+
+@runtime_checkable
 class IncrementalSink(Protocol):
     """A destination that lists, per project, what it holds: source key -> (the source's
     change token when written, destination id), so a sync skips unchanged runs unread."""

@@ -210,6 +210,27 @@ def test_an_export_restores_into_wandb_offline(exported: dict, tmp_path: Path) -
         wb,
     )
     assert "verify: identical (2 projects, 5 runs" in p.stdout, p.stdout
+    # as W&B's own record classes read the files `wandb sync` sends: each run once, and
+    # its original start time where the SDK, which sets its own, leaves room for it
+    # (config._trackbridge, docs/fidelity.md)
+    from trackbridge.trackers.wandb.leveldb import RecordLog
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    started: dict[str, int] = {}
+    for log in (tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"):
+        rec = pb.Record()
+        for _, payload in RecordLog(log).payloads():
+            rec.ParseFromString(payload)
+            if rec.WhichOneof("record_type") == "run":
+                kept = next(
+                    json.loads(i.value_json) for i in rec.run.config.update if i.key == "_trackbridge"
+                )
+                run_id = kept["source_key"].removeprefix("mlflow:run/")
+                assert run_id not in started, f"{run_id} written twice"
+                started[run_id] = round(kept["start_time"] * 1000)
+                break
+    original = _runs(exported["uri"].removeprefix("mlflow+"), deleted=False)
+    assert started == {rid: r.info.start_time for rid, r in original.items()}
 
 
 def test_runs_trackbridge_wrote_come_back_exact_from_a_backup(
@@ -355,6 +376,31 @@ def test_a_link_in_an_export_fails_its_run_and_nothing_is_read_through_it(
     p = run_cli("migrate", f"mlflow-export-import://{layout_2}", new_sqlite, check=1)
     assert "1 failed" in p.stdout and "is a link" in p.stdout + p.stderr, p.stdout
     assert run.name not in _runs(new_sqlite.removeprefix("mlflow+"))
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [("weights", "../../../../secret.txt"), ("../../../..", "secret.txt"), ("weights", "/etc/hostname")],
+    ids=["file-climbs-out", "artifact-name-climbs-out", "absolute-file"],
+)
+def test_a_kept_artifacts_paths_from_a_runs_files_are_checked_before_any_is_read(
+    layout_2: Path, tmp_path: Path, name: str, path: str
+) -> None:
+    """What trackbridge kept of a source artifact is named in the run's own extras.json,
+    which an export folder makes untrusted: a path out of the run's files is refused
+    before anything is opened, so no file of this machine can ride along."""
+    from trackbridge.errors import BadInputError
+    from trackbridge.exporters.mlflow.export_import import ExportImportSource
+
+    (tmp_path / "secret.txt").write_text("not part of any export")
+    source = ExportImportSource(str(layout_2))
+    run = _a_run(layout_2, with_files=True)
+    kept = {
+        "row": {"name": name, "version": "v0", "type": "dataset"},
+        "files": [{"path": path, "size": 22, "sha256": "0" * 64, "uri": None}],
+    }
+    with pytest.raises(BadInputError, match="escapes its folder"):
+        source._source_artifact(source._run_repo(source.client.get_run(run.name)), kept)
 
 
 def test_a_run_id_that_is_not_a_plain_name_is_refused(layout_2: Path, new_sqlite: str) -> None:

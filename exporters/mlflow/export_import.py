@@ -79,19 +79,21 @@ class ExportImportSource(MlflowSource):
         """A source artifact trackbridge kept in the run: its files are in the run's folder,
         or (a source's model) in an MLflow logged model, which only layout 2 exports. Not
         there is the run's failure, said plainly, before any of it is written."""
+        art = super()._source_artifact(repo, kept, model)  # its paths checked there
         if model is None:
-            folder = Path(repo.artifact_dir) / mc.artifact_dir(kept["row"])
-            missing = [f["path"] for f in kept["files"] if f["sha256"] and not (folder / f["path"]).is_file()]
+            folder = Path(repo.artifact_dir) / mc.artifact_dir(art.row)
+            missing = [f.path for f in art.files if f.sha256 and not (folder / f.path).is_file()]
             if missing:
-                name = kept["row"]["name"]
                 where = (
                     "an MLflow logged model, which this export does not hold; export with a "
                     "release that exports logged models, or migrate from the server"
-                    if native.is_model(kept["row"])
+                    if native.is_model(art.row)
                     else "the run's files, which this export lacks"
                 )
-                raise BadInputError(f"artifact {name!r}: its files ({missing[0]}, …) were kept in {where}")
-        return super()._source_artifact(repo, kept, model)
+                raise BadInputError(
+                    f"artifact {art.row['name']!r}: its files ({missing[0]}, …) were kept in {where}"
+                )
+        return art
 
     def _uri_fetcher(self, uri: str):
         parts = urlsplit(uri)

@@ -13,7 +13,7 @@ from typing import Any
 
 from trackbridge import schema
 from trackbridge.errors import BadInputError, first_line
-from trackbridge.files import download_fetch, temp_dir
+from trackbridge.files import download_fetch, safe_relpath, temp_dir
 from trackbridge.model import (
     ArtifactPayload,
     FileRef,
@@ -83,7 +83,10 @@ class FilesReader:
         row = dict(kept["row"])
         if row.get("created_at"):
             row["created_at"] = datetime.fromisoformat(row["created_at"])
-        folder = mc.artifact_dir(row)
+        # names and paths from the run's own extras.json: a folder read from disk (an
+        # export) is untrusted, and ../ must not reach the repository
+        where = f"artifact {row.get('name')!r} in {mc.EXTRAS_ARTIFACT}"
+        folder = safe_relpath(mc.artifact_dir(row), where)
 
         def fetch(path: str) -> Any:
             if model is not None:
@@ -91,10 +94,11 @@ class FilesReader:
             return _repo_fetcher(repo, f"{folder}/{path}")
 
         files = [
-            FileRef(f["path"], f["size"], None, no_local_bytes, uri=f["uri"])
+            FileRef(path, f["size"], None, no_local_bytes, uri=f["uri"])
             if f["uri"] and not f["sha256"]
-            else FileRef(f["path"], f["size"], f["sha256"], fetch(f["path"]))
+            else FileRef(path, f["size"], f["sha256"], fetch(path))
             for f in kept["files"]
+            for path in [safe_relpath(f["path"], where)]
         ]
         return ArtifactPayload(row=row, files=files)
 
