@@ -12,6 +12,7 @@ from trackbridge.errors import BadInputError
 from trackbridge.exporters.mlflow.export_folder import (
     SCHEME,
     ExportFolder,
+    linked,
     pairs,
     read_json,
     repo,
@@ -82,7 +83,7 @@ class FolderClient:
         if folder is None:
             raise BadInputError(f"{SCHEME}://{self.export.root}: no run {run_id} in this export")
         if folder.is_symlink():
-            raise BadInputError(f"{folder}: is a link; an export's files must be plain files")
+            raise linked(folder)
         doc = read_json(folder / "run.json")
         with shaped(folder / "run.json"):
             body = doc.get("mlflow", doc)

@@ -24,9 +24,14 @@ from trackbridge.trackers.mlflow.uris import EXPORT_IMPORT as SCHEME
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 
+def linked(path: Any) -> BadInputError:
+    """A link in an export could make a copy read any file of this machine."""
+    return BadInputError(f"{path}: is a link; an export's files must be plain files")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     if path.is_symlink():
-        raise BadInputError(f"{path}: is a link; an export's files must be plain files")
+        raise linked(path)
     try:
         with open(path, "rb") as f:
             doc = json.load(f)
@@ -61,14 +66,14 @@ def _folder(parent: Path, name: Any, what: str) -> Path:
 
 
 def _no_links(top: Path) -> None:
-    """A link in an export could make a copy read any file of this machine: refuse it."""
+    """Every file and folder below ``top`` must be its own, not a link."""
     if top.is_symlink():
-        raise BadInputError(f"{top}: is a link; an export's files must be plain files")
+        raise linked(top)
     for parent, dirs, files in os.walk(top):
         for n in dirs + files:
             link = os.path.join(parent, n)
             if os.path.islink(link):
-                raise BadInputError(f"{link}: is a link; an export's files must be plain files")
+                raise linked(link)
 
 
 class ExportFolder:
